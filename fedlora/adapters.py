@@ -1,0 +1,116 @@
+"""Adapter codec: the only place that turns model tensors into what leaves a client."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from fedlora.errors import FedloraError
+
+if TYPE_CHECKING:
+    import torch
+    from flwr.app import ArrayRecord
+    from peft import LoraConfig, PeftModel
+
+__all__ = [
+    "AdapterState",
+    "activate",
+    "adapter_state",
+    "from_record",
+    "load_adapter_state",
+    "save_peft_adapter",
+    "to_record",
+]
+
+AdapterState = dict[str, "torch.Tensor"]
+
+
+def adapter_state(model: PeftModel, name: str) -> AdapterState:
+    """A detached copy of one adapter's tensors, keyed as in PEFT's saved format.
+
+    For classification this includes the adapter's copy of the task head.
+    """
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model, adapter_name=name)
+    return OrderedDict((k, v.detach().clone()) for k, v in state.items())
+
+
+def load_adapter_state(model: PeftModel, name: str, state: AdapterState) -> None:
+    """Overwrite every tensor of adapter ``name``; the keys must match exactly.
+
+    Raises
+    ------
+    FedloraError
+        If ``state`` lacks a key of the adapter or carries one it does not have.
+    """
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    expected = get_peft_model_state_dict(model, adapter_name=name)
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise FedloraError(
+            f"adapter '{name}': keys do not match (missing {missing[:2]}, unexpected {extra[:2]})"
+        )
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise FedloraError(
+                f"adapter '{name}': {key} has shape {tuple(value.shape)}, "
+                f"expected {tuple(expected[key].shape)}"
+            )
+    set_peft_model_state_dict(model, state, adapter_name=name)
+
+
+def activate(model: PeftModel, names: list[str], *, trainable: list[str]) -> None:
+    """Make ``names`` the adapters that compute (LoRA deltas summed) and ``trainable`` train.
+
+    The task head comes from the last adapter in ``names`` (PEFT keeps one active head).
+    """
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.set_adapter(names)
+        elif isinstance(module, ModulesToSaveWrapper):
+            module.set_adapter(names[-1])
+    for param_name, param in model.named_parameters():
+        is_adapter = "lora_" in param_name or "modules_to_save" in param_name
+        param.requires_grad = is_adapter and any(f".{t}." in param_name for t in trainable)
+
+
+def to_record(state: AdapterState) -> ArrayRecord:
+    """Encode adapter tensors as an ArrayRecord (float32 NumPy arrays, same keys)."""
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord(OrderedDict((k, Array(v.detach().cpu().float().numpy())) for k, v in state.items()))
+
+
+def from_record(record: ArrayRecord) -> AdapterState:
+    """Decode an ArrayRecord made by `to_record` back into CPU tensors."""
+    import torch
+
+    return OrderedDict((k, torch.from_numpy(np.array(arr.numpy(), copy=True))) for k, arr in record.items())
+
+
+def save_peft_adapter(directory: Path, state: AdapterState, config: LoraConfig) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` as PEFT does.
+
+    The folder loads with ``PeftModel.from_pretrained(base_model, directory)``.
+    """
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(directory))
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    # Keep a human-readable list of what the adapter holds next to the weights.
+    (directory / "adapter_keys.json").write_text(
+        json.dumps({k: list(v.shape) for k, v in tensors.items()}, indent=1)
+    )
+    return directory

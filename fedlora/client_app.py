@@ -1,0 +1,132 @@
+"""Flower ClientApp: thin handlers that parse config, call the library and reply.
+
+What a client sends is built only by `fedlora.adapters.to_record` (the shared adapter)
+and scalar MetricRecords; the personal adapter stays in ``context.state``.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedlora import keys
+from fedlora.config import RunConfig
+
+__all__ = ["app"]
+
+log = logging.getLogger(__name__)
+app = ClientApp()
+
+_PERSONAL_STATE = "fedlora-personal-adapter"
+
+
+@lru_cache(maxsize=1)
+def _parse(flat: tuple[tuple[str, object], ...]) -> RunConfig:
+    return RunConfig.from_flat(dict(flat))  # type: ignore[arg-type]
+
+
+class _Client:
+    """Everything one handler call needs, resolved from the message and context."""
+
+    def __init__(self, context: Context) -> None:
+        import torch
+
+        from fedlora.data.federated import load_client_data, resolve_labels
+        from fedlora.models import cached_model
+        from fedlora.train import tokenize
+
+        self.cfg = cfg = _parse(tuple(sorted(context.run_config.items())))
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        self.partition_id = int(context.node_config["partition-id"])
+        num_partitions = int(context.node_config["num-partitions"])
+        task = cfg.model.task
+        labels = resolve_labels(cfg.data, task)
+        self.data = load_client_data(cfg.data, task, self.partition_id, num_partitions, cfg.federation.seed)
+        self.loaded = cached_model(cfg.model, len(labels), cfg.federation.seed)
+        tok, length = self.loaded.tokenizer, cfg.model.max_length
+        classify = task == "classification"
+        self.train = tokenize(tok, self.data.train_texts, self.data.train_labels if classify else None, length)
+        self.test = tokenize(tok, self.data.test_texts, self.data.test_labels if classify else None, length)
+        self.state = context.state
+
+    def personal(self):  # type: ignore[no-untyped-def]
+        from fedlora.adapters import from_record
+
+        record = self.state.array_records.get(_PERSONAL_STATE)
+        return from_record(record) if record is not None else None
+
+    def seed(self, server_round: int, salt: int = 0) -> int:
+        return self.cfg.federation.seed * 1_000_003 + server_round * 10_007 + self.partition_id * 101 + salt
+
+
+def _reply(message: Message, metrics: dict[str, float | int], arrays: ArrayRecord | None = None) -> Message:
+    content = RecordDict({keys.METRICS: MetricRecord(metrics)})
+    if arrays is not None:
+        content[keys.ARRAYS] = arrays
+    return Message(content=content, reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """Train the received shared adapter and the personal adapter; send the shared one."""
+    from fedlora.adapters import from_record, to_record
+    from fedlora.personalize import train_round
+
+    client = _Client(context)
+    server_round = int(message.content[keys.CONFIG][keys.C_SERVER_ROUND])
+    out = train_round(
+        client.loaded, client.train, from_record(message.content[keys.ARRAYS]),
+        client.personal(), client.cfg.train, seed=client.seed(server_round),
+    )
+    client.state[_PERSONAL_STATE] = to_record(out.personal_state)
+    arrays = to_record(out.global_state)
+    wall = out.shared.wall_s + (out.personal.wall_s if out.personal else 0.0)
+    metrics = {
+        keys.M_NUM_EXAMPLES: client.data.num_train,
+        keys.M_PARTITION_ID: client.partition_id,
+        keys.M_TRAIN_LOSS: out.shared.loss,
+        keys.M_TRAIN_STEPS: out.shared.steps + (out.personal.steps if out.personal else 0),
+        keys.M_TRAIN_WALL_S: wall,
+    }
+    return _reply(message, metrics, arrays)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Accuracy of the received global adapter alone and with this client's personal adapter."""
+    from fedlora.adapters import from_record
+    from fedlora.personalize import evaluate_round
+
+    client = _Client(context)
+    global_only, personalized = evaluate_round(
+        client.loaded, client.test, from_record(message.content[keys.ARRAYS]), client.personal()
+    )
+    return _reply(message, {
+        keys.M_NUM_EXAMPLES: global_only.num_examples,
+        keys.M_PARTITION_ID: client.partition_id,
+        keys.M_ACCURACY_GLOBAL: global_only.accuracy,
+        keys.M_ACCURACY_PERSONALIZED: personalized.accuracy,
+        keys.M_LOSS_GLOBAL: global_only.loss,
+        keys.M_LOSS_PERSONALIZED: personalized.loss,
+    })
+
+
+@app.train(keys.LOCAL_ONLY_ACTION)
+def train_local_only(message: Message, context: Context) -> Message:
+    """Baseline: train an adapter on this client's data alone; reply with its test accuracy only."""
+    from fedlora.personalize import local_only
+
+    client = _Client(context)
+    steps = int(message.content[keys.CONFIG][keys.C_LOCAL_STEPS])
+    result, ev = local_only(client.loaded, client.train, client.test, steps, client.cfg.train, seed=client.seed(0, 7))
+    return _reply(message, {
+        keys.M_NUM_EXAMPLES: ev.num_examples,
+        keys.M_PARTITION_ID: client.partition_id,
+        keys.M_ACCURACY_LOCAL_ONLY: ev.accuracy,
+        keys.M_TRAIN_STEPS: result.steps,
+        keys.M_TRAIN_WALL_S: result.wall_s,
+    })

@@ -1,0 +1,246 @@
+"""Run configuration: Flower's flat kebab-case run config parsed once into frozen dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedlora.errors import ConfigError
+
+__all__ = [
+    "DataConfig",
+    "FederationConfig",
+    "ModelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "TASKS",
+]
+
+TASKS = ("classification", "causal-lm")
+Scalar = bool | int | float | str
+
+
+def _fail(key: str, accepted: str, value: object) -> ConfigError:
+    return ConfigError(f"{key}: must be {accepted}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Base model and LoRA adapter shape.
+
+    ``model`` is a bundled name (``minilm``, ``tiny-bert``, ``tiny-llama``), a local folder
+    or a Hugging Face hub id. An empty ``lora_target_modules`` picks the architecture's
+    default (attention query/value projections).
+    """
+
+    model: str = "minilm"
+    task: str = "classification"
+    max_length: int = 48
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.model.strip():
+            raise _fail("model", "a bundled model name, a local folder or a hub id", self.model)
+        if self.task not in TASKS:
+            raise _fail("task", f"one of {', '.join(TASKS)}", self.task)
+        if self.max_length < 4:
+            raise _fail("max-length", "an integer >= 4", self.max_length)
+        if self.lora_rank <= 0:
+            raise _fail("lora-rank", "a positive integer", self.lora_rank)
+        if self.lora_alpha <= 0:
+            raise _fail("lora-alpha", "a positive number", self.lora_alpha)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise _fail("lora-dropout", "a number in [0, 1)", self.lora_dropout)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where client data comes from and how it is split across clients.
+
+    ``data_dir`` (one subfolder per client with ``train.jsonl`` and ``test.jsonl``) takes
+    precedence over the bundled ``dataset``; the partitioner only applies to the latter.
+    """
+
+    dataset: str = "bbc-news"
+    data_dir: str = ""
+    partitioner: str = "dirichlet"
+    dirichlet_alpha: float = 0.3
+    test_fraction: float = 0.2
+    labels: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        from fedlora.data.partition import PARTITIONERS
+        from fedlora.data.sources import DATASETS
+
+        if not self.data_dir and self.dataset not in DATASETS:
+            raise _fail("dataset", f"one of {', '.join(sorted(DATASETS))}", self.dataset)
+        if self.partitioner not in PARTITIONERS:
+            raise _fail("partitioner", f"one of {', '.join(sorted(PARTITIONERS))}", self.partitioner)
+        if self.dirichlet_alpha <= 0:
+            raise _fail("dirichlet-alpha", "a positive number", self.dirichlet_alpha)
+        if not 0.0 < self.test_fraction < 1.0:
+            raise _fail("test-fraction", "a number in (0, 1)", self.test_fraction)
+        if len(set(self.labels)) != len(self.labels):
+            raise _fail("labels", "a comma-separated list without repeats", ",".join(self.labels))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training on a client: what one round of local work is."""
+
+    batch_size: int = 16
+    learning_rate: float = 2e-3
+    local_steps: int = 5
+    personal_steps: int = 3
+    num_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise _fail("batch-size", "a positive integer", self.batch_size)
+        if not 0 < self.learning_rate < 1:
+            raise _fail("learning-rate", "a number in (0, 1)", self.learning_rate)
+        if self.local_steps <= 0:
+            raise _fail("local-steps", "a positive integer", self.local_steps)
+        if self.personal_steps < 0:
+            raise _fail("personal-steps", "an integer >= 0", self.personal_steps)
+        if self.num_threads < 0:
+            raise _fail("num-threads", "an integer >= 0 (0 keeps torch's default)", self.num_threads)
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Server-side choices: rounds, sampling, baselines and where results go."""
+
+    num_server_rounds: int = 5
+    fraction_train: float = 1.0
+    min_clients: int = 2
+    strategy: str = "fedavg"
+    local_only_baseline: bool = True
+    seed: int = 0
+    out_dir: str = ""
+
+    def __post_init__(self) -> None:
+        if self.num_server_rounds <= 0:
+            raise _fail("num-server-rounds", "a positive integer", self.num_server_rounds)
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise _fail("fraction-train", "a number in (0, 1]", self.fraction_train)
+        if self.min_clients <= 0:
+            raise _fail("min-clients", "a positive integer", self.min_clients)
+        from fedlora.strategies import STRATEGIES
+
+        if self.strategy not in STRATEGIES:
+            raise _fail("strategy", f"one of {', '.join(sorted(STRATEGIES))}", self.strategy)
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "federation": FederationConfig,
+}
+
+
+def _key(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+def _coerce(key: str, raw: Any, default: Any) -> Any:
+    """Convert a run-config value to the type of the field's default, or fail naming the key."""
+    if isinstance(default, bool):
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0"):
+            return raw.lower() in ("true", "1")
+        if isinstance(raw, int) and raw in (0, 1):
+            return bool(raw)
+        raise _fail(key, "true or false", raw)
+    if isinstance(default, int):
+        if isinstance(raw, bool) or isinstance(raw, float) and not raw.is_integer():
+            raise _fail(key, "an integer", raw)
+        try:
+            return int(raw)
+        except (TypeError, ValueError):
+            raise _fail(key, "an integer", raw) from None
+    if isinstance(default, float):
+        if isinstance(raw, bool):
+            raise _fail(key, "a number", raw)
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise _fail(key, "a number", raw) from None
+    if isinstance(default, tuple):
+        items = raw.split(",") if isinstance(raw, str) else list(raw)
+        return tuple(str(item).strip() for item in items if str(item).strip())
+    if not isinstance(raw, str):
+        raise _fail(key, "a string", raw)
+    return raw
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole run configuration, one frozen section per concern."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+    @classmethod
+    def accepted_keys(cls) -> list[str]:
+        """Every kebab-case key a run config may contain."""
+        return sorted(
+            _key(f.name) for section in _SECTIONS.values() for f in dataclasses.fields(section)
+        )
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Scalar]) -> RunConfig:
+        """Build from Flower's flat kebab-case run config, rejecting unknown keys.
+
+        Parameters
+        ----------
+        flat : Mapping[str, Scalar]
+            Keys as in ``[tool.flwr.app.config]`` or ``--run-config``; missing keys
+            take the defaults.
+
+        Raises
+        ------
+        ConfigError
+            One line naming the offending key and what it accepts.
+        """
+        accepted = set(cls.accepted_keys())
+        unknown = sorted(set(flat) - accepted)
+        if unknown:
+            raise ConfigError(
+                f"{unknown[0]}: unknown run-config key; accepted keys: {', '.join(sorted(accepted))}"
+            )
+        sections: dict[str, Any] = {}
+        for name, section in _SECTIONS.items():
+            kwargs = {}
+            defaults = section()
+            for f in dataclasses.fields(section):
+                key = _key(f.name)
+                if key in flat:
+                    kwargs[f.name] = _coerce(key, flat[key], getattr(defaults, f.name))
+            sections[name] = section(**kwargs)
+        return cls(**sections)
+
+    def to_flat(self) -> dict[str, Scalar]:
+        """Inverse of `from_flat`: a flat kebab-case dict (tuples joined by commas)."""
+        flat: dict[str, Scalar] = {}
+        for name in _SECTIONS:
+            section = getattr(self, name)
+            for f in dataclasses.fields(section):
+                value = getattr(section, f.name)
+                flat[_key(f.name)] = ",".join(value) if isinstance(value, tuple) else value
+        return flat
+
+    def replace(self, **flat: Scalar) -> RunConfig:
+        """Return a copy with some kebab-case keys (given with underscores) overridden."""
+        merged = self.to_flat()
+        merged.update({_key(k): v for k, v in flat.items()})
+        return RunConfig.from_flat(merged)

@@ -1,0 +1,145 @@
+"""One client's train/test data, from a bundled corpus partition or its JSONL folder."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+
+
+from fedlora.config import DataConfig
+from fedlora.data.jsonl import client_folders, read_jsonl
+from fedlora.data.partition import partition
+from fedlora.data.sources import load_corpus
+from fedlora.errors import DataError
+
+__all__ = ["ClientData", "load_client_data", "resolve_labels"]
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """A client's private examples; labels index into ``label_names``."""
+
+    partition_id: int
+    train_texts: tuple[str, ...]
+    train_labels: tuple[int, ...]
+    test_texts: tuple[str, ...]
+    test_labels: tuple[int, ...]
+    label_names: tuple[str, ...]
+
+    @property
+    def num_train(self) -> int:
+        """Number of training examples."""
+        return len(self.train_texts)
+
+
+def resolve_labels(cfg: DataConfig, task: str) -> tuple[str, ...]:
+    """The label set of a run: given in the config, else the corpus's, else inferred from all folders."""
+    if task != "classification":
+        return ()
+    if cfg.labels:
+        return cfg.labels
+    if not cfg.data_dir:
+        return load_corpus(cfg.dataset).label_names
+    found: set[str] = set()
+    for folder in client_folders(cfg.data_dir):
+        for split in ("train", "test"):
+            found.update(r["label"] for r in read_jsonl(folder / f"{split}.jsonl", task=task))
+    return tuple(sorted(found))
+
+
+def _split_indices(indices: list[int], test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    shuffled = list(indices)
+    random.Random(seed).shuffle(shuffled)
+    n_test = max(1, round(len(shuffled) * test_fraction))
+    return sorted(shuffled[n_test:]), sorted(shuffled[:n_test])
+
+
+@lru_cache(maxsize=1)
+def _bundled_partitions(cfg: DataConfig, num_partitions: int, seed: int) -> tuple[tuple[int, ...], ...]:
+    corpus = load_corpus(cfg.dataset)
+    parts = partition(
+        corpus.labels,
+        num_partitions,
+        method=cfg.partitioner,
+        alpha=cfg.dirichlet_alpha,
+        groups=corpus.groups,
+        seed=seed,
+    )
+    return tuple(tuple(p) for p in parts)
+
+
+def _from_folder(cfg: DataConfig, task: str, partition_id: int, num_partitions: int) -> ClientData:
+    folders = client_folders(cfg.data_dir)
+    if num_partitions > len(folders):
+        raise DataError(
+            f"clients: {num_partitions} clients asked, but data-dir {cfg.data_dir!r} "
+            f"has only {len(folders)} client folders"
+        )
+    folder = folders[partition_id]
+    labels = resolve_labels(cfg, task)
+    index = {name: i for i, name in enumerate(labels)}
+    splits: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {}
+    for split in ("train", "test"):
+        path = folder / f"{split}.jsonl"
+        records = read_jsonl(path, task=task)
+        texts = tuple(r["text"] for r in records)
+        ids: list[int] = []
+        for number, r in enumerate(records, start=1):
+            if task != "classification":
+                ids.append(0)
+            elif r["label"] not in index:
+                raise DataError(
+                    f"{path}: record {number} has label {r['label']!r}, not in the label set "
+                    f"({', '.join(labels)})"
+                )
+            else:
+                ids.append(index[r["label"]])
+        splits[split] = (texts, tuple(ids))
+    return ClientData(partition_id, *splits["train"], *splits["test"], labels)
+
+
+@lru_cache(maxsize=8)
+def load_client_data(
+    cfg: DataConfig, task: str, partition_id: int, num_partitions: int, seed: int = 0
+) -> ClientData:
+    """Load client ``partition_id`` of ``num_partitions`` (cached per process).
+
+    A bundled corpus is partitioned with the configured partitioner and each client's
+    share is split into train/test at random, so the test split follows the client's
+    own distribution. A JSONL folder is used as it is.
+
+    Raises
+    ------
+    DataError
+        On a missing folder or file, a malformed record, an unknown label, or more
+        clients than the data can supply.
+    """
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(f"partition-id: must be in [0, {num_partitions}), got {partition_id}")
+    if cfg.data_dir:
+        return _from_folder(cfg, task, partition_id, num_partitions)
+    corpus = load_corpus(cfg.dataset)
+    parts = _bundled_partitions(cfg, num_partitions, seed)
+    train_idx, test_idx = _split_indices(list(parts[partition_id]), cfg.test_fraction, seed + partition_id)
+    return ClientData(
+        partition_id,
+        tuple(corpus.texts[i] for i in train_idx),
+        tuple(corpus.labels[i] for i in train_idx),
+        tuple(corpus.texts[i] for i in test_idx),
+        tuple(corpus.labels[i] for i in test_idx),
+        corpus.label_names,
+    )
+
+
+def validate_data(cfg: DataConfig, task: str, num_partitions: int, seed: int = 0) -> tuple[str, ...]:
+    """Load every client's data once so that bad input stops before any training.
+
+    Returns the run's label set.
+    """
+    labels = resolve_labels(cfg, task)
+    for pid in range(num_partitions):
+        load_client_data(cfg, task, pid, num_partitions, seed)
+    return labels
+
+

@@ -1,0 +1,73 @@
+"""The JSONL folder layout that real clients use: ``DIR/<client>/{train,test}.jsonl``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fedlora.errors import DataError
+
+__all__ = ["SPLITS", "client_folders", "read_jsonl"]
+
+SPLITS = ("train", "test")
+
+
+def client_folders(data_dir: str | Path) -> list[Path]:
+    """Client subfolders of ``data_dir`` in sorted order (partition id ``i`` is the ``i``-th).
+
+    Raises
+    ------
+    DataError
+        If the folder is missing, has no client subfolders, or a client lacks a split.
+    """
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data-dir: folder {str(root)!r} does not exist")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DataError(
+            f"data-dir: {str(root)!r} has no client subfolders; expected "
+            "DIR/<client>/train.jsonl and DIR/<client>/test.jsonl"
+        )
+    for folder in folders:
+        for split in SPLITS:
+            if not (folder / f"{split}.jsonl").is_file():
+                raise DataError(f"data-dir: client folder {str(folder)!r} has no {split}.jsonl")
+    return folders
+
+
+def read_jsonl(path: Path, *, task: str) -> list[dict[str, str]]:
+    """Read one JSONL split; each line ``{"text": str, "label": str}`` (label only for classification).
+
+    Labels are returned as strings (``1`` and ``"1"`` are the same label).
+
+    Raises
+    ------
+    DataError
+        Naming the file and line of the first malformed record.
+    """
+    records: list[dict[str, str]] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"data-dir: cannot read {path}: {err}") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataError(f'{where}: expected an object with a string "text" field')
+        if task == "classification":
+            label = record.get("label")
+            if label is None or isinstance(label, (dict, list)):
+                raise DataError(f'{where}: expected a "label" field (string or number)')
+            records.append({"text": record["text"], "label": str(label)})
+        else:
+            records.append({"text": record["text"]})
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records

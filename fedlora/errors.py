@@ -1,0 +1,21 @@
+"""Error hierarchy: every error fedlora raises on purpose derives from `FedloraError`."""
+
+from __future__ import annotations
+
+__all__ = ["ConfigError", "DataError", "FedloraError", "ModelError"]
+
+
+class FedloraError(Exception):
+    """Root of every error fedlora raises on purpose."""
+
+
+class ConfigError(FedloraError, ValueError):
+    """A configuration value is missing, malformed or out of range."""
+
+
+class DataError(FedloraError, ValueError):
+    """Client data is missing, malformed or inconsistent with the configuration."""
+
+
+class ModelError(FedloraError, ValueError):
+    """A base model cannot be resolved or does not fit the task."""

