@@ -6,14 +6,17 @@ and scalar MetricRecords; the personal adapter stays in ``context.state``.
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from functools import lru_cache
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora import keys
 from fedlora.config import RunConfig
+from fedlora.errors import FedloraError
 
 __all__ = ["app"]
 
@@ -21,6 +24,24 @@ log = logging.getLogger(__name__)
 app = ClientApp()
 
 _PERSONAL_STATE = "fedlora-personal-adapter"
+# Error code of a reply that reports bad local input (config, data, model) instead of crashing.
+CLIENT_INPUT_ERROR = 4100
+
+Handler = Callable[[Message, Context], Message]
+
+
+def _reply_errors(handler: Handler) -> Handler:
+    """Turn a FedloraError into an error reply that names the problem, so the node lives on."""
+
+    @functools.wraps(handler)
+    def wrapped(message: Message, context: Context) -> Message:
+        try:
+            return handler(message, context)
+        except FedloraError as err:
+            log.error("fedlora client %s: %s", context.node_config.get("partition-id", "?"), err)
+            return Message(Error(code=CLIENT_INPUT_ERROR, reason=f"{type(err).__name__}: {err}"), reply_to=message)
+
+    return wrapped
 
 
 @lru_cache(maxsize=1)
@@ -71,6 +92,7 @@ def _reply(message: Message, metrics: dict[str, float | int], arrays: ArrayRecor
 
 
 @app.train()
+@_reply_errors
 def train(message: Message, context: Context) -> Message:
     """Train the received shared adapter and the personal adapter; send the shared one."""
     from fedlora.adapters import from_record, to_record
@@ -96,6 +118,7 @@ def train(message: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@_reply_errors
 def evaluate(message: Message, context: Context) -> Message:
     """Accuracy of the received global adapter alone and with this client's personal adapter."""
     from fedlora.adapters import from_record
@@ -116,6 +139,7 @@ def evaluate(message: Message, context: Context) -> Message:
 
 
 @app.train(keys.LOCAL_ONLY_ACTION)
+@_reply_errors
 def train_local_only(message: Message, context: Context) -> Message:
     """Baseline: train an adapter on this client's data alone; reply with its test accuracy only."""
     from fedlora.personalize import local_only

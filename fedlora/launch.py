@@ -103,14 +103,22 @@ def preflight(cfg: RunConfig, num_clients: int) -> RunConfig:
 def _stop_flower(flwr_home: Path) -> None:
     """Stop the SuperLink/SuperExec that `flwr run` started for this FLWR_HOME."""
     marker = f"FLWR_HOME={flwr_home}".encode()
+    stopped: list[int] = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             cmdline = (proc / "cmdline").read_bytes()
             if b"flower-super" not in cmdline or marker not in (proc / "environ").read_bytes().split(b"\0"):
                 continue
             os.kill(int(proc.name), signal.SIGTERM)
+            stopped.append(int(proc.name))
         except (OSError, ValueError):
             continue
+    deadline = time.monotonic() + 10
+    for pid in stopped:
+        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            time.sleep(0.1)
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)
 
 
 def _events(path: Path, seen: int) -> tuple[list[dict[str, Any]], int]:
@@ -128,11 +136,14 @@ def simulate(
     cpus_per_client: float = 1.0,
     on_event: Callable[[dict[str, Any]], None] | None = None,
     extra_env: Mapping[str, str] | None = None,
+    app_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Run a simulated federation through `flwr run` and return its ``summary.json``.
 
     A private ``FLWR_HOME`` under a temporary folder keeps runs apart; the SuperLink that
-    `flwr run` starts is stopped when the run ends, whatever the outcome.
+    `flwr run` starts is stopped when the run ends, whatever the outcome. ``app_dir`` is
+    the Flower app to run (default: a generated one; the repository root works too):
+    the whole configuration is passed as ``--run-config``, so its defaults do not matter.
 
     Raises
     ------
@@ -150,10 +161,12 @@ def simulate(
         flwr = Path(shutil.which("flwr") or "flwr")
     with tempfile.TemporaryDirectory(prefix="fedlora-") as tmp:
         home = Path(tmp) / "flwr-home"
-        app = write_app(Path(tmp) / "app", cfg)
+        app = app_dir.resolve() if app_dir is not None else write_app(Path(tmp) / "app", RunConfig())
+        overrides = Path(tmp) / "run-config.toml"
+        overrides.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in cfg.to_flat().items()))
         env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home), **(extra_env or {})}
         command = [
-            str(flwr), "run", str(app), "--stream",
+            str(flwr), "run", str(app), "--stream", "--run-config", str(overrides),
             "--federation-config",
             f"num-supernodes={num_clients} "
             f"client-resources-num-cpus={int(cpus_per_client) if float(cpus_per_client).is_integer() else cpus_per_client}",

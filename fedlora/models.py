@@ -23,8 +23,10 @@ __all__ = [
     "LoadedModel",
     "build_model",
     "check_model",
+    "load_base",
     "lora_config",
     "model_source",
+    "target_modules",
 ]
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,36 @@ def check_model(cfg: ModelConfig) -> None:
         ) from None
 
 
+# Defaults where PEFT's own choice (query/value) is not enough: a BERT classifier reads the
+# [CLS] vector through the pooler, which sentence-embedding checkpoints such as MiniLM
+# never trained for classification, so the pooler gets a LoRA too.
+_DEFAULT_TARGETS: dict[tuple[str, str], list[str]] = {
+    ("bert", "classification"): ["query", "value", "pooler.dense"],
+}
+
+
+def _model_type(cfg: ModelConfig) -> str:
+    tiny = BUNDLED_MODELS.get(cfg.model, (None, None))[1]
+    if tiny is not None:
+        return str(tiny(2).model_type)
+    from transformers import AutoConfig
+
+    try:
+        return str(AutoConfig.from_pretrained(model_source(cfg.model)).model_type)
+    except (OSError, ValueError):
+        return ""
+
+
+def target_modules(cfg: ModelConfig) -> list[str] | None:
+    """The LoRA target modules: the configured ones, else a per-architecture default.
+
+    ``None`` lets PEFT pick its default for the architecture.
+    """
+    if cfg.lora_target_modules:
+        return list(cfg.lora_target_modules)
+    return _DEFAULT_TARGETS.get((_model_type(cfg), cfg.task))
+
+
 def lora_config(cfg: ModelConfig) -> LoraConfig:
     """The LoRA config of both adapters (for classification each has its own head copy)."""
     from peft import LoraConfig, TaskType
@@ -110,7 +142,7 @@ def lora_config(cfg: ModelConfig) -> LoraConfig:
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.lora_target_modules) or None,
+        target_modules=target_modules(cfg),
         task_type=task_type,
         # For SEQ_CLS, PEFT adds the classification head to modules_to_save on its own; for
         # causal LMs the output layer stays frozen.
@@ -133,6 +165,18 @@ class LoadedModel:
     initial_global: dict[str, Any]
     initial_personal: dict[str, Any]
     full_model_bytes: int
+
+
+def load_base(cfg: ModelConfig, num_labels: int, *, seed: int = 0) -> tuple[Any, Any]:
+    """The frozen base model and its tokenizer, as `build_model` sees them before LoRA.
+
+    Randomly initialised parts (a new task head, tiny models) are drawn from ``seed``.
+    """
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _load_base(cfg, num_labels)
 
 
 def _load_base(cfg: ModelConfig, num_labels: int) -> tuple[Any, Any]:
@@ -176,11 +220,11 @@ def build_model(cfg: ModelConfig, num_labels: int, *, seed: int = 0) -> LoadedMo
 
     if cfg.task == "classification" and num_labels < 2:
         raise ModelError(f"labels: classification needs at least 2 labels, got {num_labels}")
+    base, tokenizer = load_base(cfg, num_labels, seed=seed)
+    # What full fine-tuning would upload per round: every base weight, head included.
+    full_model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        base, tokenizer = _load_base(cfg, num_labels)
-        # What full fine-tuning would upload per round: every base weight, head included.
-        full_model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+        torch.manual_seed(seed + 1)
         try:
             model = get_peft_model(base, lora_config(cfg), adapter_name=GLOBAL)
             model.add_adapter(PERSONAL, lora_config(cfg))

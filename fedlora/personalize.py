@@ -4,6 +4,9 @@ The personal adapter follows the two-adapter design of FedDPA (Yang et al., Neur
 the shared (``global``) adapter is trained alone on local data and sent; the personal
 adapter is then trained on top of the frozen global one and never leaves the client.
 Personalized predictions use both LoRA deltas, summed, and the personal task head.
+
+The personal head is stored as an offset from the global head, so that it follows the
+federation's head as that improves instead of going stale.
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ __all__ = ["RoundOutput", "evaluate_round", "initial_personal", "local_only", "t
 
 @dataclass(frozen=True)
 class RoundOutput:
-    """A client's round: the updated shared adapter (sent) and personal adapter (kept)."""
+    """A client's round: the updated shared adapter (sent) and personal adapter (kept).
+
+    ``personal_state`` is in stored form: LoRA tensors as they are, head as an offset.
+    """
 
     global_state: AdapterState
     personal_state: AdapterState
@@ -28,12 +34,21 @@ class RoundOutput:
     personal: TrainResult | None
 
 
-def initial_personal(loaded: LoadedModel, global_state: AdapterState) -> AdapterState:
-    """The personal adapter on a client's first round: fixed LoRA init, head copied from global."""
+def _is_head(key: str) -> bool:
+    return "lora_" not in key
+
+
+def initial_personal(loaded: LoadedModel) -> AdapterState:
+    """The stored personal adapter on a client's first round: fixed LoRA init, zero head offset."""
     return {
-        key: (value if "lora_" in key else global_state[key]).clone()
+        key: value.clone() if not _is_head(key) else value.new_zeros(value.shape)
         for key, value in loaded.initial_personal.items()
     }
+
+
+def _head_plus(stored: AdapterState, global_state: AdapterState, sign: float) -> AdapterState:
+    # Head tensors: usable = global + offset (sign=+1); offset = usable - global (sign=-1).
+    return {k: v + sign * global_state[k] if _is_head(k) else v for k, v in stored.items()}
 
 
 def train_round(
@@ -47,22 +62,27 @@ def train_round(
 ) -> RoundOutput:
     """Train the shared adapter for ``local_steps``, then the personal one for ``personal_steps``."""
     model = loaded.model
+    stored = personal_state if personal_state is not None else initial_personal(loaded)
     load_adapter_state(model, GLOBAL, global_state)
-    load_adapter_state(model, PERSONAL, personal_state or initial_personal(loaded, global_state))
 
     activate(model, [GLOBAL], trainable=[GLOBAL])
     shared = train_steps(
         model, train, steps=cfg.local_steps, batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate, seed=seed,
     )
+    new_global = adapter_state(model, GLOBAL)
     personal = None
     if cfg.personal_steps:
+        # The personal adapter trains on top of the global adapter this client received.
+        load_adapter_state(model, GLOBAL, global_state)
+        load_adapter_state(model, PERSONAL, _head_plus(stored, global_state, +1.0))
         activate(model, [GLOBAL, PERSONAL], trainable=[PERSONAL])
         personal = train_steps(
             model, train, steps=cfg.personal_steps, batch_size=cfg.batch_size,
             learning_rate=cfg.learning_rate, seed=seed + 1,
         )
-    return RoundOutput(adapter_state(model, GLOBAL), adapter_state(model, PERSONAL), shared, personal)
+        stored = _head_plus(adapter_state(model, PERSONAL), global_state, -1.0)
+    return RoundOutput(new_global, stored, shared, personal)
 
 
 def evaluate_round(
@@ -78,7 +98,7 @@ def evaluate_round(
     global_only = evaluate(model, test)
     if personal_state is None:
         return global_only, global_only
-    load_adapter_state(model, PERSONAL, personal_state)
+    load_adapter_state(model, PERSONAL, _head_plus(personal_state, global_state, +1.0))
     activate(model, [GLOBAL, PERSONAL], trainable=[])
     return global_only, evaluate(model, test)
 

@@ -1,0 +1,34 @@
+# Two commands for a fresh clone:
+#   make demo   set up .venv and run the default simulated federation
+#   make test   set up .venv and run lint, type checks and the test suite
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch; set TORCH_SPEC="torch" to take whatever pip resolves.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/fedlora simulate --clients 10 --rounds 5 --out runs/demo
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check fedlora simulations tests
+	$(BIN)/mypy fedlora
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+bench: $(BIN)/.installed
+	$(BIN)/python simulations/bench_upload.py
+	$(BIN)/python simulations/bench_overhead.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,52 @@
+"""Shared fixtures: one thread, offline hub, tiny models and a tiny JSONL federation."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+from fedlora.config import RunConfig  # noqa: E402
+from fedlora.models import LoadedModel, build_model  # noqa: E402
+
+TINY = {"model": "tiny-bert", "max-length": 16, "local-steps": 2, "personal-steps": 1, "batch-size": 8}
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> RunConfig:
+    return RunConfig.from_flat(TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_cfg: RunConfig) -> LoadedModel:
+    return build_model(tiny_cfg.model, 5, seed=0)
+
+
+def write_client(folder: Path, train: list[dict], test: list[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", train), ("test", test)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture
+def jsonl_dir(tmp_path: Path) -> Path:
+    """Three clients whose labels differ: client i mostly writes about topic i."""
+    topics = ["sport", "music", "cooking"]
+    words = {"sport": "goal match team", "music": "song band guitar", "cooking": "recipe oven salt"}
+    root = tmp_path / "clients"
+    for i, topic in enumerate(topics):
+        other = topics[(i + 1) % 3]
+        train = [{"text": f"{words[topic]} {n}", "label": topic} for n in range(12)]
+        train += [{"text": f"{words[other]} {n}", "label": other} for n in range(4)]
+        test = [{"text": f"{words[topic]} x{n}", "label": topic} for n in range(4)]
+        write_client(root / f"client-{i}", train, test)
+    return root

@@ -1,0 +1,80 @@
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, RecordDict
+
+from fedlora.config import RunConfig
+from fedlora.results import RunRecorder, worst_fraction_mean
+from fedlora.strategies import Recorded, build_strategy
+from helpers import metrics, reply
+
+
+def _train_reply(node: int, a: list[float], b: list[list[float]], n: int, loss: float):
+    arrays = ArrayRecord({"x.lora_A.weight": Array(np.array(a, np.float32)),
+                          "x.lora_B.weight": Array(np.array(b, np.float32))})
+    return reply(RecordDict({"arrays": arrays, "metrics": metrics(num_examples=n, train_loss=loss, partition_id=node)}), node)
+
+
+def _eval_reply(node: int, glob: float, pers: float):
+    return reply(RecordDict({"metrics": metrics(num_examples=10, accuracy_global=glob,
+                                                  accuracy_personalized=pers, partition_id=node)}), node, "evaluate")
+
+
+@pytest.fixture
+def recorded(tmp_path: Path) -> Recorded:
+    cfg = RunConfig()
+    return Recorded(build_strategy("fedavg", cfg), RunRecorder(tmp_path, cfg.to_flat(), full_model_bytes=1000))
+
+
+def test_fedavg_weights_by_examples_hand_computed(recorded):
+    replies = [
+        _train_reply(1, [1.0, 2.0], [[0.0], [4.0]], n=1, loss=0.5),
+        _train_reply(2, [3.0, 6.0], [[8.0], [0.0]], n=3, loss=1.5),
+    ]
+    arrays, _ = recorded.aggregate_train(1, replies)
+    got = {k: v.numpy() for k, v in arrays.items()}
+    # (1*[1,2] + 3*[3,6]) / 4 = [2.5, 5.0];  (1*[0,4] + 3*[8,0]) / 4 = [6, 1]
+    np.testing.assert_array_equal(got["x.lora_A.weight"], [2.5, 5.0])
+    np.testing.assert_array_equal(got["x.lora_B.weight"], [[6.0], [1.0]])
+    record = recorded.recorder.round(1)
+    assert record.clients_trained == 2 and record.clients_failed == 0
+    assert record.train_loss == 1.0
+    # bytes up: what Flower counts for each received ArrayRecord, added up.
+    assert record.bytes_up == sum(r.content["arrays"].count_bytes() for r in replies)
+    assert record.bytes_up >= 2 * (2 + 2) * 4
+
+
+def test_evaluation_records_unweighted_mean_and_worst_clients(recorded):
+    replies = [_eval_reply(i, glob=0.1 * i, pers=0.5 + 0.05 * i) for i in range(10)]
+    recorded.aggregate_evaluate(2, replies)
+    record = recorded.recorder.round(2)
+    assert record.global_accuracy == pytest.approx(0.45)
+    assert record.personalized_accuracy == pytest.approx(0.725)
+    assert record.global_accuracy_worst10 == 0.0  # worst 1 of 10
+    assert record.personalized_accuracy_worst10 == 0.5
+    assert set(record.per_client) == {str(i) for i in range(10)}
+
+
+def test_worst_fraction_mean():
+    assert worst_fraction_mean([0.9, 0.5, 0.7, 0.8], 0.5) == pytest.approx(0.6)
+    assert worst_fraction_mean([0.3] * 25) == pytest.approx(0.3)
+    assert worst_fraction_mean([float(i) for i in range(25)]) == pytest.approx(1.0)  # ceil(2.5)=3: 0,1,2
+    assert math.isnan(worst_fraction_mean([]))
+
+
+def test_summary_has_the_documented_fields(recorded, tmp_path):
+    recorded.aggregate_train(1, [_train_reply(1, [1.0], [[1.0]], n=2, loss=1.0)])
+    recorded.aggregate_evaluate(1, [_eval_reply(1, 0.5, 0.75)])
+    recorded.recorder.end_round(1)
+    recorded.recorder.local_only = {"1": 0.6}
+    summary = recorded.recorder.summary()
+    assert [r["round"] for r in summary["rounds"]] == [1]
+    assert set(summary["rounds"][0]) >= {"round", "global_accuracy", "personalized_accuracy", "bytes_up", "clients_trained"}
+    final = summary["final"]
+    assert set(final) >= {"global_accuracy", "personalized_accuracy", "personalized_accuracy_worst10",
+                          "local_only_accuracy", "bytes_up_per_client_round", "full_model_bytes", "wall_s"}
+    assert final["personalized_accuracy"] == 0.75 and final["local_only_accuracy"] == 0.6
+    assert final["bytes_up_per_client_round"] == summary["rounds"][0]["bytes_up"]
+    assert (tmp_path / "summary.json").exists()

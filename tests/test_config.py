@@ -1,0 +1,71 @@
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedlora.config import RunConfig
+from fedlora.errors import ConfigError, ModelError
+from fedlora.launch import parse_overrides
+from fedlora.models import check_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_app_config_lists_every_key_with_the_library_defaults():
+    app_config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert app_config == RunConfig().to_flat()
+
+
+def test_flat_round_trip_and_coercion():
+    cfg = RunConfig.from_flat({"lora-rank": "4", "lora-target-modules": "query, value", "local-only-baseline": "false"})
+    assert cfg.model.lora_rank == 4
+    assert cfg.model.lora_target_modules == ("query", "value")
+    assert cfg.federation.local_only_baseline is False
+    assert RunConfig.from_flat(cfg.to_flat()) == cfg
+
+
+@pytest.mark.parametrize(
+    ("flat", "message"),
+    [
+        ({"lora-rank": 0}, "lora-rank: must be a positive integer, got 0"),
+        ({"lora-rank": -3}, "lora-rank: must be a positive integer, got -3"),
+        ({"lora-rank": 2.5}, "lora-rank: must be an integer, got 2.5"),
+        ({"partitioner": "zipf"}, "partitioner: must be one of dirichlet, iid, natural, got 'zipf'"),
+        ({"dataset": "imagenet"}, "dataset: must be one of bbc-news, got 'imagenet'"),
+        ({"strategy": "fedwhat"}, "strategy: must be one of fedavg, got 'fedwhat'"),
+        ({"task": "vision"}, "task: must be one of classification, causal-lm, got 'vision'"),
+        ({"test-fraction": 1.5}, "test-fraction: must be a number in (0, 1), got 1.5"),
+        ({"learning-rate": "fast"}, "learning-rate: must be a number, got 'fast'"),
+        ({"local-only-baseline": "maybe"}, "local-only-baseline: must be true or false, got 'maybe'"),
+    ],
+)
+def test_bad_values_name_the_field_and_what_is_accepted(flat, message):
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_flat(flat)
+    assert str(err.value) == message
+
+
+def test_unknown_key_lists_accepted_keys():
+    with pytest.raises(ConfigError, match=r"^lora-rnak: unknown run-config key; accepted keys: .*lora-rank"):
+        RunConfig.from_flat({"lora-rnak": 8})
+
+
+def test_unknown_model_is_refused_before_training():
+    cfg = RunConfig.from_flat({"model": "no-such-model-anywhere"})
+    with pytest.raises(ModelError, match=r"^model: 'no-such-model-anywhere' is not a bundled model"):
+        check_model(cfg.model)
+
+
+def test_bundled_and_local_folder_models_resolve(tmp_path):
+    check_model(RunConfig.from_flat({"model": "minilm"}).model)
+    from fedlora.models import model_source
+
+    check_model(RunConfig.from_flat({"model": model_source("minilm")}).model)
+
+
+def test_parse_overrides_reads_toml_values_and_bare_words():
+    assert parse_overrides('lora-rank=4 model=tiny-bert lr=1e-3 x=true y="a b"'.replace(' b"', '_b"')) == {
+        "lora-rank": 4, "model": "tiny-bert", "lr": 1e-3, "x": True, "y": "a_b",
+    }
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_overrides("lora-rank")
