@@ -47,6 +47,7 @@ def load_adapter_state(model: PeftModel, name: str, state: AdapterState) -> None
     ------
     FedloraError
         If ``state`` lacks a key of the adapter or carries one it does not have.
+
     """
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 

@@ -31,8 +31,12 @@ def _progress(num_rounds: int) -> tuple[Any, Any]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(), TextColumn("{task.fields[status]}"), transient=False,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+        transient=False,
     )
     task = progress.add_task("starting Flower", total=num_rounds, status="")
 
@@ -42,13 +46,20 @@ def _progress(num_rounds: int) -> tuple[Any, Any]:
             progress.update(task, description="federated rounds")
         elif kind == "round":
             progress.update(
-                task, completed=event["round"],
-                status=f"global {_pct(event['global_accuracy'])}  personalized {_pct(event['personalized_accuracy'])}",
+                task,
+                completed=event["round"],
+                status=f"global {_pct(event['global_accuracy'])}  "
+                f"personalized {_pct(event['personalized_accuracy'])}",
             )
         elif kind == "local-only":
-            progress.update(task, description="local-only baseline", status=f"{event['steps']} steps per client")
+            progress.update(
+                task, description="local-only baseline", status=f"{event['steps']} steps per client"
+            )
         elif kind == "client-error":
-            progress.console.print(f"[yellow]client error (round {event['round']}, node {event['node']}): {event['reason'][:200]}")
+            progress.console.print(
+                f"[yellow]client error (round {event['round']}, node {event['node']}): "
+                f"{event['reason'][:200]}"
+            )
 
     return progress, on_event
 
@@ -62,18 +73,28 @@ def _table(summary: dict[str, Any], out_dir: Path) -> None:
     table.add_column("model")
     table.add_column("mean accuracy", justify="right")
     table.add_column("worst-10% clients", justify="right")
-    table.add_row("global adapter only", _pct(final["global_accuracy"]), _pct(final["global_accuracy_worst10"]))
-    table.add_row("personalized (global + personal)", _pct(final["personalized_accuracy"]),
-                  _pct(final["personalized_accuracy_worst10"]))
-    table.add_row("local-only (no federation)", _pct(final["local_only_accuracy"]),
-                  _pct(final["local_only_accuracy_worst10"]))
+    table.add_row(
+        "global adapter only", _pct(final["global_accuracy"]), _pct(final["global_accuracy_worst10"])
+    )
+    table.add_row(
+        "personalized (global + personal)",
+        _pct(final["personalized_accuracy"]),
+        _pct(final["personalized_accuracy_worst10"]),
+    )
+    table.add_row(
+        "local-only (no federation)",
+        _pct(final["local_only_accuracy"]),
+        _pct(final["local_only_accuracy_worst10"]),
+    )
     console = Console()
     console.print(table)
     ratio = final.get("upload_reduction")
     console.print(
         f"upload per client per round: {_bytes(final['bytes_up_per_client_round'])} "
         f"(full fine-tuning: {_bytes(final['full_model_bytes'])}, "
-        f"{ratio:.0f}x smaller)" if ratio else "no client trained"
+        f"{ratio:.0f}x smaller)"
+        if ratio
+        else "no client trained"
     )
     console.print(f"wall time: {final['wall_s']:.1f} s in the ServerApp")
 
@@ -98,8 +119,9 @@ def _simulate(args: argparse.Namespace) -> int:
     out_dir = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     progress, on_event = _progress(cfg.federation.num_server_rounds)
     with progress:
-        summary = simulate(cfg, num_clients=clients, out_dir=out_dir, cpus_per_client=args.cpus_per_client,
-                           on_event=on_event)
+        summary = simulate(
+            cfg, num_clients=clients, out_dir=out_dir, cpus_per_client=args.cpus_per_client, on_event=on_event
+        )
     _table(summary, out_dir.resolve())
     return 0
 
@@ -107,17 +129,25 @@ def _simulate(args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     from fedlora.strategies import STRATEGIES
 
-    parser = argparse.ArgumentParser(prog="fedlora", description="Federated personalization with private LoRA adapters.")
+    parser = argparse.ArgumentParser(
+        prog="fedlora", description="Federated personalization with private LoRA adapters."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run a simulated federation on this machine (through `flwr run`)")
-    sim.add_argument("--clients", type=int, help="number of simulated clients (default 10, or one per folder of --data)")
+    sim.add_argument(
+        "--clients", type=int, help="number of simulated clients (default 10, or one per folder of --data)"
+    )
     sim.add_argument("--rounds", type=int, help="federated rounds (run-config num-server-rounds)")
     sim.add_argument("--out", help="run directory for results (default runs/<timestamp>)")
     sim.add_argument("--data", help="folder with one subfolder per client holding train.jsonl and test.jsonl")
     sim.add_argument("--strategy", help=f"aggregation strategy: {', '.join(sorted(STRATEGIES))}")
     sim.add_argument("--run-config", help='more run-config overrides, e.g. "lora-rank=4 local-steps=10"')
-    sim.add_argument("--cpus-per-client", type=float, default=1.0,
-                     help="CPU cores per simulated client; cores / this = clients trained at once (default 1)")
+    sim.add_argument(
+        "--cpus-per-client",
+        type=float,
+        default=1.0,
+        help="CPU cores per simulated client; cores / this = clients trained at once (default 1)",
+    )
     sim.set_defaults(func=_simulate)
     return parser
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -17,6 +18,9 @@ from flwr.clientapp import ClientApp
 from fedlora import keys
 from fedlora.config import RunConfig
 from fedlora.errors import FedloraError
+
+if TYPE_CHECKING:
+    from fedlora.adapters import AdapterState
 
 __all__ = ["app"]
 
@@ -39,14 +43,16 @@ def _reply_errors(handler: Handler) -> Handler:
             return handler(message, context)
         except FedloraError as err:
             log.error("fedlora client %s: %s", context.node_config.get("partition-id", "?"), err)
-            return Message(Error(code=CLIENT_INPUT_ERROR, reason=f"{type(err).__name__}: {err}"), reply_to=message)
+            return Message(
+                Error(code=CLIENT_INPUT_ERROR, reason=f"{type(err).__name__}: {err}"), reply_to=message
+            )
 
     return wrapped
 
 
 @lru_cache(maxsize=1)
-def _parse(flat: tuple[tuple[str, object], ...]) -> RunConfig:
-    return RunConfig.from_flat(dict(flat))  # type: ignore[arg-type]
+def _parse(flat: tuple[tuple[str, bool | int | float | str], ...]) -> RunConfig:
+    return RunConfig.from_flat(dict(flat))
 
 
 class _Client:
@@ -70,11 +76,13 @@ class _Client:
         self.loaded = cached_model(cfg.model, len(labels), cfg.federation.seed)
         tok, length = self.loaded.tokenizer, cfg.model.max_length
         classify = task == "classification"
-        self.train = tokenize(tok, self.data.train_texts, self.data.train_labels if classify else None, length)
+        self.train = tokenize(
+            tok, self.data.train_texts, self.data.train_labels if classify else None, length
+        )
         self.test = tokenize(tok, self.data.test_texts, self.data.test_labels if classify else None, length)
         self.state = context.state
 
-    def personal(self):  # type: ignore[no-untyped-def]
+    def personal(self) -> AdapterState | None:
         from fedlora.adapters import from_record
 
         record = self.state.array_records.get(_PERSONAL_STATE)
@@ -84,8 +92,24 @@ class _Client:
         return self.cfg.federation.seed * 1_000_003 + server_round * 10_007 + self.partition_id * 101 + salt
 
 
-def _reply(message: Message, metrics: dict[str, float | int], arrays: ArrayRecord | None = None) -> Message:
-    content = RecordDict({keys.METRICS: MetricRecord(metrics)})
+def _config_int(message: Message, key: str) -> int:
+    value = message.content.config_records[keys.CONFIG].get(key)
+    if not isinstance(value, int):
+        raise FedloraError(f"message: config {key!r} must be an integer, got {value!r}")
+    return value
+
+
+def _arrays(message: Message) -> ArrayRecord:
+    try:
+        return message.content.array_records[keys.ARRAYS]
+    except KeyError:
+        raise FedloraError(f"message: no {keys.ARRAYS!r} ArrayRecord in the server's message") from None
+
+
+def _reply(
+    message: Message, metrics: Mapping[str, float | int], arrays: ArrayRecord | None = None
+) -> Message:
+    content = RecordDict({keys.METRICS: MetricRecord(dict(metrics))})
     if arrays is not None:
         content[keys.ARRAYS] = arrays
     return Message(content=content, reply_to=message)
@@ -99,10 +123,14 @@ def train(message: Message, context: Context) -> Message:
     from fedlora.personalize import train_round
 
     client = _Client(context)
-    server_round = int(message.content[keys.CONFIG][keys.C_SERVER_ROUND])
+    server_round = _config_int(message, keys.C_SERVER_ROUND)
     out = train_round(
-        client.loaded, client.train, from_record(message.content[keys.ARRAYS]),
-        client.personal(), client.cfg.train, seed=client.seed(server_round),
+        client.loaded,
+        client.train,
+        from_record(_arrays(message)),
+        client.personal(),
+        client.cfg.train,
+        seed=client.seed(server_round),
     )
     client.state[_PERSONAL_STATE] = to_record(out.personal_state)
     arrays = to_record(out.global_state)
@@ -126,16 +154,19 @@ def evaluate(message: Message, context: Context) -> Message:
 
     client = _Client(context)
     global_only, personalized = evaluate_round(
-        client.loaded, client.test, from_record(message.content[keys.ARRAYS]), client.personal()
+        client.loaded, client.test, from_record(_arrays(message)), client.personal()
     )
-    return _reply(message, {
-        keys.M_NUM_EXAMPLES: global_only.num_examples,
-        keys.M_PARTITION_ID: client.partition_id,
-        keys.M_ACCURACY_GLOBAL: global_only.accuracy,
-        keys.M_ACCURACY_PERSONALIZED: personalized.accuracy,
-        keys.M_LOSS_GLOBAL: global_only.loss,
-        keys.M_LOSS_PERSONALIZED: personalized.loss,
-    })
+    return _reply(
+        message,
+        {
+            keys.M_NUM_EXAMPLES: global_only.num_examples,
+            keys.M_PARTITION_ID: client.partition_id,
+            keys.M_ACCURACY_GLOBAL: global_only.accuracy,
+            keys.M_ACCURACY_PERSONALIZED: personalized.accuracy,
+            keys.M_LOSS_GLOBAL: global_only.loss,
+            keys.M_LOSS_PERSONALIZED: personalized.loss,
+        },
+    )
 
 
 @app.train(keys.LOCAL_ONLY_ACTION)
@@ -145,12 +176,17 @@ def train_local_only(message: Message, context: Context) -> Message:
     from fedlora.personalize import local_only
 
     client = _Client(context)
-    steps = int(message.content[keys.CONFIG][keys.C_LOCAL_STEPS])
-    result, ev = local_only(client.loaded, client.train, client.test, steps, client.cfg.train, seed=client.seed(0, 7))
-    return _reply(message, {
-        keys.M_NUM_EXAMPLES: ev.num_examples,
-        keys.M_PARTITION_ID: client.partition_id,
-        keys.M_ACCURACY_LOCAL_ONLY: ev.accuracy,
-        keys.M_TRAIN_STEPS: result.steps,
-        keys.M_TRAIN_WALL_S: result.wall_s,
-    })
+    steps = _config_int(message, keys.C_LOCAL_STEPS)
+    result, ev = local_only(
+        client.loaded, client.train, client.test, steps, client.cfg.train, seed=client.seed(0, 7)
+    )
+    return _reply(
+        message,
+        {
+            keys.M_NUM_EXAMPLES: ev.num_examples,
+            keys.M_PARTITION_ID: client.partition_id,
+            keys.M_ACCURACY_LOCAL_ONLY: ev.accuracy,
+            keys.M_TRAIN_STEPS: result.steps,
+            keys.M_TRAIN_WALL_S: result.wall_s,
+        },
+    )

@@ -39,7 +39,7 @@ class ModelConfig:
     task: str = "classification"
     max_length: int = 48
     lora_rank: int = 8
-    lora_alpha: float = 16.0
+    lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_target_modules: tuple[str, ...] = ()
 
@@ -53,7 +53,7 @@ class ModelConfig:
         if self.lora_rank <= 0:
             raise _fail("lora-rank", "a positive integer", self.lora_rank)
         if self.lora_alpha <= 0:
-            raise _fail("lora-alpha", "a positive number", self.lora_alpha)
+            raise _fail("lora-alpha", "a positive integer", self.lora_alpha)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise _fail("lora-dropout", "a number in [0, 1)", self.lora_dropout)
 
@@ -193,9 +193,7 @@ class RunConfig:
     @classmethod
     def accepted_keys(cls) -> list[str]:
         """Every kebab-case key a run config may contain."""
-        return sorted(
-            _key(f.name) for section in _SECTIONS.values() for f in dataclasses.fields(section)
-        )
+        return sorted(_key(f.name) for section in _SECTIONS.values() for f in dataclasses.fields(section))
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Scalar]) -> RunConfig:
@@ -211,6 +209,7 @@ class RunConfig:
         ------
         ConfigError
             One line naming the offending key and what it accepts.
+
         """
         accepted = set(cls.accepted_keys())
         unknown = sorted(set(flat) - accepted)

@@ -41,6 +41,7 @@ def parse_overrides(text: str) -> dict[str, Scalar]:
     ------
     ConfigError
         On a token without ``=``.
+
     """
     flat: dict[str, Scalar] = {}
     for token in text.split():
@@ -62,6 +63,11 @@ def _toml_value(value: Scalar) -> str:
     return json.dumps(value)
 
 
+def _whole(value: float) -> float | int:
+    # Flower wants an integer where the value is whole (num-cpus=1, not 1.0).
+    return int(value) if float(value).is_integer() else value
+
+
 def write_app(directory: Path, cfg: RunConfig) -> Path:
     """Write a Flower app folder (just a pyproject) whose components are fedlora's apps.
 
@@ -69,12 +75,25 @@ def write_app(directory: Path, cfg: RunConfig) -> Path:
     """
     directory.mkdir(parents=True, exist_ok=True)
     lines = [
-        "[build-system]", 'requires = ["hatchling"]', 'build-backend = "hatchling.build"', "",
-        "[project]", 'name = "fedlora-run"', 'version = "0.1.0"', "dependencies = []", "",
-        "[tool.hatch.build.targets.wheel]", 'packages = ["."]', "",
-        "[tool.flwr.app]", 'publisher = "fedlora"', "",
+        "[build-system]",
+        'requires = ["hatchling"]',
+        'build-backend = "hatchling.build"',
+        "",
+        "[project]",
+        'name = "fedlora-run"',
+        'version = "0.1.0"',
+        "dependencies = []",
+        "",
+        "[tool.hatch.build.targets.wheel]",
+        'packages = ["."]',
+        "",
+        "[tool.flwr.app]",
+        'publisher = "fedlora"',
+        "",
         "[tool.flwr.app.components]",
-        'serverapp = "fedlora.server_app:app"', 'clientapp = "fedlora.client_app:app"', "",
+        'serverapp = "fedlora.server_app:app"',
+        'clientapp = "fedlora.client_app:app"',
+        "",
         "[tool.flwr.app.config]",
         *(f"{key} = {_toml_value(value)}" for key, value in cfg.to_flat().items()),
     ]
@@ -89,6 +108,7 @@ def preflight(cfg: RunConfig, num_clients: int) -> RunConfig:
     ------
     FedloraError
         The first problem found, in one line naming the field or path.
+
     """
     from fedlora.data.federated import validate_data
     from fedlora.models import check_model
@@ -149,6 +169,7 @@ def simulate(
     ------
     FedloraError
         If the configuration or data is bad (before anything starts) or the run fails.
+
     """
     out_dir = out_dir.expanduser().resolve()
     cfg = preflight(cfg, num_clients)
@@ -166,10 +187,14 @@ def simulate(
         overrides.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in cfg.to_flat().items()))
         env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home), **(extra_env or {})}
         command = [
-            str(flwr), "run", str(app), "--stream", "--run-config", str(overrides),
+            str(flwr),
+            "run",
+            str(app),
+            "--stream",
+            "--run-config",
+            str(overrides),
             "--federation-config",
-            f"num-supernodes={num_clients} "
-            f"client-resources-num-cpus={int(cpus_per_client) if float(cpus_per_client).is_integer() else cpus_per_client}",
+            f"num-supernodes={num_clients} client-resources-num-cpus={_toml_value(_whole(cpus_per_client))}",
         ]
         seen = 0
         with (out_dir / "flwr.log").open("w") as logfile:
@@ -192,7 +217,10 @@ def simulate(
                 on_event(event)
     summary_path = out_dir / "summary.json"
     if not summary_path.exists():
-        raise FedloraError(f"the federation did not finish: {_last_error(out_dir / 'flwr.log')} (log: {out_dir / 'flwr.log'})")
+        raise FedloraError(
+            f"the federation did not finish: {_last_error(out_dir / 'flwr.log')} "
+            f"(log: {out_dir / 'flwr.log'})"
+        )
     return json.loads(summary_path.read_text())
 
 

@@ -49,20 +49,35 @@ def _minilm_path() -> str:
 def _tiny_bert_config(num_labels: int) -> Any:
     from transformers import BertConfig
 
-    return BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=512, num_labels=num_labels,
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
     )
+    config.num_labels = num_labels
+    return config
 
 
 def _tiny_llama_config(num_labels: int) -> Any:
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512,
-        num_labels=num_labels, pad_token_id=0, bos_token_id=101, eos_token_id=102,
+    config = LlamaConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=101,
+        eos_token_id=102,
     )
+    config.num_labels = num_labels
+    return config
 
 
 # Bundled names: (weights folder or None, tiny config factory or None). Tiny models are
@@ -88,6 +103,7 @@ def check_model(cfg: ModelConfig) -> None:
     ------
     ModelError
         Naming the model and what is accepted.
+
     """
     if cfg.model in BUNDLED_MODELS:
         model_source(cfg.model)

@@ -67,8 +67,12 @@ def train_round(
 
     activate(model, [GLOBAL], trainable=[GLOBAL])
     shared = train_steps(
-        model, train, steps=cfg.local_steps, batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate, seed=seed,
+        model,
+        train,
+        steps=cfg.local_steps,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        seed=seed,
     )
     new_global = adapter_state(model, GLOBAL)
     personal = None
@@ -78,8 +82,12 @@ def train_round(
         load_adapter_state(model, PERSONAL, _head_plus(stored, global_state, +1.0))
         activate(model, [GLOBAL, PERSONAL], trainable=[PERSONAL])
         personal = train_steps(
-            model, train, steps=cfg.personal_steps, batch_size=cfg.batch_size,
-            learning_rate=cfg.learning_rate, seed=seed + 1,
+            model,
+            train,
+            steps=cfg.personal_steps,
+            batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate,
+            seed=seed + 1,
         )
         stored = _head_plus(adapter_state(model, PERSONAL), global_state, -1.0)
     return RoundOutput(new_global, stored, shared, personal)
@@ -111,8 +119,12 @@ def local_only(
     load_adapter_state(model, GLOBAL, loaded.initial_global)
     activate(model, [GLOBAL], trainable=[GLOBAL])
     result = train_steps(
-        model, train, steps=steps, batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate, seed=seed,
+        model,
+        train,
+        steps=steps,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        seed=seed,
     )
     activate(model, [GLOBAL], trainable=[])
     return result, evaluate(model, test)

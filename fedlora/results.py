@@ -92,6 +92,7 @@ class RunRecorder:
         rounds = [self.rounds[r] for r in sorted(self.rounds)]
         last = rounds[-1] if rounds else RoundRecord(0)
         trained = sum(r.clients_trained for r in rounds)
+        per_client = sum(r.bytes_up for r in rounds) / trained if trained else 0.0
         final = {
             "global_accuracy": last.global_accuracy,
             "global_accuracy_worst10": last.global_accuracy_worst10,
@@ -101,13 +102,11 @@ class RunRecorder:
             "local_only_accuracy_worst10": worst_fraction_mean(list(self.local_only.values()))
             if self.local_only
             else None,
-            "bytes_up_per_client_round": (sum(r.bytes_up for r in rounds) / trained) if trained else 0,
+            "bytes_up_per_client_round": per_client,
             "full_model_bytes": self.full_model_bytes,
             "wall_s": time.perf_counter() - self.started,
         }
-        final["upload_reduction"] = (
-            self.full_model_bytes / final["bytes_up_per_client_round"] if trained else None
-        )
+        final["upload_reduction"] = self.full_model_bytes / per_client if per_client else None
         summary = {
             "rounds": [
                 {

@@ -40,11 +40,14 @@ def _local_only(grid: Grid, cfg: RunConfig, recorder: RunRecorder) -> None:
     ]
     for reply in grid.send_and_receive(messages):
         if reply.has_error():
-            recorder.event("client-error", round="local-only", node=reply.metadata.src_node_id,
-                           reason=reply.error.reason)
+            recorder.event(
+                "client-error", round="local-only", node=reply.metadata.src_node_id, reason=reply.error.reason
+            )
             continue
         metrics = reply.content.metric_records[keys.METRICS]
-        recorder.local_only[str(int(metrics[keys.M_PARTITION_ID]))] = float(metrics[keys.M_ACCURACY_LOCAL_ONLY])  # type: ignore[arg-type]
+        pid, accuracy = metrics[keys.M_PARTITION_ID], metrics[keys.M_ACCURACY_LOCAL_ONLY]
+        if isinstance(pid, (int, float)) and isinstance(accuracy, (int, float)):
+            recorder.local_only[str(int(pid))] = float(accuracy)
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
@@ -73,7 +76,9 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round > 0:
-            save_peft_adapter(out_dir / "rounds" / f"round-{server_round:03d}", from_record(arrays), peft_config)
+            save_peft_adapter(
+                out_dir / "rounds" / f"round-{server_round:03d}", from_record(arrays), peft_config
+            )
             recorder.end_round(server_round)
         return None
 
@@ -93,8 +98,10 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     final = summary["final"]
     log.info(
         "fedlora: global %.3f, personalized %.3f, local-only %s",
-        final["global_accuracy"], final["personalized_accuracy"],
-        "n/a" if final["local_only_accuracy"] is None or math.isnan(final["local_only_accuracy"])
+        final["global_accuracy"],
+        final["personalized_accuracy"],
+        "n/a"
+        if final["local_only_accuracy"] is None or math.isnan(final["local_only_accuracy"])
         else f"{final['local_only_accuracy']:.3f}",
     )
     return summary

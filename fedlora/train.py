@@ -129,15 +129,18 @@ def train_steps(
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     model.train()
     start, total, examples = time.perf_counter(), 0.0, 0
-    for indices in sample_batches(len(data), batch_size, steps, seed):
-        loss = batch_loss(model, data.batch(indices))
-        if regularizer is not None:
-            loss = loss + regularizer()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += float(loss.detach())
-        examples += len(indices)
+    # Dropout draws from torch's RNG: seed it so that a round is reproducible.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for indices in sample_batches(len(data), batch_size, steps, seed):
+            loss = batch_loss(model, data.batch(indices))
+            if regularizer is not None:
+                loss = loss + regularizer()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach())
+            examples += len(indices)
     model.eval()
     return TrainResult(total / max(steps, 1), steps, examples, time.perf_counter() - start)
 
@@ -160,7 +163,9 @@ def evaluate(model: Any, data: Tokenized, *, batch_size: int = 32) -> EvalResult
                 logits = model(**batch).logits[:, :-1]  # (B, L-1, V): predicts token t+1
                 target = batch["input_ids"][:, 1:]
                 keep = batch["attention_mask"][:, 1:].bool()
-                loss_sum += float(torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum"))
+                loss_sum += float(
+                    torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum")
+                )
                 correct += int((logits.argmax(-1)[keep] == target[keep]).sum())
                 counted += int(keep.sum())
     if counted == 0:

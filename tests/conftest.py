@@ -31,6 +31,11 @@ def tiny_model(tiny_cfg: RunConfig) -> LoadedModel:
     return build_model(tiny_cfg.model, 5, seed=0)
 
 
+@pytest.fixture(scope="session")
+def minilm_model() -> LoadedModel:
+    return build_model(RunConfig.from_flat({"max-length": 16}).model, 2, seed=0)
+
+
 def write_client(folder: Path, train: list[dict], test: list[dict]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", train), ("test", test)):

@@ -2,7 +2,14 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fedlora.adapters import activate, adapter_state, from_record, load_adapter_state, save_peft_adapter, to_record
+from fedlora.adapters import (
+    activate,
+    adapter_state,
+    from_record,
+    load_adapter_state,
+    save_peft_adapter,
+    to_record,
+)
 from fedlora.errors import FedloraError
 from fedlora.models import GLOBAL, PERSONAL, load_base, lora_config, target_modules
 from fedlora.train import tokenize
@@ -33,7 +40,9 @@ def test_load_adapter_state_overwrites_exactly_and_rejects_mismatches(tiny_model
     load_adapter_state(model, GLOBAL, state)
     assert all(torch.equal(v, state[k]) for k, v in adapter_state(model, GLOBAL).items())
     # The personal adapter is untouched.
-    assert all(torch.equal(v, tiny_model.initial_personal[k]) for k, v in adapter_state(model, PERSONAL).items())
+    assert all(
+        torch.equal(v, tiny_model.initial_personal[k]) for k, v in adapter_state(model, PERSONAL).items()
+    )
     first = next(iter(state))
     with pytest.raises(FedloraError, match="keys do not match"):
         load_adapter_state(model, GLOBAL, {k: v for k, v in state.items() if k != first})
@@ -54,7 +63,10 @@ def test_activate_sets_exactly_the_trainable_adapter(tiny_model):
 def test_saved_adapter_loads_with_stock_peft_and_predicts_identically(tiny_cfg, tiny_model, tmp_path):
     state = {k: torch.randn_like(v) * 0.1 for k, v in tiny_model.initial_global.items()}
     save_peft_adapter(tmp_path / "adapter", state, lora_config(tiny_cfg.model))
-    assert {p.name for p in (tmp_path / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    assert {p.name for p in (tmp_path / "adapter").iterdir()} >= {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
 
     base, tokenizer = load_base(tiny_cfg.model, 5, seed=0)
     stock = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()

@@ -4,28 +4,45 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, RecordDict
+from helpers import metrics, reply
 
 from fedlora.config import RunConfig
 from fedlora.results import RunRecorder, worst_fraction_mean
 from fedlora.strategies import Recorded, build_strategy
-from helpers import metrics, reply
 
 
 def _train_reply(node: int, a: list[float], b: list[list[float]], n: int, loss: float):
-    arrays = ArrayRecord({"x.lora_A.weight": Array(np.array(a, np.float32)),
-                          "x.lora_B.weight": Array(np.array(b, np.float32))})
-    return reply(RecordDict({"arrays": arrays, "metrics": metrics(num_examples=n, train_loss=loss, partition_id=node)}), node)
+    arrays = ArrayRecord(
+        {"x.lora_A.weight": Array(np.array(a, np.float32)), "x.lora_B.weight": Array(np.array(b, np.float32))}
+    )
+    return reply(
+        RecordDict(
+            {"arrays": arrays, "metrics": metrics(num_examples=n, train_loss=loss, partition_id=node)}
+        ),
+        node,
+    )
 
 
 def _eval_reply(node: int, glob: float, pers: float):
-    return reply(RecordDict({"metrics": metrics(num_examples=10, accuracy_global=glob,
-                                                  accuracy_personalized=pers, partition_id=node)}), node, "evaluate")
+    return reply(
+        RecordDict(
+            {
+                "metrics": metrics(
+                    num_examples=10, accuracy_global=glob, accuracy_personalized=pers, partition_id=node
+                )
+            }
+        ),
+        node,
+        "evaluate",
+    )
 
 
 @pytest.fixture
 def recorded(tmp_path: Path) -> Recorded:
     cfg = RunConfig()
-    return Recorded(build_strategy("fedavg", cfg), RunRecorder(tmp_path, cfg.to_flat(), full_model_bytes=1000))
+    return Recorded(
+        build_strategy("fedavg", cfg), RunRecorder(tmp_path, cfg.to_flat(), full_model_bytes=1000)
+    )
 
 
 def test_fedavg_weights_by_examples_hand_computed(recorded):
@@ -71,10 +88,23 @@ def test_summary_has_the_documented_fields(recorded, tmp_path):
     recorded.recorder.local_only = {"1": 0.6}
     summary = recorded.recorder.summary()
     assert [r["round"] for r in summary["rounds"]] == [1]
-    assert set(summary["rounds"][0]) >= {"round", "global_accuracy", "personalized_accuracy", "bytes_up", "clients_trained"}
+    assert set(summary["rounds"][0]) >= {
+        "round",
+        "global_accuracy",
+        "personalized_accuracy",
+        "bytes_up",
+        "clients_trained",
+    }
     final = summary["final"]
-    assert set(final) >= {"global_accuracy", "personalized_accuracy", "personalized_accuracy_worst10",
-                          "local_only_accuracy", "bytes_up_per_client_round", "full_model_bytes", "wall_s"}
+    assert set(final) >= {
+        "global_accuracy",
+        "personalized_accuracy",
+        "personalized_accuracy_worst10",
+        "local_only_accuracy",
+        "bytes_up_per_client_round",
+        "full_model_bytes",
+        "wall_s",
+    }
     assert final["personalized_accuracy"] == 0.75 and final["local_only_accuracy"] == 0.6
     assert final["bytes_up_per_client_round"] == summary["rounds"][0]["bytes_up"]
     assert (tmp_path / "summary.json").exists()

@@ -4,17 +4,22 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from helpers import as_server
 
 from fedlora import keys
 from fedlora.adapters import from_record, to_record
 from fedlora.client_app import app
 from fedlora.models import load_base
-from helpers import as_server
 
 
 def _context(cfg, partition_id=0):
-    return Context(run_id=1, node_id=partition_id + 1, state=RecordDict(), run_config=cfg.to_flat(),
-                   node_config={"partition-id": partition_id, "num-partitions": 3})
+    return Context(
+        run_id=1,
+        node_id=partition_id + 1,
+        state=RecordDict(),
+        run_config=cfg.to_flat(),
+        node_config={"partition-id": partition_id, "num-partitions": 3},
+    )
 
 
 def _message(kind, content):
@@ -45,8 +50,13 @@ def test_every_client_message_is_the_shared_adapter_and_scalar_metrics(cfg, tiny
     sent = []
     global_arrays = to_record(loaded.initial_global)
     for server_round in (1, 2, 3):
-        train = app(_message("train", {keys.ARRAYS: global_arrays,
-                                       keys.CONFIG: ConfigRecord({keys.C_SERVER_ROUND: server_round})}), context)
+        train = app(
+            _message(
+                "train",
+                {keys.ARRAYS: global_arrays, keys.CONFIG: ConfigRecord({keys.C_SERVER_ROUND: server_round})},
+            ),
+            context,
+        )
         sent.append(train)
         _assert_only_scalar_metrics(train)
         assert set(train.content.array_records) == {keys.ARRAYS}
@@ -60,23 +70,37 @@ def test_every_client_message_is_the_shared_adapter_and_scalar_metrics(cfg, tiny
             # LoRA factors have rank 8 on one side; no full base weight matrix is among them.
             if "lora_" in key:
                 assert 8 in value.shape and value.shape not in base_shapes - {(8, 32), (32, 8)}
-        personal = from_record(context.state[ "fedlora-personal-adapter"])
+        personal = from_record(context.state["fedlora-personal-adapter"])
         sent_state = from_record(arrays)
-        assert not any(torch.equal(personal[k], sent_state[k]) for k in personal if "lora_B" in k and server_round > 1)
+        assert not any(
+            torch.equal(personal[k], sent_state[k]) for k in personal if "lora_B" in k and server_round > 1
+        )
         global_arrays = arrays
-        evaluation = app(_message("evaluate", {keys.ARRAYS: global_arrays, keys.CONFIG: ConfigRecord({})}), context)
+        evaluation = app(
+            _message("evaluate", {keys.ARRAYS: global_arrays, keys.CONFIG: ConfigRecord({})}), context
+        )
         sent.append(evaluation)
         _assert_only_scalar_metrics(evaluation)
         assert not evaluation.content.array_records
-    local = app(_message(f"train.{keys.LOCAL_ONLY_ACTION}", {keys.CONFIG: ConfigRecord({keys.C_LOCAL_STEPS: 4})}), context)
+    local = app(
+        _message(f"train.{keys.LOCAL_ONLY_ACTION}", {keys.CONFIG: ConfigRecord({keys.C_LOCAL_STEPS: 4})}),
+        context,
+    )
     sent.append(local)
     _assert_only_scalar_metrics(local)
     assert not local.content.array_records
     assert len(sent) == 7
     metric_names = set().union(*(set(m.content.metric_records[keys.METRICS]) for m in sent))
     assert metric_names == {
-        keys.M_NUM_EXAMPLES, keys.M_PARTITION_ID, keys.M_TRAIN_LOSS, keys.M_TRAIN_STEPS, keys.M_TRAIN_WALL_S,
-        keys.M_ACCURACY_GLOBAL, keys.M_ACCURACY_PERSONALIZED, keys.M_LOSS_GLOBAL, keys.M_LOSS_PERSONALIZED,
+        keys.M_NUM_EXAMPLES,
+        keys.M_PARTITION_ID,
+        keys.M_TRAIN_LOSS,
+        keys.M_TRAIN_STEPS,
+        keys.M_TRAIN_WALL_S,
+        keys.M_ACCURACY_GLOBAL,
+        keys.M_ACCURACY_PERSONALIZED,
+        keys.M_LOSS_GLOBAL,
+        keys.M_LOSS_PERSONALIZED,
         keys.M_ACCURACY_LOCAL_ONLY,
     }
 
@@ -88,10 +112,16 @@ def test_personal_adapter_survives_rounds_and_differs_per_client(cfg):
     arrays = to_record(loaded.initial_global)
     contexts = [_context(cfg, pid) for pid in (0, 1)]
     for context in contexts:
-        app(_message("train", {keys.ARRAYS: arrays, keys.CONFIG: ConfigRecord({keys.C_SERVER_ROUND: 1})}), context)
+        app(
+            _message("train", {keys.ARRAYS: arrays, keys.CONFIG: ConfigRecord({keys.C_SERVER_ROUND: 1})}),
+            context,
+        )
     first = [from_record(c.state["fedlora-personal-adapter"]) for c in contexts]
     assert any(not torch.equal(first[0][k], first[1][k]) for k in first[0])
-    app(_message("train", {keys.ARRAYS: arrays, keys.CONFIG: ConfigRecord({keys.C_SERVER_ROUND: 2})}), contexts[0])
+    app(
+        _message("train", {keys.ARRAYS: arrays, keys.CONFIG: ConfigRecord({keys.C_SERVER_ROUND: 2})}),
+        contexts[0],
+    )
     second = from_record(contexts[0].state["fedlora-personal-adapter"])
     # Trained further from where it was, not restarted: round-2 B differs from round 1's.
     assert any(not torch.equal(second[k], first[0][k]) for k in second if "lora_B" in k)
@@ -102,7 +132,9 @@ def test_a_client_with_bad_data_replies_with_an_error_naming_the_file(cfg, jsonl
     from fedlora.data.federated import load_client_data
 
     load_client_data.cache_clear()
-    reply = app(_message("train", {keys.ARRAYS: to_record({}), keys.CONFIG: ConfigRecord({keys.C_SERVER_ROUND: 1})}),
-                _context(cfg))
+    reply = app(
+        _message("train", {keys.ARRAYS: to_record({}), keys.CONFIG: ConfigRecord({keys.C_SERVER_ROUND: 1})}),
+        _context(cfg),
+    )
     assert reply.has_error()
     assert 'client-0/train.jsonl:1: expected an object with a string "text" field' in reply.error.reason

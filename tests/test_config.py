@@ -17,7 +17,9 @@ def test_pyproject_app_config_lists_every_key_with_the_library_defaults():
 
 
 def test_flat_round_trip_and_coercion():
-    cfg = RunConfig.from_flat({"lora-rank": "4", "lora-target-modules": "query, value", "local-only-baseline": "false"})
+    cfg = RunConfig.from_flat(
+        {"lora-rank": "4", "lora-target-modules": "query, value", "local-only-baseline": "false"}
+    )
     assert cfg.model.lora_rank == 4
     assert cfg.model.lora_target_modules == ("query", "value")
     assert cfg.federation.local_only_baseline is False
@@ -65,7 +67,11 @@ def test_bundled_and_local_folder_models_resolve(tmp_path):
 
 def test_parse_overrides_reads_toml_values_and_bare_words():
     assert parse_overrides('lora-rank=4 model=tiny-bert lr=1e-3 x=true y="a b"'.replace(' b"', '_b"')) == {
-        "lora-rank": 4, "model": "tiny-bert", "lr": 1e-3, "x": True, "y": "a_b",
+        "lora-rank": 4,
+        "model": "tiny-bert",
+        "lr": 1e-3,
+        "x": True,
+        "y": "a_b",
     }
     with pytest.raises(ConfigError, match="expected key=value"):
         parse_overrides("lora-rank")

@@ -47,7 +47,10 @@ def test_natural_partition_groups_by_id():
 
 
 def test_more_clients_than_examples_is_refused():
-    with pytest.raises(DataError, match=r"^clients: 600 clients need at least 2400 examples \(4 each\), but the data has 2225$"):
+    with pytest.raises(
+        DataError,
+        match=r"^clients: 600 clients need at least 2400 examples \(4 each\), but the data has 2225$",
+    ):
         validate_data(DataConfig(), "classification", 600)
 
 
@@ -83,7 +86,10 @@ def test_client_folder_without_train_jsonl(jsonl_dir):
 
 def test_label_not_in_label_set(jsonl_dir):
     cfg = DataConfig(data_dir=str(jsonl_dir), labels=("sport", "music"))
-    with pytest.raises(DataError, match=r"client-1/train.jsonl: record 13 has label 'cooking', not in the label set \(sport, music\)$"):
+    with pytest.raises(
+        DataError,
+        match=r"client-1/train.jsonl: record 13 has label 'cooking', not in the label set \(sport, music\)$",
+    ):
         validate_data(cfg, "classification", 3)
 
 
@@ -93,10 +99,14 @@ def test_malformed_line_names_file_and_line(jsonl_dir):
     with pytest.raises(DataError, match=r"client-2/test.jsonl:2: not valid JSON"):
         validate_data(DataConfig(data_dir=str(jsonl_dir)), "classification", 3)
     path.write_text(json.dumps({"label": "sport"}) + "\n")
-    with pytest.raises(DataError, match=r'client-2/test.jsonl:1: expected an object with a string "text" field'):
+    with pytest.raises(
+        DataError, match=r'client-2/test.jsonl:1: expected an object with a string "text" field'
+    ):
         validate_data(DataConfig(data_dir=str(jsonl_dir)), "classification", 3)
 
 
 def test_more_clients_than_folders(jsonl_dir):
-    with pytest.raises(DataError, match=r"^clients: 5 clients asked, but data-dir .* has only 3 client folders$"):
+    with pytest.raises(
+        DataError, match=r"^clients: 5 clients asked, but data-dir .* has only 3 client folders$"
+    ):
         validate_data(DataConfig(data_dir=str(jsonl_dir)), "classification", 5)

@@ -6,7 +6,6 @@ import random
 from dataclasses import dataclass
 from functools import lru_cache
 
-
 from fedlora.config import DataConfig
 from fedlora.data.jsonl import client_folders, read_jsonl
 from fedlora.data.partition import partition
@@ -114,6 +113,7 @@ def load_client_data(
     DataError
         On a missing folder or file, a malformed record, an unknown label, or more
         clients than the data can supply.
+
     """
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id: must be in [0, {num_partitions}), got {partition_id}")
@@ -141,5 +141,3 @@ def validate_data(cfg: DataConfig, task: str, num_partitions: int, seed: int = 0
     for pid in range(num_partitions):
         load_client_data(cfg, task, pid, num_partitions, seed)
     return labels
-
-

@@ -19,6 +19,7 @@ def client_folders(data_dir: str | Path) -> list[Path]:
     ------
     DataError
         If the folder is missing, has no client subfolders, or a client lacks a split.
+
     """
     root = Path(data_dir).expanduser()
     if not root.is_dir():
@@ -45,6 +46,7 @@ def read_jsonl(path: Path, *, task: str) -> list[dict[str, str]]:
     ------
     DataError
         Naming the file and line of the first malformed record.
+
     """
     records: list[dict[str, str]] = []
     try:

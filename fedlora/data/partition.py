@@ -32,13 +32,20 @@ def partition(
     method : str
         ``iid`` (uniform random), ``dirichlet`` (label skew with concentration ``alpha``,
         Hsu et al. 2019), or ``natural`` (one client per distinct value of ``groups``).
+    alpha : float
+        Dirichlet concentration: small values give few labels per client.
+    groups : Sequence[str] or None
+        Natural client id of each example (for ``natural``).
     min_size : int
         Smallest acceptable client (so that its train and test splits are not empty).
+    seed : int
+        Seed of the random split.
 
     Returns
     -------
     list[list[int]]
         ``num_partitions`` lists of example indices.
+
     """
     n = len(labels)
     if num_partitions <= 0:

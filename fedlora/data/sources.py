@@ -68,6 +68,7 @@ def load_corpus(name: str) -> Corpus:
     ------
     DataError
         If the name is unknown or its package is missing.
+
     """
     try:
         loader = DATASETS[name]

@@ -35,6 +35,7 @@ class Recorded(Strategy):
         The strategy that samples and aggregates; every call is delegated to it.
     recorder : RunRecorder
         Where round metrics go.
+
     """
 
     def __init__(self, strategy: Strategy, recorder: RunRecorder) -> None:
@@ -70,8 +71,9 @@ class Recorded(Strategy):
         record.train_loss = sum(losses) / len(losses) if losses else math.nan
         for m in replies:
             if m.has_error():
-                self.recorder.event("client-error", round=server_round, node=m.metadata.src_node_id,
-                                    reason=m.error.reason)
+                self.recorder.event(
+                    "client-error", round=server_round, node=m.metadata.src_node_id, reason=m.error.reason
+                )
         return self.strategy.aggregate_train(server_round, replies)
 
     def configure_evaluate(

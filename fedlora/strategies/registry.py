@@ -32,6 +32,7 @@ def build_strategy(name: str, cfg: RunConfig) -> Strategy:
     ------
     ConfigError
         If no strategy has that name.
+
     """
     try:
         builder = STRATEGIES[name]
