@@ -1,0 +1,107 @@
+"""Benchmark: federation wall time through Flower vs the same local work in one plain process.
+
+The plain loop runs exactly the client work of the federation (for every round and
+client: train the shared and personal adapters, evaluate global and personalized) with
+the same library functions, one thread, in this process, plus FedAvg's weighted mean.
+The federation runs through `flwr run` (Ray simulation); its time is taken from the
+ServerApp's own clock, from the start of round 1 (after Flower's one-off start-up) to
+the end of the last round. Both run in this one invocation, so they share the machine's
+load. Usage:
+
+    python simulations/bench_overhead.py [--clients 10] [--rounds 5] [--cpus-per-client 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fedlora.config import RunConfig
+from fedlora.data.federated import load_client_data, resolve_labels
+from fedlora.launch import parse_overrides, simulate
+from fedlora.models import build_model
+from fedlora.personalize import evaluate_round, train_round
+from fedlora.train import tokenize
+
+
+def plain_loop(cfg: RunConfig, clients: int) -> list[float]:
+    """Seconds per round of the same client work, run serially in this process."""
+    torch.set_num_threads(1)
+    task = cfg.model.task
+    labels = resolve_labels(cfg.data, task)
+    loaded = build_model(cfg.model, len(labels), seed=cfg.federation.seed)
+    data = [load_client_data(cfg.data, task, pid, clients, cfg.federation.seed) for pid in range(clients)]
+    tok = loaded.tokenizer
+    splits = [
+        (
+            tokenize(tok, d.train_texts, d.train_labels, cfg.model.max_length),
+            tokenize(tok, d.test_texts, d.test_labels, cfg.model.max_length),
+        )
+        for d in data
+    ]
+    global_state, personal = loaded.initial_global, [None] * clients
+    times = []
+    for server_round in range(1, cfg.federation.num_server_rounds + 1):
+        start = time.perf_counter()
+        outs = [
+            train_round(loaded, train, global_state, personal[i], cfg.train, seed=server_round * 100 + i)
+            for i, (train, _) in enumerate(splits)
+        ]
+        weights = torch.tensor([float(d.num_train) for d in data])
+        weights /= weights.sum()
+        global_state = {
+            k: sum(w * o.global_state[k] for w, o in zip(weights, outs, strict=True)) for k in global_state
+        }
+        personal = [o.personal_state for o in outs]
+        for i, (_, test) in enumerate(splits):
+            evaluate_round(loaded, test, global_state, personal[i])
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def federation(cfg: RunConfig, clients: int, cpus_per_client: float) -> list[float]:
+    """Seconds per round of the same federation through Flower, from the ServerApp's clock."""
+    with tempfile.TemporaryDirectory() as tmp:
+        simulate(cfg, num_clients=clients, out_dir=Path(tmp) / "run", cpus_per_client=cpus_per_client)
+        events = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    start = next(e["t"] for e in events if e["event"] == "start")
+    ends = [e["t"] for e in events if e["event"] == "round"]
+    return [b - a for a, b in zip([start, *ends[:-1]], ends, strict=True)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--cpus-per-client", type=float, nargs="+", default=[1.0, 2.0])
+    parser.add_argument("--run-config", default="")
+    args = parser.parse_args()
+    flat = parse_overrides(args.run_config)
+    flat.update({"num-server-rounds": args.rounds, "local-only-baseline": False})
+    cfg = RunConfig.from_flat(flat)
+    plain = plain_loop(cfg, args.clients)
+    print(
+        f"{args.clients} clients x {args.rounds} rounds, model {cfg.model.model}, "
+        f"{cfg.train.local_steps}+{cfg.train.personal_steps} steps of batch {cfg.train.batch_size}"
+    )
+    rounds = ", ".join(f"{t:.1f}" for t in plain)
+    print(f"plain loop, 1 process, 1 thread: {sum(plain):.1f} s  (rounds: {rounds})")
+    for cpus in args.cpus_per_client:
+        fed = federation(cfg, args.clients, cpus)
+        print(
+            f"Flower, client-resources-num-cpus={cpus:g}: {sum(fed):.1f} s  "
+            f"(rounds: {', '.join(f'{t:.1f}' for t in fed)})  "
+            f"overhead ratio {sum(fed) / sum(plain):.2f}  "
+            f"rounds 2+ {sum(fed[1:]) / sum(plain[1:]):.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
