@@ -118,44 +118,53 @@ def _reply(
 @app.train()
 @_reply_errors
 def train(message: Message, context: Context) -> Message:
-    """Train the received shared adapter and the personal adapter; send the shared one."""
+    """Train the received shared adapter on local data and send it back."""
     from fedlora.adapters import from_record, to_record
-    from fedlora.personalize import train_round
+    from fedlora.personalize import train_shared
 
     client = _Client(context)
     server_round = _config_int(message, keys.C_SERVER_ROUND)
-    out = train_round(
+    state, result = train_shared(
         client.loaded,
         client.train,
         from_record(_arrays(message)),
-        client.personal(),
         client.cfg.train,
         seed=client.seed(server_round),
     )
-    client.state[_PERSONAL_STATE] = to_record(out.personal_state)
-    arrays = to_record(out.global_state)
-    wall = out.shared.wall_s + (out.personal.wall_s if out.personal else 0.0)
     metrics = {
         keys.M_NUM_EXAMPLES: client.data.num_train,
         keys.M_PARTITION_ID: client.partition_id,
-        keys.M_TRAIN_LOSS: out.shared.loss,
-        keys.M_TRAIN_STEPS: out.shared.steps + (out.personal.steps if out.personal else 0),
-        keys.M_TRAIN_WALL_S: wall,
+        keys.M_TRAIN_LOSS: result.loss,
+        keys.M_TRAIN_STEPS: result.steps,
+        keys.M_TRAIN_WALL_S: result.wall_s,
     }
-    return _reply(message, metrics, arrays)
+    return _reply(message, metrics, to_record(state))
 
 
 @app.evaluate()
 @_reply_errors
 def evaluate(message: Message, context: Context) -> Message:
-    """Accuracy of the received global adapter alone and with this client's personal adapter."""
-    from fedlora.adapters import from_record
-    from fedlora.personalize import evaluate_round
+    """Refresh the personal adapter on top of the new global one, then evaluate both.
+
+    The personal adapter is trained against the global adapter it will be combined with,
+    so a better global adapter never leaves a stale personal one behind.
+    """
+    from fedlora.adapters import from_record, to_record
+    from fedlora.personalize import evaluate_round, train_personal
 
     client = _Client(context)
-    global_only, personalized = evaluate_round(
-        client.loaded, client.test, from_record(_arrays(message)), client.personal()
+    server_round = _config_int(message, keys.C_SERVER_ROUND)
+    global_state = from_record(_arrays(message))
+    personal, result = train_personal(
+        client.loaded,
+        client.train,
+        global_state,
+        client.personal(),
+        client.cfg.train,
+        seed=client.seed(server_round, 1),
     )
+    client.state[_PERSONAL_STATE] = to_record(personal)
+    global_only, personalized = evaluate_round(client.loaded, client.test, global_state, personal)
     return _reply(
         message,
         {
@@ -165,6 +174,8 @@ def evaluate(message: Message, context: Context) -> Message:
             keys.M_ACCURACY_PERSONALIZED: personalized.accuracy,
             keys.M_LOSS_GLOBAL: global_only.loss,
             keys.M_LOSS_PERSONALIZED: personalized.loss,
+            keys.M_PERSONAL_STEPS: result.steps if result else 0,
+            keys.M_PERSONAL_LOSS: result.loss if result else 0.0,
         },
     )
 

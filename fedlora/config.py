@@ -37,7 +37,7 @@ class ModelConfig:
 
     model: str = "minilm"
     task: str = "classification"
-    max_length: int = 48
+    max_length: int = 32
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
@@ -70,7 +70,7 @@ class DataConfig:
     data_dir: str = ""
     partitioner: str = "dirichlet"
     dirichlet_alpha: float = 0.3
-    test_fraction: float = 0.2
+    test_fraction: float = 0.5
     labels: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -94,9 +94,9 @@ class TrainConfig:
     """Local training on a client: what one round of local work is."""
 
     batch_size: int = 16
-    learning_rate: float = 2e-3
+    learning_rate: float = 5e-3
     local_steps: int = 5
-    personal_steps: int = 3
+    personal_steps: int = 5
     num_threads: int = 1
 
     def __post_init__(self) -> None:

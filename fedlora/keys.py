@@ -17,6 +17,8 @@ __all__ = [
     "M_TRAIN_LOSS",
     "M_TRAIN_STEPS",
     "M_TRAIN_WALL_S",
+    "M_PERSONAL_LOSS",
+    "M_PERSONAL_STEPS",
     "C_SERVER_ROUND",
     "C_LOCAL_STEPS",
 ]
@@ -39,6 +41,8 @@ M_PARTITION_ID = "partition-id"
 M_TRAIN_LOSS = "train-loss"
 M_TRAIN_STEPS = "train-steps"
 M_TRAIN_WALL_S = "train-wall-s"
+M_PERSONAL_STEPS = "personal-steps"
+M_PERSONAL_LOSS = "personal-loss"
 M_ACCURACY_GLOBAL = "accuracy-global"
 M_ACCURACY_PERSONALIZED = "accuracy-personalized"
 M_ACCURACY_LOCAL_ONLY = "accuracy-local-only"

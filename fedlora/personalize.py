@@ -1,9 +1,10 @@
 """A client's local work: train the shared adapter, then its personal one, and evaluate both.
 
 The personal adapter follows the two-adapter design of FedDPA (Yang et al., NeurIPS 2024):
-the shared (``global``) adapter is trained alone on local data and sent; the personal
-adapter is then trained on top of the frozen global one and never leaves the client.
-Personalized predictions use both LoRA deltas, summed, and the personal task head.
+the shared (``global``) adapter is trained alone on local data and sent (`train_shared`);
+when a new global adapter arrives, the personal adapter is trained further on top of it,
+frozen (`train_personal`), and never leaves the client. Personalized predictions use both
+LoRA deltas, summed, and the personal task head.
 
 The personal head is stored as an offset from the global head, so that it follows the
 federation's head as that improves instead of going stale.
@@ -11,27 +12,18 @@ federation's head as that improves instead of going stale.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from fedlora.adapters import AdapterState, activate, adapter_state, load_adapter_state
 from fedlora.config import TrainConfig
 from fedlora.models import GLOBAL, PERSONAL, LoadedModel
 from fedlora.train import EvalResult, Tokenized, TrainResult, evaluate, train_steps
 
-__all__ = ["RoundOutput", "evaluate_round", "initial_personal", "local_only", "train_round"]
-
-
-@dataclass(frozen=True)
-class RoundOutput:
-    """A client's round: the updated shared adapter (sent) and personal adapter (kept).
-
-    ``personal_state`` is in stored form: LoRA tensors as they are, head as an offset.
-    """
-
-    global_state: AdapterState
-    personal_state: AdapterState
-    shared: TrainResult
-    personal: TrainResult | None
+__all__ = [
+    "evaluate_round",
+    "initial_personal",
+    "local_only",
+    "train_personal",
+    "train_shared",
+]
 
 
 def _is_head(key: str) -> bool:
@@ -51,22 +43,14 @@ def _head_plus(stored: AdapterState, global_state: AdapterState, sign: float) ->
     return {k: v + sign * global_state[k] if _is_head(k) else v for k, v in stored.items()}
 
 
-def train_round(
-    loaded: LoadedModel,
-    train: Tokenized,
-    global_state: AdapterState,
-    personal_state: AdapterState | None,
-    cfg: TrainConfig,
-    *,
-    seed: int,
-) -> RoundOutput:
-    """Train the shared adapter for ``local_steps``, then the personal one for ``personal_steps``."""
+def train_shared(
+    loaded: LoadedModel, train: Tokenized, global_state: AdapterState, cfg: TrainConfig, *, seed: int
+) -> tuple[AdapterState, TrainResult]:
+    """Train the shared adapter alone for ``local_steps``: what the client sends back."""
     model = loaded.model
-    stored = personal_state if personal_state is not None else initial_personal(loaded)
     load_adapter_state(model, GLOBAL, global_state)
-
     activate(model, [GLOBAL], trainable=[GLOBAL])
-    shared = train_steps(
+    result = train_steps(
         model,
         train,
         steps=cfg.local_steps,
@@ -74,23 +58,38 @@ def train_round(
         learning_rate=cfg.learning_rate,
         seed=seed,
     )
-    new_global = adapter_state(model, GLOBAL)
-    personal = None
-    if cfg.personal_steps:
-        # The personal adapter trains on top of the global adapter this client received.
-        load_adapter_state(model, GLOBAL, global_state)
-        load_adapter_state(model, PERSONAL, _head_plus(stored, global_state, +1.0))
-        activate(model, [GLOBAL, PERSONAL], trainable=[PERSONAL])
-        personal = train_steps(
-            model,
-            train,
-            steps=cfg.personal_steps,
-            batch_size=cfg.batch_size,
-            learning_rate=cfg.learning_rate,
-            seed=seed + 1,
-        )
-        stored = _head_plus(adapter_state(model, PERSONAL), global_state, -1.0)
-    return RoundOutput(new_global, stored, shared, personal)
+    return adapter_state(model, GLOBAL), result
+
+
+def train_personal(
+    loaded: LoadedModel,
+    train: Tokenized,
+    global_state: AdapterState,
+    personal_state: AdapterState | None,
+    cfg: TrainConfig,
+    *,
+    seed: int,
+) -> tuple[AdapterState, TrainResult | None]:
+    """Train the personal adapter for ``personal_steps`` on top of the frozen ``global_state``.
+
+    Returns the personal adapter in stored form (head as an offset from the global head).
+    """
+    stored = personal_state if personal_state is not None else initial_personal(loaded)
+    if not cfg.personal_steps:
+        return stored, None
+    model = loaded.model
+    load_adapter_state(model, GLOBAL, global_state)
+    load_adapter_state(model, PERSONAL, _head_plus(stored, global_state, +1.0))
+    activate(model, [GLOBAL, PERSONAL], trainable=[PERSONAL])
+    result = train_steps(
+        model,
+        train,
+        steps=cfg.personal_steps,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        seed=seed,
+    )
+    return _head_plus(adapter_state(model, PERSONAL), global_state, -1.0), result
 
 
 def evaluate_round(

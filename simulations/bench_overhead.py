@@ -1,7 +1,8 @@
 """Benchmark: federation wall time through Flower vs the same local work in one plain process.
 
 The plain loop runs exactly the client work of the federation (for every round and
-client: train the shared and personal adapters, evaluate global and personalized) with
+client: train the shared adapter; after FedAvg, train the personal adapter and evaluate
+global and personalized) with
 the same library functions, one thread, in this process, plus FedAvg's weighted mean.
 The federation runs through `flwr run` (Ray simulation); its time is taken from the
 ServerApp's own clock, from the start of round 1 (after Flower's one-off start-up) to
@@ -25,7 +26,7 @@ from fedlora.config import RunConfig
 from fedlora.data.federated import load_client_data, resolve_labels
 from fedlora.launch import parse_overrides, simulate
 from fedlora.models import build_model
-from fedlora.personalize import evaluate_round, train_round
+from fedlora.personalize import evaluate_round, train_personal, train_shared
 from fedlora.train import tokenize
 
 
@@ -44,21 +45,20 @@ def plain_loop(cfg: RunConfig, clients: int) -> list[float]:
         )
         for d in data
     ]
-    global_state, personal = loaded.initial_global, [None] * clients
+    global_state = loaded.initial_global
+    personal: list[dict | None] = [None] * clients
     times = []
     for server_round in range(1, cfg.federation.num_server_rounds + 1):
         start = time.perf_counter()
-        outs = [
-            train_round(loaded, train, global_state, personal[i], cfg.train, seed=server_round * 100 + i)
+        shared = [
+            train_shared(loaded, train, global_state, cfg.train, seed=server_round * 100 + i)[0]
             for i, (train, _) in enumerate(splits)
         ]
         weights = torch.tensor([float(d.num_train) for d in data])
         weights /= weights.sum()
-        global_state = {
-            k: sum(w * o.global_state[k] for w, o in zip(weights, outs, strict=True)) for k in global_state
-        }
-        personal = [o.personal_state for o in outs]
-        for i, (_, test) in enumerate(splits):
+        global_state = {k: sum(w * s[k] for w, s in zip(weights, shared, strict=True)) for k in global_state}
+        for i, (train, test) in enumerate(splits):
+            personal[i] = train_personal(loaded, train, global_state, personal[i], cfg.train, seed=i)[0]
             evaluate_round(loaded, test, global_state, personal[i])
         times.append(time.perf_counter() - start)
     return times

@@ -70,18 +70,26 @@ def test_every_client_message_is_the_shared_adapter_and_scalar_metrics(cfg, tiny
             # LoRA factors have rank 8 on one side; no full base weight matrix is among them.
             if "lora_" in key:
                 assert 8 in value.shape and value.shape not in base_shapes - {(8, 32), (32, 8)}
-        personal = from_record(context.state["fedlora-personal-adapter"])
-        sent_state = from_record(arrays)
-        assert not any(
-            torch.equal(personal[k], sent_state[k]) for k in personal if "lora_B" in k and server_round > 1
-        )
         global_arrays = arrays
         evaluation = app(
-            _message("evaluate", {keys.ARRAYS: global_arrays, keys.CONFIG: ConfigRecord({})}), context
+            _message(
+                "evaluate",
+                {keys.ARRAYS: global_arrays, keys.CONFIG: ConfigRecord({keys.C_SERVER_ROUND: server_round})},
+            ),
+            context,
         )
         sent.append(evaluation)
         _assert_only_scalar_metrics(evaluation)
         assert not evaluation.content.array_records
+        # The personal adapter (trained during evaluation) stays in the node's state, and
+        # none of its trained tensors equals anything that was sent.
+        personal = from_record(context.state["fedlora-personal-adapter"])
+        sent_values = [
+            torch.from_numpy(a.numpy()) for m in sent for a in m.content.get("arrays", {}).values()
+        ]
+        for key, value in personal.items():
+            if "lora_B" in key:
+                assert not any(v.shape == value.shape and torch.equal(v, value) for v in sent_values)
     local = app(
         _message(f"train.{keys.LOCAL_ONLY_ACTION}", {keys.CONFIG: ConfigRecord({keys.C_LOCAL_STEPS: 4})}),
         context,
@@ -102,6 +110,8 @@ def test_every_client_message_is_the_shared_adapter_and_scalar_metrics(cfg, tiny
         keys.M_LOSS_GLOBAL,
         keys.M_LOSS_PERSONALIZED,
         keys.M_ACCURACY_LOCAL_ONLY,
+        keys.M_PERSONAL_STEPS,
+        keys.M_PERSONAL_LOSS,
     }
 
 
@@ -113,13 +123,13 @@ def test_personal_adapter_survives_rounds_and_differs_per_client(cfg):
     contexts = [_context(cfg, pid) for pid in (0, 1)]
     for context in contexts:
         app(
-            _message("train", {keys.ARRAYS: arrays, keys.CONFIG: ConfigRecord({keys.C_SERVER_ROUND: 1})}),
+            _message("evaluate", {keys.ARRAYS: arrays, keys.CONFIG: ConfigRecord({keys.C_SERVER_ROUND: 1})}),
             context,
         )
     first = [from_record(c.state["fedlora-personal-adapter"]) for c in contexts]
     assert any(not torch.equal(first[0][k], first[1][k]) for k in first[0])
     app(
-        _message("train", {keys.ARRAYS: arrays, keys.CONFIG: ConfigRecord({keys.C_SERVER_ROUND: 2})}),
+        _message("evaluate", {keys.ARRAYS: arrays, keys.CONFIG: ConfigRecord({keys.C_SERVER_ROUND: 2})}),
         contexts[0],
     )
     second = from_record(contexts[0].state["fedlora-personal-adapter"])

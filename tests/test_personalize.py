@@ -2,8 +2,8 @@ import torch
 
 from fedlora.adapters import adapter_state
 from fedlora.config import TrainConfig
-from fedlora.models import GLOBAL
-from fedlora.personalize import evaluate_round, initial_personal, local_only, train_round
+from fedlora.models import GLOBAL, PERSONAL
+from fedlora.personalize import evaluate_round, initial_personal, local_only, train_personal, train_shared
 from fedlora.train import sample_batches, tokenize
 
 TEXTS = [f"goal match team {i}" for i in range(12)] + [f"song band guitar {i}" for i in range(12)]
@@ -24,19 +24,28 @@ def test_sample_batches_covers_each_example_once_per_pass():
     )
 
 
-def test_round_trains_global_then_personal_and_keeps_them_apart(tiny_model):
+def test_shared_and_personal_training_touch_only_their_own_adapter(tiny_model):
     data = tokenize(tiny_model.tokenizer, TEXTS, LABELS, 16)
     cfg = TrainConfig(batch_size=8, learning_rate=5e-3, local_steps=3, personal_steps=2)
     start = tiny_model.initial_global
-    out = train_round(tiny_model, data, start, None, cfg, seed=0)
-    assert out.shared.steps == 3 and out.personal is not None and out.personal.steps == 2
-    changed = [k for k in start if not torch.equal(start[k], out.global_state[k])]
-    assert changed == list(start)  # every shared tensor trained (B from zero, head, A)
+    shared, result = train_shared(tiny_model, data, start, cfg, seed=0)
+    assert result.steps == 3 and result.examples == 24
+    assert all(not torch.equal(start[k], shared[k]) for k in start)  # every shared tensor trained
+    # The cached model's personal adapter is untouched by shared training.
+    assert all(
+        torch.equal(v, tiny_model.initial_personal[k])
+        for k, v in adapter_state(tiny_model.model, PERSONAL).items()
+    )
+
+    personal, presult = train_personal(tiny_model, data, shared, None, cfg, seed=1)
+    assert presult is not None and presult.steps == 2
     fresh = initial_personal(tiny_model)
-    assert all(not torch.equal(fresh[k], out.personal_state[k]) for k in fresh if "lora_B" in k)
-    # Same seed, same inputs: the round is reproducible on the shared, cached model.
-    again = train_round(tiny_model, data, start, None, cfg, seed=0)
-    assert all(torch.equal(again.global_state[k], out.global_state[k]) for k in start)
+    assert all(not torch.equal(fresh[k], personal[k]) for k in fresh if "lora_B" in k)
+    # The global adapter it trained on is loaded, unchanged.
+    assert all(torch.equal(v, shared[k]) for k, v in adapter_state(tiny_model.model, GLOBAL).items())
+    # Same seed, same inputs: reproducible on the shared, cached model.
+    again, _ = train_shared(tiny_model, data, start, cfg, seed=0)
+    assert all(torch.equal(again[k], shared[k]) for k in start)
 
 
 def test_personal_head_is_stored_as_an_offset_from_the_global_head(tiny_model):
@@ -48,8 +57,10 @@ def test_personal_head_is_stored_as_an_offset_from_the_global_head(tiny_model):
 def test_zero_personal_steps_makes_personalized_equal_global(tiny_model):
     data = tokenize(tiny_model.tokenizer, TEXTS, LABELS, 16)
     cfg = TrainConfig(batch_size=8, learning_rate=5e-3, local_steps=2, personal_steps=0)
-    out = train_round(tiny_model, data, tiny_model.initial_global, None, cfg, seed=1)
-    glob, pers = evaluate_round(tiny_model, data, out.global_state, out.personal_state)
+    shared, _ = train_shared(tiny_model, data, tiny_model.initial_global, cfg, seed=1)
+    personal, result = train_personal(tiny_model, data, shared, None, cfg, seed=1)
+    assert result is None
+    glob, pers = evaluate_round(tiny_model, data, shared, personal)
     assert glob == pers
 
 

