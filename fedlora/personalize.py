@@ -43,22 +43,28 @@ def _head_plus(stored: AdapterState, global_state: AdapterState, sign: float) ->
     return {k: v + sign * global_state[k] if _is_head(k) else v for k, v in stored.items()}
 
 
-def train_shared(
-    loaded: LoadedModel, train: Tokenized, global_state: AdapterState, cfg: TrainConfig, *, seed: int
-) -> tuple[AdapterState, TrainResult]:
-    """Train the shared adapter alone for ``local_steps``: what the client sends back."""
-    model = loaded.model
-    load_adapter_state(model, GLOBAL, global_state)
-    activate(model, [GLOBAL], trainable=[GLOBAL])
-    result = train_steps(
-        model,
+def _train(
+    loaded: LoadedModel, train: Tokenized, names: list[str], steps: int, cfg: TrainConfig, seed: int
+) -> TrainResult:
+    # Adapters in ``names`` compute; only the last one trains.
+    activate(loaded.model, names, trainable=names[-1:])
+    return train_steps(
+        loaded.model,
         train,
-        steps=cfg.local_steps,
+        steps=steps,
         batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate,
         seed=seed,
     )
-    return adapter_state(model, GLOBAL), result
+
+
+def train_shared(
+    loaded: LoadedModel, train: Tokenized, global_state: AdapterState, cfg: TrainConfig, *, seed: int
+) -> tuple[AdapterState, TrainResult]:
+    """Train the shared adapter alone for ``local_steps``: what the client sends back."""
+    load_adapter_state(loaded.model, GLOBAL, global_state)
+    result = _train(loaded, train, [GLOBAL], cfg.local_steps, cfg, seed)
+    return adapter_state(loaded.model, GLOBAL), result
 
 
 def train_personal(
@@ -77,19 +83,10 @@ def train_personal(
     stored = personal_state if personal_state is not None else initial_personal(loaded)
     if not cfg.personal_steps:
         return stored, None
-    model = loaded.model
-    load_adapter_state(model, GLOBAL, global_state)
-    load_adapter_state(model, PERSONAL, _head_plus(stored, global_state, +1.0))
-    activate(model, [GLOBAL, PERSONAL], trainable=[PERSONAL])
-    result = train_steps(
-        model,
-        train,
-        steps=cfg.personal_steps,
-        batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
-        seed=seed,
-    )
-    return _head_plus(adapter_state(model, PERSONAL), global_state, -1.0), result
+    load_adapter_state(loaded.model, GLOBAL, global_state)
+    load_adapter_state(loaded.model, PERSONAL, _head_plus(stored, global_state, +1.0))
+    result = _train(loaded, train, [GLOBAL, PERSONAL], cfg.personal_steps, cfg, seed)
+    return _head_plus(adapter_state(loaded.model, PERSONAL), global_state, -1.0), result
 
 
 def evaluate_round(
@@ -114,16 +111,7 @@ def local_only(
     loaded: LoadedModel, train: Tokenized, test: Tokenized, steps: int, cfg: TrainConfig, *, seed: int
 ) -> tuple[TrainResult, EvalResult]:
     """Baseline: one adapter trained from the common start on this client's data alone."""
-    model = loaded.model
-    load_adapter_state(model, GLOBAL, loaded.initial_global)
-    activate(model, [GLOBAL], trainable=[GLOBAL])
-    result = train_steps(
-        model,
-        train,
-        steps=steps,
-        batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
-        seed=seed,
-    )
-    activate(model, [GLOBAL], trainable=[])
-    return result, evaluate(model, test)
+    load_adapter_state(loaded.model, GLOBAL, loaded.initial_global)
+    result = _train(loaded, train, [GLOBAL], steps, cfg, seed)
+    activate(loaded.model, [GLOBAL], trainable=[])
+    return result, evaluate(loaded.model, test)

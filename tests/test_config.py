@@ -75,3 +75,18 @@ def test_parse_overrides_reads_toml_values_and_bare_words():
     }
     with pytest.raises(ConfigError, match="expected key=value"):
         parse_overrides("lora-rank")
+
+
+def test_readme_configuration_reference_lists_every_key_with_its_default():
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+    rows = {
+        line.split("|")[1].strip().strip("`"): line.split("|")[2].strip().strip("`")
+        for line in table.splitlines()
+        if line.startswith("| `")
+    }
+    flat = RunConfig().to_flat()
+    assert set(rows) == set(flat)
+    for key, value in flat.items():
+        shown = tomllib.loads(f"v = {rows[key]}")["v"]
+        assert shown == value, key

@@ -42,6 +42,13 @@ class Recorded(Strategy):
         self.strategy = strategy
         self.recorder = recorder
 
+    def _count_down(self, server_round: int, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        self.recorder.round(server_round).bytes_down += sum(
+            ar.count_bytes() for m in messages for ar in m.content.array_records.values()
+        )
+        return messages
+
     def summary(self) -> None:
         """Delegate to the wrapped strategy."""
         self.strategy.summary()
@@ -50,12 +57,9 @@ class Recorded(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Delegate, and count the bytes sent down to the sampled clients."""
-        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
-        record = self.recorder.round(server_round)
-        record.bytes_down += sum(
-            ar.count_bytes() for m in messages for ar in m.content.array_records.values()
+        return self._count_down(
+            server_round, self.strategy.configure_train(server_round, arrays, config, grid)
         )
-        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -80,12 +84,9 @@ class Recorded(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Delegate, and count the bytes sent down for evaluation."""
-        messages = list(self.strategy.configure_evaluate(server_round, arrays, config, grid))
-        record = self.recorder.round(server_round)
-        record.bytes_down += sum(
-            ar.count_bytes() for m in messages for ar in m.content.array_records.values()
+        return self._count_down(
+            server_round, self.strategy.configure_evaluate(server_round, arrays, config, grid)
         )
-        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Record every client's global and personalized accuracy, then delegate."""
