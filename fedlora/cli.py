@@ -14,6 +14,9 @@ from fedlora.errors import FedloraError
 
 __all__ = ["main"]
 
+# The default benchmark: 20 clients with Dirichlet label skew over BBC News.
+DEFAULT_CLIENTS = 20
+
 
 def _pct(value: Any) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"
@@ -115,7 +118,7 @@ def _simulate(args: argparse.Namespace) -> int:
     if clients is None:
         from fedlora.data.jsonl import client_folders
 
-        clients = len(client_folders(cfg.data.data_dir)) if cfg.data.data_dir else 10
+        clients = len(client_folders(cfg.data.data_dir)) if cfg.data.data_dir else DEFAULT_CLIENTS
     out_dir = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     progress, on_event = _progress(cfg.federation.num_server_rounds)
     with progress:
@@ -135,7 +138,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run a simulated federation on this machine (through `flwr run`)")
     sim.add_argument(
-        "--clients", type=int, help="number of simulated clients (default 10, or one per folder of --data)"
+        "--clients",
+        type=int,
+        help=f"number of simulated clients (default {DEFAULT_CLIENTS}, or one per folder of --data)",
     )
     sim.add_argument("--rounds", type=int, help="federated rounds (run-config num-server-rounds)")
     sim.add_argument("--out", help="run directory for results (default runs/<timestamp>)")

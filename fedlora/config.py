@@ -95,8 +95,8 @@ class TrainConfig:
 
     batch_size: int = 16
     learning_rate: float = 5e-3
-    local_steps: int = 5
-    personal_steps: int = 5
+    local_steps: int = 3
+    personal_steps: int = 3
     num_threads: int = 1
 
     def __post_init__(self) -> None:
