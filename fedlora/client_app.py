@@ -21,6 +21,8 @@ from fedlora.errors import FedloraError
 
 if TYPE_CHECKING:
     from fedlora.adapters import AdapterState
+    from fedlora.data.federated import ClientData
+    from fedlora.train import Tokenized
 
 __all__ = ["app"]
 
@@ -55,31 +57,41 @@ def _parse(flat: tuple[tuple[str, bool | int | float | str], ...]) -> RunConfig:
     return RunConfig.from_flat(dict(flat))
 
 
+@lru_cache(maxsize=128)
+def _client_data(
+    cfg: RunConfig, partition_id: int, num_partitions: int
+) -> tuple[ClientData, Tokenized, Tokenized]:
+    # Per process (a Ray actor serves many simulated clients): load and tokenize once.
+    from fedlora.data.federated import load_client_data, resolve_labels
+    from fedlora.models import cached_model
+    from fedlora.train import tokenize
+
+    task, seed = cfg.model.task, cfg.federation.seed
+    data = load_client_data(cfg.data, task, partition_id, num_partitions, seed)
+    tok = cached_model(cfg.model, len(resolve_labels(cfg.data, task)), seed).tokenizer
+    classify = task == "classification"
+    train = tokenize(tok, data.train_texts, data.train_labels if classify else None, cfg.model.max_length)
+    test = tokenize(tok, data.test_texts, data.test_labels if classify else None, cfg.model.max_length)
+    return data, train, test
+
+
 class _Client:
     """Everything one handler call needs, resolved from the message and context."""
 
     def __init__(self, context: Context) -> None:
         import torch
 
-        from fedlora.data.federated import load_client_data, resolve_labels
+        from fedlora.data.federated import resolve_labels
         from fedlora.models import cached_model
-        from fedlora.train import tokenize
 
         self.cfg = cfg = _parse(tuple(sorted(context.run_config.items())))
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         self.partition_id = int(context.node_config["partition-id"])
         num_partitions = int(context.node_config["num-partitions"])
-        task = cfg.model.task
-        labels = resolve_labels(cfg.data, task)
-        self.data = load_client_data(cfg.data, task, self.partition_id, num_partitions, cfg.federation.seed)
+        labels = resolve_labels(cfg.data, cfg.model.task)
         self.loaded = cached_model(cfg.model, len(labels), cfg.federation.seed)
-        tok, length = self.loaded.tokenizer, cfg.model.max_length
-        classify = task == "classification"
-        self.train = tokenize(
-            tok, self.data.train_texts, self.data.train_labels if classify else None, length
-        )
-        self.test = tokenize(tok, self.data.test_texts, self.data.test_labels if classify else None, length)
+        self.data, self.train, self.test = _client_data(cfg, self.partition_id, num_partitions)
         self.state = context.state
 
     def personal(self) -> AdapterState | None:

@@ -32,6 +32,7 @@ class ClientData:
         return len(self.train_texts)
 
 
+@lru_cache(maxsize=4)
 def resolve_labels(cfg: DataConfig, task: str) -> tuple[str, ...]:
     """The label set of a run: given in the config, else the corpus's, else inferred from all folders."""
     if task != "classification":
