@@ -185,7 +185,10 @@ def simulate(
         app = app_dir.resolve() if app_dir is not None else write_app(Path(tmp) / "app", RunConfig())
         overrides = Path(tmp) / "run-config.toml"
         overrides.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in cfg.to_flat().items()))
-        env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home), **(extra_env or {})}
+        # `flwr run` starts `flower-superlink` from PATH: put this interpreter's scripts first,
+        # so that an unactivated virtual environment works.
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home), "PATH": path, **(extra_env or {})}
         command = [
             str(flwr),
             "run",
