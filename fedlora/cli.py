@@ -126,6 +126,9 @@ def _simulate(args: argparse.Namespace) -> int:
             cfg, num_clients=clients, out_dir=out_dir, cpus_per_client=args.cpus_per_client, on_event=on_event
         )
     _table(summary, out_dir.resolve())
+    from fedlora.plots import plot_accuracy
+
+    print(f"accuracy per round: {plot_accuracy(summary, out_dir.resolve() / 'accuracy.png')}")
     return 0
 
 

@@ -47,6 +47,7 @@ def test_cli_simulate_runs_a_federation_on_the_bundled_corpus(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "personalized (global + personal)" in proc.stdout and "local-only" in proc.stdout
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     summary = json.loads((out / "summary.json").read_text())
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
