@@ -142,10 +142,11 @@ def _stop_flower(flwr_home: Path) -> None:
 
 
 def _events(path: Path, seen: int) -> tuple[list[dict[str, Any]], int]:
+    """Events after the first ``seen`` lines of ``metrics.jsonl``; a line still being written waits."""
     if not path.exists():
         return [], seen
-    lines = path.read_text().splitlines()
-    return [json.loads(line) for line in lines[seen:] if line.strip()], len(lines)
+    complete = path.read_text().split("\n")[:-1]
+    return [json.loads(line) for line in complete[seen:] if line.strip()], len(complete)
 
 
 def simulate(

@@ -1,0 +1,22 @@
+import tomllib
+
+from fedlora.config import RunConfig
+from fedlora.launch import _events, write_app
+
+
+def test_progress_reader_waits_for_a_line_being_written(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"event": "start"}\n{"event": "round", "round": 1}\n{"event": "rou')
+    events, seen = _events(path, 0)
+    assert [e["event"] for e in events] == ["start", "round"] and seen == 2
+    path.write_text('{"event": "start"}\n{"event": "round", "round": 1}\n{"event": "round", "round": 2}\n')
+    events, seen = _events(path, seen)
+    assert events == [{"event": "round", "round": 2}] and seen == 3
+
+
+def test_generated_app_points_at_fedlora_and_lists_every_key(tmp_path):
+    cfg = RunConfig().replace(lora_rank=4)
+    project = tomllib.loads((write_app(tmp_path, cfg) / "pyproject.toml").read_text())
+    app = project["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "fedlora.server_app:app", "clientapp": "fedlora.client_app:app"}
+    assert app["config"] == cfg.to_flat()
