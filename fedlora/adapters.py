@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,8 @@ __all__ = [
     "adapter_state",
     "from_record",
     "load_adapter_state",
+    "proximal_term",
+    "state_key",
     "save_peft_adapter",
     "to_record",
 ]
@@ -67,10 +70,13 @@ def load_adapter_state(model: PeftModel, name: str, state: AdapterState) -> None
     set_peft_model_state_dict(model, state, adapter_name=name)
 
 
-def activate(model: PeftModel, names: list[str], *, trainable: list[str]) -> None:
+def activate(
+    model: PeftModel, names: list[str], *, trainable: list[str], frozen: Collection[str] = ()
+) -> None:
     """Make ``names`` the adapters that compute (LoRA deltas summed) and ``trainable`` train.
 
     The task head comes from the last adapter in ``names`` (PEFT keeps one active head).
+    ``frozen`` parts (``lora_A``, ``lora_B``) of the trainable adapters stay fixed.
     """
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
@@ -82,7 +88,36 @@ def activate(model: PeftModel, names: list[str], *, trainable: list[str]) -> Non
             module.set_adapter(names[-1])
     for param_name, param in model.named_parameters():
         is_adapter = "lora_" in param_name or "modules_to_save" in param_name
-        param.requires_grad = is_adapter and any(f".{t}." in param_name for t in trainable)
+        param.requires_grad = (
+            is_adapter
+            and any(f".{t}." in param_name for t in trainable)
+            and not any(f".{part}." in param_name for part in frozen)
+        )
+
+
+def state_key(param_name: str, name: str) -> str:
+    """Saved-state key of an adapter parameter: ``q.lora_A.global.weight`` -> ``q.lora_A.weight``."""
+    return param_name.replace(f".{name}.", ".").replace(".modules_to_save.", ".")
+
+
+def proximal_term(
+    model: PeftModel, name: str, reference: Mapping[str, torch.Tensor], weight: float
+) -> Callable[[], torch.Tensor]:
+    """``weight/2 * sum ||p - reference||^2`` over adapter ``name``'s trainable tensors.
+
+    FedProx's proximal term (Li et al., MLSys 2020) and Ditto's regulariser (Li et al.,
+    ICML 2021) alike: it pulls a locally trained adapter toward a reference adapter.
+    """
+    pairs = [
+        (param, reference[state_key(param_name, name)].to(param.dtype))
+        for param_name, param in model.named_parameters()
+        if param.requires_grad and f".{name}." in param_name
+    ]
+
+    def term() -> torch.Tensor:
+        return 0.5 * weight * sum(((p - ref) ** 2).sum() for p, ref in pairs)  # type: ignore[return-value]
+
+    return term
 
 
 def to_record(state: AdapterState) -> ArrayRecord:
@@ -99,10 +134,19 @@ def from_record(record: ArrayRecord) -> AdapterState:
     return OrderedDict((k, torch.from_numpy(np.array(arr.numpy(), copy=True))) for k, arr in record.items())
 
 
-def save_peft_adapter(directory: Path, state: AdapterState, config: LoraConfig) -> Path:
+def save_peft_adapter(
+    directory: Path,
+    state: AdapterState,
+    config: LoraConfig,
+    *,
+    base_delta: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` as PEFT does.
 
-    The folder loads with ``PeftModel.from_pretrained(base_model, directory)``.
+    The folder loads with ``PeftModel.from_pretrained(base_model, directory)``. Strategies
+    that fold updates into the base weights (FedEx-LoRA, FLoRA) also get
+    ``base_delta.safetensors``: per adapted module (``<module>.weight`` as in the base
+    model's state dict) the dense update to add to that weight before loading the adapter.
     """
     from safetensors.torch import save_file
 
@@ -110,6 +154,13 @@ def save_peft_adapter(directory: Path, state: AdapterState, config: LoraConfig) 
     config.save_pretrained(str(directory))
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    if base_delta:
+        # "base_model.model.bert....query" -> "bert....query.weight" (the base model's own key).
+        dense = {
+            f"{m.removeprefix('base_model.model.')}.weight": v.detach().cpu().float().contiguous()
+            for m, v in base_delta.items()
+        }
+        save_file(dense, str(directory / "base_delta.safetensors"), metadata={"format": "pt"})
     # Keep a human-readable list of what the adapter holds next to the weights.
     (directory / "adapter_keys.json").write_text(
         json.dumps({k: list(v.shape) for k, v in tensors.items()}, indent=1)

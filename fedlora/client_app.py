@@ -1,7 +1,8 @@
 """Flower ClientApp: thin handlers that parse config, call the library and reply.
 
 What a client sends is built only by `fedlora.adapters.to_record` (the shared adapter)
-and scalar MetricRecords; the personal adapter stays in ``context.state``.
+and scalar MetricRecords, filtered to the parts the strategy shares
+(`fedlora.protocol.sent_parts`); personal state stays in ``context.state``.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from fedlora import keys
-from fedlora.config import RunConfig
+from fedlora.config import ModelConfig, RunConfig
 from fedlora.errors import FedloraError
 
 if TYPE_CHECKING:
     from fedlora.adapters import AdapterState
     from fedlora.data.federated import ClientData
+    from fedlora.protocol import ClientView
     from fedlora.train import Tokenized
 
 __all__ = ["app"]
@@ -30,6 +32,8 @@ log = logging.getLogger(__name__)
 app = ClientApp()
 
 _PERSONAL_STATE = "fedlora-personal-adapter"
+# Adapter parts a strategy keeps on the client between rounds (FedSA-LoRA's B).
+_KEPT_STATE = "fedlora-kept-parts"
 # Error code of a reply that reports bad local input (config, data, model) instead of crashing.
 CLIENT_INPUT_ERROR = 4100
 
@@ -59,7 +63,7 @@ def _parse(flat: tuple[tuple[str, bool | int | float | str], ...]) -> RunConfig:
 
 @lru_cache(maxsize=128)
 def _client_data(
-    cfg: RunConfig, partition_id: int, num_partitions: int
+    cfg: RunConfig, model_cfg: ModelConfig, partition_id: int, num_partitions: int
 ) -> tuple[ClientData, Tokenized, Tokenized]:
     # Per process (a Ray actor serves many simulated clients): load and tokenize once.
     from fedlora.data.federated import load_client_data, resolve_labels
@@ -68,7 +72,7 @@ def _client_data(
 
     task, seed = cfg.model.task, cfg.federation.seed
     data = load_client_data(cfg.data, task, partition_id, num_partitions, seed)
-    tok = cached_model(cfg.model, len(resolve_labels(cfg.data, task)), seed).tokenizer
+    tok = cached_model(model_cfg, len(resolve_labels(cfg.data, task)), seed).tokenizer
     classify = task == "classification"
     train = tokenize(tok, data.train_texts, data.train_labels if classify else None, cfg.model.max_length)
     test = tokenize(tok, data.test_texts, data.test_labels if classify else None, cfg.model.max_length)
@@ -79,10 +83,14 @@ class _Client:
     """Everything one handler call needs, resolved from the message and context."""
 
     def __init__(self, context: Context) -> None:
+        import dataclasses
+
         import torch
 
         from fedlora.data.federated import resolve_labels
         from fedlora.models import cached_model
+        from fedlora.personalization import get_personalization
+        from fedlora.strategies import strategy_info
 
         self.cfg = cfg = _parse(tuple(sorted(context.run_config.items())))
         if cfg.train.num_threads:
@@ -90,15 +98,48 @@ class _Client:
         self.partition_id = int(context.node_config["partition-id"])
         num_partitions = int(context.node_config["num-partitions"])
         labels = resolve_labels(cfg.data, cfg.model.task)
-        self.loaded = cached_model(cfg.model, len(labels), cfg.federation.seed)
-        self.data, self.train, self.test = _client_data(cfg, self.partition_id, num_partitions)
+        # A node's own rank (node config ``lora-rank``) wins over the run's ``client-ranks``.
+        rank = int(context.node_config.get("lora-rank", cfg.model.rank_for(self.partition_id)))
+        model_cfg = dataclasses.replace(cfg.model, lora_rank=rank, client_ranks=())
+        self.loaded = cached_model(model_cfg, len(labels), cfg.federation.seed)
+        self.data, self.train, self.test = _client_data(cfg, model_cfg, self.partition_id, num_partitions)
+        self.protocol = strategy_info(cfg.federation.strategy).protocol
+        self.method = get_personalization(cfg.federation.resolved_personalization())
         self.state = context.state
 
-    def personal(self) -> AdapterState | None:
+    def _stored(self, name: str) -> AdapterState | None:
         from fedlora.adapters import from_record
 
-        record = self.state.array_records.get(_PERSONAL_STATE)
+        record = self.state.array_records.get(name)
         return from_record(record) if record is not None else None
+
+    def personal(self) -> AdapterState | None:
+        """The personalization method's stored state, if any."""
+        return self._stored(_PERSONAL_STATE)
+
+    def keep(self, state: AdapterState) -> None:
+        """Store the parts of ``state`` the strategy keeps on the client."""
+        from fedlora.adapters import to_record
+        from fedlora.lora_math import part_of
+
+        kept = {k: v for k, v in state.items() if part_of(k) in self.protocol.kept}
+        if kept:
+            self.state[_KEPT_STATE] = to_record(kept)
+
+    def view(self, message: Message) -> ClientView:
+        """Read the server's arrays at this client's rank, and set the base weights they imply."""
+        from fedlora.adapters import from_record
+        from fedlora.protocol import receive
+
+        view = receive(
+            self.protocol,
+            from_record(_arrays(message)),
+            self.loaded.initial_global,
+            self._stored(_KEPT_STATE),
+            alpha=self.cfg.model.lora_alpha,
+        )
+        self.loaded.set_base_delta(view.base_delta)
+        return view
 
     def seed(self, server_round: int, salt: int = 0) -> int:
         return self.cfg.federation.seed * 1_000_003 + server_round * 10_007 + self.partition_id * 101 + salt
@@ -109,6 +150,13 @@ def _config_int(message: Message, key: str) -> int:
     if not isinstance(value, int):
         raise FedloraError(f"message: config {key!r} must be an integer, got {value!r}")
     return value
+
+
+def _config_float(message: Message, key: str) -> float:
+    value = message.content.config_records[keys.CONFIG].get(key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise FedloraError(f"message: config {key!r} must be a number, got {value!r}")
+    return float(value)
 
 
 def _arrays(message: Message) -> ArrayRecord:
@@ -130,19 +178,25 @@ def _reply(
 @app.train()
 @_reply_errors
 def train(message: Message, context: Context) -> Message:
-    """Train the received shared adapter on local data and send it back."""
-    from fedlora.adapters import from_record, to_record
+    """Train the shared adapter on local data; send back only the parts the strategy shares."""
+    from fedlora.adapters import to_record
     from fedlora.personalize import train_shared
+    from fedlora.protocol import sent_parts
 
     client = _Client(context)
     server_round = _config_int(message, keys.C_SERVER_ROUND)
+    view = client.view(message)
+    mu = _config_float(message, keys.C_PROXIMAL_MU) if client.protocol.proximal else 0.0
     state, result = train_shared(
         client.loaded,
         client.train,
-        from_record(_arrays(message)),
+        view.own_state,
         client.cfg.train,
         seed=client.seed(server_round),
+        frozen=client.protocol.frozen,
+        proximal_mu=mu,
     )
+    client.keep(state)
     metrics = {
         keys.M_NUM_EXAMPLES: client.data.num_train,
         keys.M_PARTITION_ID: client.partition_id,
@@ -150,33 +204,35 @@ def train(message: Message, context: Context) -> Message:
         keys.M_TRAIN_STEPS: result.steps,
         keys.M_TRAIN_WALL_S: result.wall_s,
     }
-    return _reply(message, metrics, to_record(state))
+    return _reply(message, metrics, to_record(sent_parts(client.protocol, state)))
 
 
 @app.evaluate()
 @_reply_errors
 def evaluate(message: Message, context: Context) -> Message:
-    """Refresh the personal adapter on top of the new global one, then evaluate both.
+    """Update the personal state against the new global adapter, then evaluate both.
 
-    The personal adapter is trained against the global adapter it will be combined with,
-    so a better global adapter never leaves a stale personal one behind.
+    The personalization method trains against the global adapter it will be combined
+    with, so a better global adapter never leaves a stale personal one behind.
     """
-    from fedlora.adapters import from_record, to_record
-    from fedlora.personalize import evaluate_round, train_personal
+    from fedlora.adapters import to_record
+    from fedlora.personalize import evaluate_adapter
 
     client = _Client(context)
     server_round = _config_int(message, keys.C_SERVER_ROUND)
-    global_state = from_record(_arrays(message))
-    personal, result = train_personal(
+    view = client.view(message)
+    stored, result = client.method.update(
         client.loaded,
         client.train,
-        global_state,
+        view,
         client.personal(),
         client.cfg.train,
         seed=client.seed(server_round, 1),
     )
-    client.state[_PERSONAL_STATE] = to_record(personal)
-    global_only, personalized = evaluate_round(client.loaded, client.test, global_state, personal)
+    if stored is not None:
+        client.state[_PERSONAL_STATE] = to_record(stored)
+    global_only = evaluate_adapter(client.loaded, client.test, view.global_state)
+    personalized = client.method.evaluate(client.loaded, client.test, view, stored)
     return _reply(
         message,
         {

@@ -42,6 +42,7 @@ class ModelConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_target_modules: tuple[str, ...] = ()
+    client_ranks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.model.strip():
@@ -56,6 +57,17 @@ class ModelConfig:
             raise _fail("lora-alpha", "a positive integer", self.lora_alpha)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise _fail("lora-dropout", "a number in [0, 1)", self.lora_dropout)
+        if not all(r.isdigit() and int(r) > 0 for r in self.client_ranks):
+            raise _fail("client-ranks", "comma-separated positive integers", ",".join(self.client_ranks))
+
+    def ranks(self) -> list[int]:
+        """Every LoRA rank in use: ``client-ranks`` if given, else ``lora-rank``."""
+        return [int(r) for r in self.client_ranks] or [self.lora_rank]
+
+    def rank_for(self, partition_id: int) -> int:
+        """Client ``partition_id``'s rank: ``client-ranks`` taken in turn, else ``lora-rank``."""
+        ranks = self.ranks()
+        return ranks[partition_id % len(ranks)]
 
 
 @dataclass(frozen=True)
@@ -97,6 +109,7 @@ class TrainConfig:
     learning_rate: float = 5e-3
     local_steps: int = 3
     personal_steps: int = 3
+    ditto_lambda: float = 0.1
     num_threads: int = 1
 
     def __post_init__(self) -> None:
@@ -108,6 +121,8 @@ class TrainConfig:
             raise _fail("local-steps", "a positive integer", self.local_steps)
         if self.personal_steps < 0:
             raise _fail("personal-steps", "an integer >= 0", self.personal_steps)
+        if self.ditto_lambda < 0:
+            raise _fail("ditto-lambda", "a number >= 0", self.ditto_lambda)
         if self.num_threads < 0:
             raise _fail("num-threads", "an integer >= 0 (0 keeps torch's default)", self.num_threads)
 
@@ -120,6 +135,12 @@ class FederationConfig:
     fraction_train: float = 1.0
     min_clients: int = 2
     strategy: str = "fedavg"
+    personalization: str = "auto"
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 0.0
+    server_momentum: float = 0.9
+    trim_fraction: float = 0.2
+    byzantine_clients: int = 0
     local_only_baseline: bool = True
     seed: int = 0
     out_dir: str = ""
@@ -131,10 +152,41 @@ class FederationConfig:
             raise _fail("fraction-train", "a number in (0, 1]", self.fraction_train)
         if self.min_clients <= 0:
             raise _fail("min-clients", "a positive integer", self.min_clients)
+        if self.proximal_mu < 0:
+            raise _fail("proximal-mu", "a number >= 0", self.proximal_mu)
+        if self.server_learning_rate < 0:
+            raise _fail(
+                "server-learning-rate", "a number >= 0 (0: the strategy's default)", self.server_learning_rate
+            )
+        if not 0.0 <= self.server_momentum < 1.0:
+            raise _fail("server-momentum", "a number in [0, 1)", self.server_momentum)
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise _fail("trim-fraction", "a number in [0, 0.5)", self.trim_fraction)
+        if self.byzantine_clients < 0:
+            raise _fail("byzantine-clients", "an integer >= 0", self.byzantine_clients)
+        from fedlora.personalization import PERSONALIZATIONS
         from fedlora.strategies import STRATEGIES
 
         if self.strategy not in STRATEGIES:
             raise _fail("strategy", f"one of {', '.join(sorted(STRATEGIES))}", self.strategy)
+        if self.personalization != "auto" and self.personalization not in PERSONALIZATIONS:
+            raise _fail(
+                "personalization",
+                f"auto or one of {', '.join(sorted(PERSONALIZATIONS))}",
+                self.personalization,
+            )
+        own = "fedsa-lora"  # both a strategy and a personalization: one needs the other
+        if (self.strategy == own) != (self.resolved_personalization() == own):
+            raise ConfigError(
+                f"personalization: {self.personalization!r} does not fit strategy {self.strategy!r}; "
+                f"{own} as either needs {own} (or auto) as the other"
+            )
+
+    def resolved_personalization(self) -> str:
+        """The personalization in use: ``auto`` is ``fedsa-lora`` under that strategy, else ``dual``."""
+        if self.personalization != "auto":
+            return self.personalization
+        return "fedsa-lora" if self.strategy == "fedsa-lora" else "dual"
 
 
 _SECTIONS: dict[str, type] = {
@@ -143,6 +195,12 @@ _SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "federation": FederationConfig,
 }
+
+
+def _strategies() -> dict[str, Any]:
+    from fedlora.strategies import STRATEGIES
+
+    return STRATEGIES
 
 
 def _key(field_name: str) -> str:
@@ -189,6 +247,17 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+
+    def __post_init__(self) -> None:
+        from fedlora.strategies import strategy_info
+
+        info = strategy_info(self.federation.strategy)
+        if len(set(self.model.ranks())) > 1 and not info.protocol.heterogeneous_ranks:
+            heterogeneous = sorted(n for n, i in _strategies().items() if i.protocol.heterogeneous_ranks)
+            raise ConfigError(
+                f"client-ranks: different ranks per client need strategy {' or '.join(heterogeneous)}, "
+                f"got {self.federation.strategy!r}"
+            )
 
     @classmethod
     def accepted_keys(cls) -> list[str]:

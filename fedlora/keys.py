@@ -21,6 +21,7 @@ __all__ = [
     "M_PERSONAL_STEPS",
     "C_SERVER_ROUND",
     "C_LOCAL_STEPS",
+    "C_PROXIMAL_MU",
 ]
 
 # Record names inside a Message's RecordDict (Flower's FedAvg defaults).
@@ -34,6 +35,7 @@ LOCAL_ONLY_ACTION = "local_only"
 # ConfigRecord keys (server -> client).
 C_SERVER_ROUND = "server-round"
 C_LOCAL_STEPS = "local-steps"
+C_PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
 
 # MetricRecord keys (client -> server). All values are scalars.
 M_NUM_EXAMPLES = "num-examples"

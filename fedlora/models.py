@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -176,6 +176,37 @@ class LoadedModel:
     initial_global: dict[str, Any]
     initial_personal: dict[str, Any]
     full_model_bytes: int
+    base_weights: dict[str, Any]
+
+    def set_base_delta(self, delta: Mapping[str, Any]) -> None:
+        """Set every adapted module's frozen weight to its pretrained value plus ``delta[module]``.
+
+        Strategies that fold aggregated updates into the base weights (FedEx-LoRA, FLoRA)
+        send these; an empty ``delta`` restores the pretrained weights.
+
+        Raises
+        ------
+        ModelError
+            If ``delta`` names a module without a LoRA adapter or has the wrong shape.
+
+        """
+        from peft.utils import transpose
+
+        unknown = sorted(set(delta) - set(self.base_weights))
+        if unknown:
+            raise ModelError(f"base delta: {unknown[0]!r} is not an adapted module of this model")
+        for name, original in self.base_weights.items():
+            lora_layer = self.model.get_submodule(name)
+            layer = lora_layer.get_base_layer()  # type: ignore[operator]
+            if name not in delta:
+                layer.weight.data.copy_(original)
+                continue
+            update = transpose(delta[name].to(original.dtype), getattr(lora_layer, "fan_in_fan_out", False))
+            if update.shape != original.shape:
+                raise ModelError(
+                    f"base delta: {name} has shape {tuple(update.shape)}, expected {tuple(original.shape)}"
+                )
+            layer.weight.data.copy_(original + update)
 
 
 def load_base(cfg: ModelConfig, num_labels: int, *, seed: int = 0) -> tuple[Any, Any]:
@@ -242,6 +273,14 @@ def build_model(cfg: ModelConfig, num_labels: int, *, seed: int = 0) -> LoadedMo
         except ValueError as err:
             raise ModelError(f"lora-target-modules: {err}") from None
     model.eval()
+    from peft.tuners.lora import LoraLayer
+
+    # Pretrained weights of the adapted modules, to restore after a base delta.
+    base_weights = {
+        name: module.get_base_layer().weight.detach().clone()  # type: ignore[operator]
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer)
+    }
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -250,10 +289,11 @@ def build_model(cfg: ModelConfig, num_labels: int, *, seed: int = 0) -> LoadedMo
         initial_global=adapter_state(model, GLOBAL),
         initial_personal=adapter_state(model, PERSONAL),
         full_model_bytes=full_model_bytes,
+        base_weights=base_weights,
     )
 
 
-@lru_cache(maxsize=1)
+@lru_cache(maxsize=4)
 def cached_model(cfg: ModelConfig, num_labels: int, seed: int) -> LoadedModel:
     """`build_model`, kept for the life of the process (a Ray actor or a client process).
 

@@ -45,6 +45,8 @@ class RoundRecord:
     clients_failed: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    bytes_down_train: int = 0
+    clients_sampled: int = 0
     train_loss: float = math.nan
     global_accuracy: float = math.nan
     personalized_accuracy: float = math.nan
@@ -93,6 +95,8 @@ class RunRecorder:
         last = rounds[-1] if rounds else RoundRecord(0)
         trained = sum(r.clients_trained for r in rounds)
         per_client = sum(r.bytes_up for r in rounds) / trained if trained else 0.0
+        sampled = sum(r.clients_sampled for r in rounds)
+        down_per_client = sum(r.bytes_down_train for r in rounds) / sampled if sampled else 0.0
         final = {
             "global_accuracy": last.global_accuracy,
             "global_accuracy_worst10": last.global_accuracy_worst10,
@@ -103,6 +107,7 @@ class RunRecorder:
             if self.local_only
             else None,
             "bytes_up_per_client_round": per_client,
+            "bytes_down_per_client_round": down_per_client,
             "full_model_bytes": self.full_model_bytes,
             "wall_s": time.perf_counter() - self.started,
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -59,14 +60,14 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
 
     from fedlora.data.federated import resolve_labels
     from fedlora.models import build_model, lora_config
-    from fedlora.strategies import Recorded, build_strategy
+    from fedlora.strategies import Recorded, strategy_info
+    from fedlora.strategies.base import checkpoint_state, initial_record
 
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     fed = cfg.federation
     labels = resolve_labels(cfg.data, cfg.model.task)
     loaded = build_model(cfg.model, len(labels), seed=fed.seed)
-    peft_config = lora_config(cfg.model)
     out_dir = Path(fed.out_dir or default_out_dir()).expanduser().resolve()
     recorder = RunRecorder(
         out_dir, {**cfg.to_flat(), "labels": ",".join(labels)}, full_model_bytes=loaded.full_model_bytes
@@ -74,27 +75,39 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     log.info("fedlora: writing results to %s", out_dir)
     recorder.event("start", num_rounds=fed.num_server_rounds, out_dir=str(out_dir))
 
+    info = strategy_info(fed.strategy)
+
+    def save(directory: Path, arrays: ArrayRecord) -> None:
+        state, base_delta, rank = checkpoint_state(
+            from_record(arrays),
+            loaded.initial_global,
+            factored=info.protocol.factored,
+            alpha=cfg.model.lora_alpha,
+        )
+        config = lora_config(cfg.model if rank is None else dataclasses.replace(cfg.model, lora_rank=rank))
+        save_peft_adapter(directory, state, config, base_delta=base_delta)
+
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round > 0:
-            save_peft_adapter(
-                out_dir / "rounds" / f"round-{server_round:03d}", from_record(arrays), peft_config
-            )
+            save(out_dir / "rounds" / f"round-{server_round:03d}", arrays)
             recorder.end_round(server_round)
         return None
 
-    strategy = Recorded(build_strategy(fed.strategy, cfg), recorder)
+    strategy = Recorded(info.builder(cfg), recorder)
     result = strategy.start(
         grid=grid,
-        initial_arrays=to_record(loaded.initial_global),
+        initial_arrays=to_record(initial_record(info, loaded.initial_global)),
         num_rounds=fed.num_server_rounds,
         train_config=ConfigRecord(),
         evaluate_config=ConfigRecord(),
         evaluate_fn=end_of_round,
     )
-    save_peft_adapter(out_dir / GLOBAL_ADAPTER, from_record(result.arrays), peft_config)
+    save(out_dir / GLOBAL_ADAPTER, result.arrays)
     if fed.local_only_baseline:
         _local_only(grid, cfg, recorder)
-    summary = recorder.summary(labels=list(labels))
+    summary = recorder.summary(
+        labels=list(labels), strategy=fed.strategy, personalization=fed.resolved_personalization()
+    )
     final = summary["final"]
     log.info(
         "fedlora: global %.3f, personalized %.3f, local-only %s",

@@ -26,7 +26,9 @@ from fedlora.config import RunConfig
 from fedlora.data.federated import load_client_data, resolve_labels
 from fedlora.launch import parse_overrides, simulate
 from fedlora.models import build_model
-from fedlora.personalize import evaluate_round, train_personal, train_shared
+from fedlora.personalization.dual import Dual
+from fedlora.personalize import evaluate_adapter, train_shared
+from fedlora.protocol import ClientView
 from fedlora.train import tokenize
 
 
@@ -57,9 +59,11 @@ def plain_loop(cfg: RunConfig, clients: int) -> list[float]:
         weights = torch.tensor([float(d.num_train) for d in data])
         weights /= weights.sum()
         global_state = {k: sum(w * s[k] for w, s in zip(weights, shared, strict=True)) for k in global_state}
+        view = ClientView(global_state, global_state)
         for i, (train, test) in enumerate(splits):
-            personal[i] = train_personal(loaded, train, global_state, personal[i], cfg.train, seed=i)[0]
-            evaluate_round(loaded, test, global_state, personal[i])
+            personal[i] = Dual().update(loaded, train, view, personal[i], cfg.train, seed=i)[0]
+            evaluate_adapter(loaded, test, global_state)
+            Dual().evaluate(loaded, test, view, personal[i])
         times.append(time.perf_counter() - start)
     return times
 

@@ -34,7 +34,32 @@ def test_flat_round_trip_and_coercion():
         ({"lora-rank": 2.5}, "lora-rank: must be an integer, got 2.5"),
         ({"partitioner": "zipf"}, "partitioner: must be one of dirichlet, iid, natural, got 'zipf'"),
         ({"dataset": "imagenet"}, "dataset: must be one of bbc-news, got 'imagenet'"),
-        ({"strategy": "fedwhat"}, "strategy: must be one of fedavg, got 'fedwhat'"),
+        (
+            {"strategy": "fedwhat"},
+            "strategy: must be one of fedadam, fedavg, fedavgm, fedex-lora, fedmedian, fedprox, fedsa-lora, "
+            "fedyogi, ffa-lora, flexlora, flora, krum, trimmed-mean, got 'fedwhat'",
+        ),
+        (
+            {"personalization": "magic"},
+            "personalization: must be auto or one of ditto, dual, fedsa-lora, finetune, none, got 'magic'",
+        ),
+        (
+            {"personalization": "fedsa-lora"},
+            "personalization: 'fedsa-lora' does not fit strategy 'fedavg'; "
+            "fedsa-lora as either needs fedsa-lora (or auto) as the other",
+        ),
+        (
+            {"strategy": "fedsa-lora", "personalization": "ditto"},
+            "personalization: 'ditto' does not fit strategy 'fedsa-lora'; "
+            "fedsa-lora as either needs fedsa-lora (or auto) as the other",
+        ),
+        (
+            {"client-ranks": "4,8,16"},
+            "client-ranks: different ranks per client need strategy flexlora or flora, got 'fedavg'",
+        ),
+        ({"client-ranks": "4,x"}, "client-ranks: must be comma-separated positive integers, got '4,x'"),
+        ({"proximal-mu": -1}, "proximal-mu: must be a number >= 0, got -1.0"),
+        ({"trim-fraction": 0.5}, "trim-fraction: must be a number in [0, 0.5), got 0.5"),
         ({"task": "vision"}, "task: must be one of classification, causal-lm, got 'vision'"),
         ({"test-fraction": 1.5}, "test-fraction: must be a number in (0, 1), got 1.5"),
         ({"learning-rate": "fast"}, "learning-rate: must be a number, got 'fast'"),

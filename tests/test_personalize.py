@@ -3,8 +3,20 @@ import torch
 from fedlora.adapters import adapter_state
 from fedlora.config import TrainConfig
 from fedlora.models import GLOBAL, PERSONAL
-from fedlora.personalize import evaluate_round, initial_personal, local_only, train_personal, train_shared
+from fedlora.personalization.dual import Dual, initial_personal
+from fedlora.personalize import evaluate_adapter, local_only, train_shared
+from fedlora.protocol import ClientView
 from fedlora.train import sample_batches, tokenize
+
+
+def train_personal(loaded, data, global_state, stored, cfg, *, seed):
+    return Dual().update(loaded, data, ClientView(global_state, global_state), stored, cfg, seed=seed)
+
+
+def evaluate_round(loaded, data, global_state, stored):
+    view = ClientView(global_state, global_state)
+    return evaluate_adapter(loaded, data, global_state), Dual().evaluate(loaded, data, view, stored)
+
 
 TEXTS = [f"goal match team {i}" for i in range(12)] + [f"song band guitar {i}" for i in range(12)]
 LABELS = [0] * 12 + [1] * 12

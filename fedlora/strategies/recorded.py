@@ -42,11 +42,14 @@ class Recorded(Strategy):
         self.strategy = strategy
         self.recorder = recorder
 
-    def _count_down(self, server_round: int, messages: Iterable[Message]) -> list[Message]:
+    def _count_down(self, server_round: int, messages: Iterable[Message], *, train: bool) -> list[Message]:
         messages = list(messages)
-        self.recorder.round(server_round).bytes_down += sum(
-            ar.count_bytes() for m in messages for ar in m.content.array_records.values()
-        )
+        record = self.recorder.round(server_round)
+        sent = sum(ar.count_bytes() for m in messages for ar in m.content.array_records.values())
+        record.bytes_down += sent
+        if train:
+            record.bytes_down_train += sent
+            record.clients_sampled += len(messages)
         return messages
 
     def summary(self) -> None:
@@ -58,7 +61,7 @@ class Recorded(Strategy):
     ) -> Iterable[Message]:
         """Delegate, and count the bytes sent down to the sampled clients."""
         return self._count_down(
-            server_round, self.strategy.configure_train(server_round, arrays, config, grid)
+            server_round, self.strategy.configure_train(server_round, arrays, config, grid), train=True
         )
 
     def aggregate_train(
@@ -85,7 +88,7 @@ class Recorded(Strategy):
     ) -> Iterable[Message]:
         """Delegate, and count the bytes sent down for evaluation."""
         return self._count_down(
-            server_round, self.strategy.configure_evaluate(server_round, arrays, config, grid)
+            server_round, self.strategy.configure_evaluate(server_round, arrays, config, grid), train=False
         )
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

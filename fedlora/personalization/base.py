@@ -1,0 +1,74 @@
+"""The personalization interface and its registry: what a client keeps and how it predicts."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar
+
+from fedlora.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedlora.adapters import AdapterState
+    from fedlora.config import TrainConfig
+    from fedlora.models import LoadedModel
+    from fedlora.protocol import ClientView
+    from fedlora.train import EvalResult, Tokenized, TrainResult
+
+__all__ = ["PERSONALIZATIONS", "Personalization", "get_personalization", "register"]
+
+
+class Personalization(ABC):
+    """A personalization method: run on every client after each round's aggregation.
+
+    `update` trains whatever the client keeps (the stored state never leaves the client)
+    against the new global adapter; `evaluate` measures the personalized model.
+    """
+
+    name: ClassVar[str]
+    paper: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+
+    @abstractmethod
+    def update(
+        self,
+        loaded: LoadedModel,
+        train: Tokenized,
+        view: ClientView,
+        stored: AdapterState | None,
+        cfg: TrainConfig,
+        *,
+        seed: int,
+    ) -> tuple[AdapterState | None, TrainResult | None]:
+        """Train the client's personal state for ``cfg.personal_steps``; return it and how training went."""
+
+    @abstractmethod
+    def evaluate(
+        self, loaded: LoadedModel, test: Tokenized, view: ClientView, stored: AdapterState | None
+    ) -> EvalResult:
+        """Held-out metrics of the personalized model."""
+
+
+PERSONALIZATIONS: dict[str, type[Personalization]] = {}
+
+
+def register(cls: type[Personalization]) -> type[Personalization]:
+    """Class decorator: make a method available as ``personalization=<cls.name>``."""
+    PERSONALIZATIONS[cls.name] = cls
+    return cls
+
+
+def get_personalization(name: str) -> Personalization:
+    """An instance of the method registered as ``name``.
+
+    Raises
+    ------
+    ConfigError
+        If no method has that name.
+
+    """
+    try:
+        return PERSONALIZATIONS[name]()
+    except KeyError:
+        raise ConfigError(
+            f"personalization: must be one of {', '.join(sorted(PERSONALIZATIONS))}, got {name!r}"
+        ) from None

@@ -1,0 +1,49 @@
+"""FedSA-LoRA personalization (Guo et al., ICLR 2025): the global A with the client's own B.
+
+Goes with the ``fedsa-lora`` strategy, under which every client trains A and B, sends A,
+and keeps B; no extra personal training happens here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fedlora.personalization.base import Personalization, register
+from fedlora.personalize import evaluate_adapter
+
+if TYPE_CHECKING:
+    from fedlora.adapters import AdapterState
+    from fedlora.config import TrainConfig
+    from fedlora.models import LoadedModel
+    from fedlora.protocol import ClientView
+    from fedlora.train import EvalResult, Tokenized, TrainResult
+
+__all__ = ["FedSALoRA"]
+
+
+@register
+class FedSALoRA(Personalization):
+    """Personalized = global A and head with the B this client kept from its own training."""
+
+    name = "fedsa-lora"
+    paper = "Guo et al., ICLR 2025"
+    summary = "global A and head with the client's own B (strategy fedsa-lora)"
+
+    def update(
+        self,
+        loaded: LoadedModel,
+        train: Tokenized,
+        view: ClientView,
+        stored: AdapterState | None,
+        cfg: TrainConfig,
+        *,
+        seed: int,
+    ) -> tuple[AdapterState | None, TrainResult | None]:
+        """Nothing beyond the shared round: B was trained and kept then."""
+        return None, None
+
+    def evaluate(
+        self, loaded: LoadedModel, test: Tokenized, view: ClientView, stored: AdapterState | None
+    ) -> EvalResult:
+        """Metrics of the client's own variant (global A, own B)."""
+        return evaluate_adapter(loaded, test, view.own_state)

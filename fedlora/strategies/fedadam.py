@@ -1,0 +1,21 @@
+"""FedAdam (Reddi et al., ICLR 2021): an Adam step on the server with the mean adapter delta."""
+
+from __future__ import annotations
+
+from flwr.serverapp.strategy import FedAdam
+
+from fedlora.config import RunConfig
+from fedlora.strategies.base import flower_kwargs
+from fedlora.strategies.registry import register
+
+__all__ = ["build_fedadam"]
+
+
+@register(
+    "fedadam",
+    paper="Adaptive Federated Optimization: Reddi et al., ICLR 2021",
+    summary="server Adam on the mean adapter delta (server-learning-rate, default 0.01)",
+)
+def build_fedadam(cfg: RunConfig) -> FedAdam:
+    """Flower's FedAdam with ``eta = server-learning-rate`` (0 means 0.01)."""
+    return FedAdam(**flower_kwargs(cfg), eta=cfg.federation.server_learning_rate or 0.01)

@@ -1,0 +1,28 @@
+"""FFA-LoRA (Sun et al., ICLR 2024): A frozen at a shared random init, only B trained and averaged.
+
+With A identical on every client, ``mean(B_i) A = mean(B_i A)``: averaging is exact, and
+it halves what travels each way.
+"""
+
+from __future__ import annotations
+
+from flwr.serverapp.strategy import FedAvg
+
+from fedlora.config import RunConfig
+from fedlora.protocol import ClientProtocol
+from fedlora.strategies.base import flower_kwargs
+from fedlora.strategies.registry import register
+
+__all__ = ["build_ffa_lora"]
+
+
+@register(
+    "ffa-lora",
+    protocol=ClientProtocol(sent=frozenset({"lora_B", "head"}), frozen=frozenset({"lora_A"})),
+    paper="Sun et al., ICLR 2024",
+    exact=True,
+    summary="A frozen at the shared seeded init; B and the head are trained and averaged (exact)",
+)
+def build_ffa_lora(cfg: RunConfig) -> FedAvg:
+    """FedAvg over B and the head; A never leaves its seeded init."""
+    return FedAvg(**flower_kwargs(cfg))
