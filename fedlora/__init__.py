@@ -1,8 +1,21 @@
 """fedlora: federated personalization with private LoRA adapters on Flower."""
 
+from fedlora.api import Results, Sweep, load_results, run, sweep
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, DataError, FedloraError, ModelError
 
-__all__ = ["ConfigError", "DataError", "FedloraError", "ModelError", "RunConfig", "__version__"]
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "FedloraError",
+    "ModelError",
+    "Results",
+    "RunConfig",
+    "Sweep",
+    "__version__",
+    "load_results",
+    "run",
+    "sweep",
+]
 
 __version__ = "0.1.0"

@@ -6,16 +6,14 @@ import argparse
 import logging
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
+from fedlora.api import DEFAULT_CLIENTS
+from fedlora.config import RunConfig
 from fedlora.errors import FedloraError
 
 __all__ = ["main"]
-
-# The default benchmark: 20 clients with Dirichlet label skew over BBC News.
-DEFAULT_CLIENTS = 20
 
 
 def _pct(value: Any) -> str:
@@ -103,43 +101,64 @@ def _table(summary: dict[str, Any], out_dir: Path) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from fedlora.config import RunConfig
-    from fedlora.launch import parse_overrides, simulate
-
-    flat = parse_overrides(args.run_config or "")
-    if args.rounds is not None:
-        flat["num-server-rounds"] = args.rounds
-    if args.data is not None:
-        flat["data-dir"] = str(Path(args.data).expanduser().resolve())
-    if args.strategy is not None:
-        flat["strategy"] = args.strategy
-    cfg = RunConfig.from_flat(flat)
-    clients = args.clients
-    if clients is None:
-        from fedlora.data.jsonl import client_folders
-
-        clients = len(client_folders(cfg.data.data_dir)) if cfg.data.data_dir else DEFAULT_CLIENTS
-    out_dir = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-    progress, on_event = _progress(cfg.federation.num_server_rounds)
-    with progress:
-        summary = simulate(
-            cfg, num_clients=clients, out_dir=out_dir, cpus_per_client=args.cpus_per_client, on_event=on_event
-        )
-    _table(summary, out_dir.resolve())
+    from fedlora.api import run
+    from fedlora.launch import parse_overrides
     from fedlora.plots import plot_accuracy
 
-    print(f"accuracy per round: {plot_accuracy(summary, out_dir.resolve() / 'accuracy.png')}")
+    flat = parse_overrides(args.run_config or "")
+    strategy = args.strategy or str(flat.pop("strategy", "fedavg"))
+    personalization = args.personalization or str(flat.pop("personalization", "auto"))
+    rounds = args.rounds if args.rounds is not None else flat.pop("num-server-rounds", None)
+    overrides = {k.replace("-", "_"): v for k, v in flat.items()}
+    num_rounds = (
+        int(rounds) if rounds is not None else int(RunConfig.from_flat(flat).federation.num_server_rounds)
+    )
+    progress, on_event = _progress(num_rounds)
+    with progress:
+        results = run(
+            strategy=strategy,
+            personalization=personalization,
+            clients=args.clients,
+            rounds=int(rounds) if rounds is not None else None,
+            out=args.out,
+            data=args.data,
+            cpus_per_client=args.cpus_per_client,
+            on_event=on_event,
+            **overrides,
+        )
+    _table(results.summary, results.out_dir)
+    print(f"accuracy per round: {plot_accuracy(results.summary, results.out_dir / 'accuracy.png')}")
     return 0
 
 
+def _catalogue() -> str:
+    from fedlora.personalization import PERSONALIZATIONS
+    from fedlora.strategies import STRATEGIES
+
+    lines = ["strategies (--strategy):"]
+    lines += [f"  {name:<14} {info.summary}" for name, info in sorted(STRATEGIES.items())]
+    lines += [
+        "",
+        "personalization methods (--personalization; auto = dual, or fedsa-lora under that strategy):",
+    ]
+    lines += [f"  {name:<14} {cls.summary}" for name, cls in sorted(PERSONALIZATIONS.items())]
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
+    from fedlora.personalization import PERSONALIZATIONS
     from fedlora.strategies import STRATEGIES
 
     parser = argparse.ArgumentParser(
         prog="fedlora", description="Federated personalization with private LoRA adapters."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sim = sub.add_parser("simulate", help="run a simulated federation on this machine (through `flwr run`)")
+    sim = sub.add_parser(
+        "simulate",
+        help="run a simulated federation on this machine (through `flwr run`)",
+        epilog=_catalogue(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sim.add_argument(
         "--clients",
         type=int,
@@ -148,7 +167,13 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--rounds", type=int, help="federated rounds (run-config num-server-rounds)")
     sim.add_argument("--out", help="run directory for results (default runs/<timestamp>)")
     sim.add_argument("--data", help="folder with one subfolder per client holding train.jsonl and test.jsonl")
-    sim.add_argument("--strategy", help=f"aggregation strategy: {', '.join(sorted(STRATEGIES))}")
+    sim.add_argument(
+        "--strategy", help=f"aggregation strategy: {', '.join(sorted(STRATEGIES))} (default fedavg)"
+    )
+    sim.add_argument(
+        "--personalization",
+        help=f"personalization method: auto, {', '.join(sorted(PERSONALIZATIONS))} (default auto)",
+    )
     sim.add_argument("--run-config", help='more run-config overrides, e.g. "lora-rank=4 local-steps=10"')
     sim.add_argument(
         "--cpus-per-client",

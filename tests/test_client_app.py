@@ -148,3 +148,48 @@ def test_a_client_with_bad_data_replies_with_an_error_naming_the_file(cfg, jsonl
     )
     assert reply.has_error()
     assert 'client-0/train.jsonl:1: expected an object with a string "text" field' in reply.error.reason
+
+
+@pytest.mark.parametrize(
+    ("strategy", "parts"),
+    [
+        ("ffa-lora", {"lora_B", "head"}),
+        ("fedsa-lora", {"lora_A", "head"}),
+        ("fedprox", {"lora_A", "lora_B", "head"}),
+        ("flora", {"lora_A", "lora_B", "head"}),
+        ("flexlora", {"lora_A", "lora_B", "head"}),
+    ],
+)
+def test_each_strategy_uploads_only_the_parts_it_shares(cfg, strategy, parts):
+    from fedlora.lora_math import part_of
+    from fedlora.models import build_model
+    from fedlora.strategies import strategy_info
+    from fedlora.strategies.base import initial_record
+
+    ranks = "4,16" if strategy_info(strategy).protocol.heterogeneous_ranks else ""
+    cfg = cfg.replace(strategy=strategy, client_ranks=ranks)
+    loaded = build_model(cfg.model, 3, seed=0)
+    context = _context(cfg, partition_id=1)  # rank 16 where ranks differ
+    config = ConfigRecord({keys.C_SERVER_ROUND: 1, keys.C_PROXIMAL_MU: 0.1})
+    arrays = to_record(initial_record(strategy_info(strategy), loaded.initial_global))
+    train = app(_message("train", {keys.ARRAYS: arrays, keys.CONFIG: config}), context)
+    _assert_only_scalar_metrics(train)
+    uploaded = from_record(train.content[keys.ARRAYS])
+    assert {part_of(k) for k in uploaded} == parts
+    assert [k for k in loaded.initial_global if part_of(k) in parts] == list(uploaded)
+    rank = 16 if ranks else 8
+    assert all(rank in v.shape for k, v in uploaded.items() if part_of(k) != "head")
+    kept = context.state.array_records.get("fedlora-kept-parts")
+    if strategy == "fedsa-lora":
+        # B was trained, kept on the node, and is not among what was sent.
+        kept_b = from_record(kept)
+        assert kept_b and {part_of(k) for k in kept_b} == {"lora_B"}
+        assert all(torch.count_nonzero(v) > 0 for v in kept_b.values())
+        assert not any(
+            torch.equal(v, u) for v in kept_b.values() for u in uploaded.values() if u.shape == v.shape
+        )
+    else:
+        assert kept is None
+    evaluation = app(_message("evaluate", {keys.ARRAYS: arrays, keys.CONFIG: config}), context)
+    _assert_only_scalar_metrics(evaluation)
+    assert not evaluation.content.array_records

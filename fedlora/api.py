@@ -1,0 +1,266 @@
+"""Python API for experiments: run a federation through Flower, or a grid of them, and get tables.
+
+Every run goes through the same ``flwr run`` path as ``fedlora simulate``: the same
+ServerApp and ClientApp, no second engine.
+
+>>> import fedlora
+>>> res = fedlora.run(strategy="flora", clients=10, rounds=3)      # doctest: +SKIP
+>>> res.to_dataframe()                                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedlora.config import RunConfig, Scalar
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["DEFAULT_CLIENTS", "Results", "Sweep", "load_results", "run", "sweep"]
+
+# The default benchmark: 20 clients with Dirichlet label skew over BBC News.
+DEFAULT_CLIENTS = 20
+
+
+@dataclass(frozen=True)
+class Results:
+    """One finished run: its ``summary.json`` and where the run directory is."""
+
+    summary: dict[str, Any]
+    out_dir: Path
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The resolved run configuration (``config.json``)."""
+        return dict(json.loads((self.out_dir / "config.json").read_text()))
+
+    @property
+    def final(self) -> dict[str, Any]:
+        """Final-round figures: accuracies, bytes per client per round, wall time."""
+        return dict(self.summary["final"])
+
+    @property
+    def rounds(self) -> list[dict[str, Any]]:
+        """Per-round metrics, in round order."""
+        return list(self.summary["rounds"])
+
+    @property
+    def strategy(self) -> str:
+        """The aggregation strategy of the run."""
+        return str(self.summary.get("strategy", self.config.get("strategy", "")))
+
+    @property
+    def personalization(self) -> str:
+        """The personalization method of the run (``auto`` resolved)."""
+        return str(self.summary.get("personalization", ""))
+
+    @property
+    def seed(self) -> int:
+        """The run's seed."""
+        return int(self.config.get("seed", 0))
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per round, with the run's strategy, personalization and seed as columns."""
+        import pandas as pd
+
+        frame = pd.DataFrame(self.rounds)
+        frame.insert(0, "seed", self.seed)
+        frame.insert(0, "personalization", self.personalization)
+        frame.insert(0, "strategy", self.strategy)
+        return frame
+
+    def per_client(self) -> pd.DataFrame:
+        """Final-round accuracy of every client: global, personalized and local-only."""
+        import pandas as pd
+
+        clients = self.summary["per_client"]
+        rows = [
+            {
+                "client": cid,
+                "global_accuracy": values.get("global_accuracy", math.nan),
+                "personalized_accuracy": values.get("personalized_accuracy", math.nan),
+                "local_only_accuracy": clients.get("local_only_accuracy", {}).get(cid, math.nan),
+            }
+            for cid, values in clients["final_round"].items()
+        ]
+        frame = pd.DataFrame(rows)
+        frame.insert(0, "personalization", self.personalization)
+        frame.insert(0, "strategy", self.strategy)
+        return frame
+
+
+def load_results(out_dir: str | Path) -> Results:
+    """The `Results` of a finished run directory."""
+    path = Path(out_dir).expanduser().resolve()
+    return Results(json.loads((path / "summary.json").read_text()), path)
+
+
+def run(
+    *,
+    strategy: str = "fedavg",
+    personalization: str = "auto",
+    clients: int | None = None,
+    rounds: int | None = None,
+    out: str | Path | None = None,
+    data: str | Path | None = None,
+    cpus_per_client: float = 1.0,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    **overrides: Scalar,
+) -> Results:
+    """Run one simulated federation through Flower and return its results.
+
+    Parameters
+    ----------
+    strategy, personalization : str
+        Names from ``fedlora.strategies.STRATEGIES`` and ``fedlora.personalization.PERSONALIZATIONS``.
+    clients : int, optional
+        Simulated clients (default 20, or one per folder of ``data``).
+    rounds : int, optional
+        Federated rounds (default: the run config's ``num-server-rounds``).
+    out : str or Path, optional
+        Run directory (default ``runs/<timestamp>``).
+    data : str or Path, optional
+        A folder with one subfolder per client holding ``train.jsonl`` and ``test.jsonl``.
+    cpus_per_client : float
+        CPU cores per simulated client.
+    on_event : callable, optional
+        Called with every progress event (``metrics.jsonl`` lines) as the run goes.
+    **overrides
+        Any run-config key, with underscores for dashes (``lora_rank=4``, ``seed=1``).
+
+    Raises
+    ------
+    FedloraError
+        Bad configuration or data (before anything starts), or a failed run.
+
+    """
+    from fedlora.launch import simulate
+
+    flat: dict[str, Scalar] = {k.replace("_", "-"): v for k, v in overrides.items()}
+    flat["strategy"], flat["personalization"] = strategy, personalization
+    if rounds is not None:
+        flat["num-server-rounds"] = rounds
+    if data is not None:
+        flat["data-dir"] = str(Path(data).expanduser().resolve())
+    cfg = RunConfig.from_flat(flat)
+    num_clients = clients if clients is not None else default_clients(cfg)
+    out_dir = Path(out) if out is not None else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    summary = simulate(
+        cfg, num_clients=num_clients, out_dir=out_dir, cpus_per_client=cpus_per_client, on_event=on_event
+    )
+    return Results(summary, out_dir.expanduser().resolve())
+
+
+def default_clients(cfg: RunConfig) -> int:
+    """One client per folder of ``data-dir``, else the default benchmark's 20."""
+    if cfg.data.data_dir:
+        from fedlora.data.jsonl import client_folders
+
+        return len(client_folders(cfg.data.data_dir))
+    return DEFAULT_CLIENTS
+
+
+class Sweep(list[Results]):
+    """The runs of a `sweep`, with comparison tables."""
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per run: final accuracies (mean and worst-10% of clients), bytes, wall time.
+
+        ``local_only_accuracy`` comes from the run of the same seed that measured it (a
+        sweep measures the baseline once per seed: it does not depend on the strategy).
+        """
+        import pandas as pd
+
+        baseline = {
+            r.seed: (r.final["local_only_accuracy"], r.final["local_only_accuracy_worst10"])
+            for r in self
+            if r.final.get("local_only_accuracy") is not None
+        }
+        rows = []
+        for r in self:
+            f = r.final
+            local, local_worst = baseline.get(r.seed, (math.nan, math.nan))
+            rows.append(
+                {
+                    "strategy": r.strategy,
+                    "personalization": r.personalization,
+                    "seed": r.seed,
+                    "global_accuracy": f["global_accuracy"],
+                    "global_accuracy_worst10": f["global_accuracy_worst10"],
+                    "personalized_accuracy": f["personalized_accuracy"],
+                    "personalized_accuracy_worst10": f["personalized_accuracy_worst10"],
+                    "local_only_accuracy": local,
+                    "local_only_accuracy_worst10": local_worst,
+                    "bytes_up_per_client_round": f["bytes_up_per_client_round"],
+                    "bytes_down_per_client_round": f.get("bytes_down_per_client_round", math.nan),
+                    "wall_s": f["wall_s"],
+                    "out_dir": str(r.out_dir),
+                }
+            )
+        return pd.DataFrame(rows)
+
+    def rounds(self) -> pd.DataFrame:
+        """Every run's per-round metrics, stacked."""
+        import pandas as pd
+
+        return pd.concat([r.to_dataframe() for r in self], ignore_index=True)
+
+    def per_client(self) -> pd.DataFrame:
+        """Every run's final per-client accuracies, stacked."""
+        import pandas as pd
+
+        return pd.concat([r.per_client() for r in self], ignore_index=True)
+
+
+def sweep(
+    *,
+    strategies: Iterable[str] = ("fedavg",),
+    personalizations: Iterable[str] = ("auto",),
+    seeds: Iterable[int] = (0,),
+    out: str | Path = "runs/sweep",
+    per_strategy: Mapping[str, Mapping[str, Scalar]] | None = None,
+    on_run: Callable[[Results], None] | None = None,
+    **common: Any,
+) -> Sweep:
+    """Run every combination of strategy, personalization and seed; each in ``out/<s>__<p>__seed<n>``.
+
+    ``per_strategy`` adds run-config overrides for one strategy (e.g. ``client_ranks`` for
+    ``flora``). The local-only baseline runs once per seed. Everything else in ``common``
+    goes to `run`. Combinations that the configuration rejects (e.g. ``fedsa-lora`` with
+    ``ditto``) are skipped.
+    """
+    from fedlora.errors import ConfigError
+
+    results = Sweep()
+    measured: set[int] = set()
+    for seed in seeds:
+        for strategy in strategies:
+            for personalization in personalizations:
+                extra = dict((per_strategy or {}).get(strategy, {}))
+                flat = {**common, **extra, "seed": seed}
+                try:
+                    RunConfig.from_flat(
+                        {
+                            k.replace("_", "-"): v
+                            for k, v in flat.items()
+                            if k not in ("clients", "rounds", "data", "cpus_per_client", "on_event")
+                        }
+                        | {"strategy": strategy, "personalization": personalization}
+                    )
+                except ConfigError:
+                    continue
+                flat.setdefault("local_only_baseline", seed not in measured)
+                measured.add(seed)
+                name = f"{strategy}__{personalization}__seed{seed}"
+                result = run(strategy=strategy, personalization=personalization, out=Path(out) / name, **flat)
+                results.append(result)
+                if on_run is not None:
+                    on_run(result)
+    return results
