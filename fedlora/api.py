@@ -167,6 +167,29 @@ def default_clients(cfg: RunConfig) -> int:
     return DEFAULT_CLIENTS
 
 
+_RUN_ARGS = ("clients", "rounds", "data", "cpus_per_client", "on_event")
+
+
+def _config_of(flat: Mapping[str, Any], strategy: str, personalization: str) -> RunConfig:
+    # The run config that `run` would build from these arguments.
+    cfg = {k.replace("_", "-"): v for k, v in flat.items() if k not in _RUN_ARGS}
+    if flat.get("rounds") is not None:
+        cfg["num-server-rounds"] = flat["rounds"]
+    if flat.get("data") is not None:
+        cfg["data-dir"] = str(Path(flat["data"]).expanduser().resolve())
+    return RunConfig.from_flat({**cfg, "strategy": strategy, "personalization": personalization})
+
+
+def _finished_run_of(run_dir: Path, cfg: RunConfig, clients: int | None) -> bool:
+    if not (run_dir / "summary.json").exists() or not (run_dir / "config.json").exists():
+        return False
+    saved = json.loads((run_dir / "config.json").read_text())
+    wanted = cfg.to_flat()
+    ignored = {"out-dir", "min-clients", "labels"}
+    same = all(saved.get(k) == v for k, v in wanted.items() if k not in ignored)
+    return same and saved.get("min-clients") == (clients if clients is not None else default_clients(cfg))
+
+
 class Sweep(list[Results]):
     """The runs of a `sweep`, with comparison tables."""
 
@@ -226,6 +249,7 @@ def sweep(
     seeds: Iterable[int] = (0,),
     out: str | Path = "runs/sweep",
     per_strategy: Mapping[str, Mapping[str, Scalar]] | None = None,
+    reuse: bool = False,
     on_run: Callable[[Results], None] | None = None,
     **common: Any,
 ) -> Sweep:
@@ -234,7 +258,8 @@ def sweep(
     ``per_strategy`` adds run-config overrides for one strategy (e.g. ``client_ranks`` for
     ``flora``). The local-only baseline runs once per seed. Everything else in ``common``
     goes to `run`. Combinations that the configuration rejects (e.g. ``fedsa-lora`` with
-    ``ditto``) are skipped.
+    ``ditto``) are skipped. With ``reuse``, a run directory that already holds a finished
+    run of exactly this configuration is loaded instead of run again.
     """
     from fedlora.errors import ConfigError
 

@@ -1,0 +1,42 @@
+"""The notebooks execute, in a reduced size, so that they cannot rot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+@pytest.mark.slow
+def test_compare_strategies_notebook_runs_and_shows_its_table_and_plots(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDLORA_NOTEBOOK_SMALL", "1")
+    monkeypatch.setenv("FEDLORA_NOTEBOOK_OUT", str(tmp_path / "runs"))
+    notebook = nbformat.read(NOTEBOOKS / "compare_strategies.ipynb", as_version=4)
+    NotebookClient(
+        notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    tables = [
+        o
+        for o in outputs
+        if "text/html" in o.get("data", {}) and "personalized_accuracy" in o.data["text/html"]
+    ]
+    assert (
+        len(tables) == 1
+        and "ffa-lora" in tables[0].data["text/html"]
+        and "flexlora" in tables[0].data["text/html"]
+    )
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 3
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
+        "fedavg__auto__seed0",
+        "fedavg__none__seed0",
+        "ffa-lora__auto__seed0",
+        "mixed-ranks",
+    ]
