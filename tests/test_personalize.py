@@ -105,3 +105,74 @@ def test_causal_lm_path_trains_and_reports_next_token_metrics():
     assert math.isfinite(result.loss) and glob.num_examples == 8
     assert glob.loss < before.loss and pers.loss < glob.loss
     assert 0.0 <= glob.accuracy <= pers.accuracy <= 1.0
+
+
+def _distance(a, b):
+    return sum(float((a[k] - b[k]).pow(2).sum()) for k in a)
+
+
+def test_ditto_lambda_pulls_the_personal_adapter_toward_the_global_one(tiny_model):
+    from fedlora.personalization.ditto import Ditto
+
+    data = tokenize(tiny_model.tokenizer, TEXTS, LABELS, 16)
+    glob = tiny_model.initial_global
+    view = ClientView(glob, glob)
+    far = {}
+    for lam in (0.0, 1000.0):
+        cfg = TrainConfig(batch_size=8, learning_rate=5e-2, personal_steps=5, ditto_lambda=lam)
+        personal, result = Ditto().update(tiny_model, data, view, None, cfg, seed=0)
+        assert result is not None and result.steps == 5
+        far[lam] = _distance(personal, glob)
+    assert 0 < far[1000.0] < 0.5 * far[0.0]
+
+
+def test_finetune_restarts_from_the_global_adapter_every_round(tiny_model):
+    from fedlora.personalization.finetune import FineTune
+
+    data = tokenize(tiny_model.tokenizer, TEXTS, LABELS, 16)
+    cfg = TrainConfig(batch_size=8, personal_steps=2)
+    view = ClientView(tiny_model.initial_global, tiny_model.initial_global)
+    first, _ = FineTune().update(tiny_model, data, view, None, cfg, seed=3)
+    again, _ = FineTune().update(tiny_model, data, view, first, cfg, seed=3)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert _distance(first, tiny_model.initial_global) > 0
+
+
+def test_none_predicts_with_the_global_adapter_and_keeps_nothing(tiny_model):
+    from fedlora.personalization.none import NoPersonalization
+
+    data = tokenize(tiny_model.tokenizer, TEXTS, LABELS, 16)
+    shared, _ = train_shared(tiny_model, data, tiny_model.initial_global, TrainConfig(batch_size=8), seed=0)
+    view = ClientView(shared, shared)
+    assert NoPersonalization().update(tiny_model, data, view, None, TrainConfig(), seed=0) == (None, None)
+    assert NoPersonalization().evaluate(tiny_model, data, view, None) == evaluate_adapter(
+        tiny_model, data, shared
+    )
+
+
+def test_fedsa_lora_predicts_with_the_clients_own_b(tiny_model):
+    from fedlora.personalization.fedsa_lora import FedSALoRA
+
+    data = tokenize(tiny_model.tokenizer, TEXTS, LABELS, 16)
+    own, _ = train_shared(tiny_model, data, tiny_model.initial_global, TrainConfig(batch_size=8), seed=0)
+    view = ClientView(tiny_model.initial_global, own)
+    assert FedSALoRA().evaluate(tiny_model, data, view, None) == evaluate_adapter(tiny_model, data, own)
+
+
+def test_fedprox_term_keeps_the_shared_adapter_near_its_start(tiny_model):
+    data = tokenize(tiny_model.tokenizer, TEXTS, LABELS, 16)
+    cfg = TrainConfig(batch_size=8, learning_rate=5e-2, local_steps=5)
+    start = tiny_model.initial_global
+    moved = {
+        mu: _distance(train_shared(tiny_model, data, start, cfg, seed=0, proximal_mu=mu)[0], start)
+        for mu in (0.0, 1000.0)
+    }
+    assert 0 < moved[1000.0] < 0.5 * moved[0.0]
+
+
+def test_ffa_lora_training_leaves_a_frozen(tiny_model):
+    data = tokenize(tiny_model.tokenizer, TEXTS, LABELS, 16)
+    start = tiny_model.initial_global
+    state, _ = train_shared(tiny_model, data, start, TrainConfig(batch_size=8), seed=0, frozen=("lora_A",))
+    assert all(torch.equal(state[k], start[k]) for k in start if "lora_A" in k)
+    assert all(not torch.equal(state[k], start[k]) for k in start if "lora_B" in k)
