@@ -216,23 +216,20 @@ def evaluate(message: Message, context: Context) -> Message:
     with, so a better global adapter never leaves a stale personal one behind.
     """
     from fedlora.adapters import to_record
+    from fedlora.personalization.base import Local
     from fedlora.personalize import evaluate_adapter
 
     client = _Client(context)
     server_round = _config_int(message, keys.C_SERVER_ROUND)
     view = client.view(message)
-    stored, result = client.method.update(
-        client.loaded,
-        client.train,
-        view,
-        client.personal(),
-        client.cfg.train,
-        seed=client.seed(server_round, 1),
+    local = Local(
+        client.loaded, client.train, client.test, view, client.cfg.train, client.seed(server_round, 1)
     )
+    stored, result = client.method.update(local, client.personal())
     if stored is not None:
         client.state[_PERSONAL_STATE] = to_record(stored)
     global_only = evaluate_adapter(client.loaded, client.test, view.global_state)
-    personalized = client.method.evaluate(client.loaded, client.test, view, stored)
+    personalized = client.method.evaluate(local, stored)
     return _reply(
         message,
         {

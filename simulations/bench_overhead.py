@@ -26,6 +26,7 @@ from fedlora.config import RunConfig
 from fedlora.data.federated import load_client_data, resolve_labels
 from fedlora.launch import parse_overrides, simulate
 from fedlora.models import build_model
+from fedlora.personalization.base import Local
 from fedlora.personalization.dual import Dual
 from fedlora.personalize import evaluate_adapter, train_shared
 from fedlora.protocol import ClientView
@@ -61,9 +62,10 @@ def plain_loop(cfg: RunConfig, clients: int) -> list[float]:
         global_state = {k: sum(w * s[k] for w, s in zip(weights, shared, strict=True)) for k in global_state}
         view = ClientView(global_state, global_state)
         for i, (train, test) in enumerate(splits):
-            personal[i] = Dual().update(loaded, train, view, personal[i], cfg.train, seed=i)[0]
+            local = Local(loaded, train, test, view, cfg.train, seed=i)
+            personal[i] = Dual().update(local, personal[i])[0]
             evaluate_adapter(loaded, test, global_state)
-            Dual().evaluate(loaded, test, view, personal[i])
+            Dual().evaluate(local, personal[i])
         times.append(time.perf_counter() - start)
     return times
 

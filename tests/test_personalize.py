@@ -3,19 +3,26 @@ import torch
 from fedlora.adapters import adapter_state
 from fedlora.config import TrainConfig
 from fedlora.models import GLOBAL, PERSONAL
+from fedlora.personalization.base import Local
 from fedlora.personalization.dual import Dual, initial_personal
 from fedlora.personalize import evaluate_adapter, local_only, train_shared
 from fedlora.protocol import ClientView
 from fedlora.train import sample_batches, tokenize
 
 
+def _local(loaded, data, global_state, cfg=None, seed=0, own=None):
+    view = ClientView(global_state, own if own is not None else global_state)
+    return Local(loaded, data, data, view, cfg or TrainConfig(), seed)
+
+
 def train_personal(loaded, data, global_state, stored, cfg, *, seed):
-    return Dual().update(loaded, data, ClientView(global_state, global_state), stored, cfg, seed=seed)
+    return Dual().update(_local(loaded, data, global_state, cfg, seed), stored)
 
 
 def evaluate_round(loaded, data, global_state, stored):
-    view = ClientView(global_state, global_state)
-    return evaluate_adapter(loaded, data, global_state), Dual().evaluate(loaded, data, view, stored)
+    return evaluate_adapter(loaded, data, global_state), Dual().evaluate(
+        _local(loaded, data, global_state), stored
+    )
 
 
 TEXTS = [f"goal match team {i}" for i in range(12)] + [f"song band guitar {i}" for i in range(12)]
@@ -116,11 +123,10 @@ def test_ditto_lambda_pulls_the_personal_adapter_toward_the_global_one(tiny_mode
 
     data = tokenize(tiny_model.tokenizer, TEXTS, LABELS, 16)
     glob = tiny_model.initial_global
-    view = ClientView(glob, glob)
     far = {}
     for lam in (0.0, 1000.0):
         cfg = TrainConfig(batch_size=8, learning_rate=5e-2, personal_steps=5, ditto_lambda=lam)
-        personal, result = Ditto().update(tiny_model, data, view, None, cfg, seed=0)
+        personal, result = Ditto().update(_local(tiny_model, data, glob, cfg), None)
         assert result is not None and result.steps == 5
         far[lam] = _distance(personal, glob)
     assert 0 < far[1000.0] < 0.5 * far[0.0]
@@ -131,9 +137,9 @@ def test_finetune_restarts_from_the_global_adapter_every_round(tiny_model):
 
     data = tokenize(tiny_model.tokenizer, TEXTS, LABELS, 16)
     cfg = TrainConfig(batch_size=8, personal_steps=2)
-    view = ClientView(tiny_model.initial_global, tiny_model.initial_global)
-    first, _ = FineTune().update(tiny_model, data, view, None, cfg, seed=3)
-    again, _ = FineTune().update(tiny_model, data, view, first, cfg, seed=3)
+    local = _local(tiny_model, data, tiny_model.initial_global, cfg, seed=3)
+    first, _ = FineTune().update(local, None)
+    again, _ = FineTune().update(local, first)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert _distance(first, tiny_model.initial_global) > 0
 
@@ -143,11 +149,9 @@ def test_none_predicts_with_the_global_adapter_and_keeps_nothing(tiny_model):
 
     data = tokenize(tiny_model.tokenizer, TEXTS, LABELS, 16)
     shared, _ = train_shared(tiny_model, data, tiny_model.initial_global, TrainConfig(batch_size=8), seed=0)
-    view = ClientView(shared, shared)
-    assert NoPersonalization().update(tiny_model, data, view, None, TrainConfig(), seed=0) == (None, None)
-    assert NoPersonalization().evaluate(tiny_model, data, view, None) == evaluate_adapter(
-        tiny_model, data, shared
-    )
+    local = _local(tiny_model, data, shared)
+    assert NoPersonalization().update(local, None) == (None, None)
+    assert NoPersonalization().evaluate(local, None) == evaluate_adapter(tiny_model, data, shared)
 
 
 def test_fedsa_lora_predicts_with_the_clients_own_b(tiny_model):
@@ -155,8 +159,8 @@ def test_fedsa_lora_predicts_with_the_clients_own_b(tiny_model):
 
     data = tokenize(tiny_model.tokenizer, TEXTS, LABELS, 16)
     own, _ = train_shared(tiny_model, data, tiny_model.initial_global, TrainConfig(batch_size=8), seed=0)
-    view = ClientView(tiny_model.initial_global, own)
-    assert FedSALoRA().evaluate(tiny_model, data, view, None) == evaluate_adapter(tiny_model, data, own)
+    local = _local(tiny_model, data, tiny_model.initial_global, own=own)
+    assert FedSALoRA().evaluate(local, None) == evaluate_adapter(tiny_model, data, own)
 
 
 def test_fedprox_term_keeps_the_shared_adapter_near_its_start(tiny_model):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from fedlora.errors import ConfigError
@@ -14,7 +15,23 @@ if TYPE_CHECKING:
     from fedlora.protocol import ClientView
     from fedlora.train import EvalResult, Tokenized, TrainResult
 
-__all__ = ["PERSONALIZATIONS", "Personalization", "get_personalization", "register"]
+__all__ = ["PERSONALIZATIONS", "Local", "Personalization", "get_personalization", "register"]
+
+
+@dataclass(frozen=True)
+class Local:
+    """What a personalization method works with on one client in one round.
+
+    ``view`` is the client's reading of the new global adapter; ``seed`` seeds this
+    round's personal training.
+    """
+
+    loaded: LoadedModel
+    train: Tokenized
+    test: Tokenized
+    view: ClientView
+    cfg: TrainConfig
+    seed: int
 
 
 class Personalization(ABC):
@@ -28,23 +45,17 @@ class Personalization(ABC):
     paper: ClassVar[str] = ""
     summary: ClassVar[str] = ""
 
-    @abstractmethod
     def update(
-        self,
-        loaded: LoadedModel,
-        train: Tokenized,
-        view: ClientView,
-        stored: AdapterState | None,
-        cfg: TrainConfig,
-        *,
-        seed: int,
+        self, local: Local, stored: AdapterState | None
     ) -> tuple[AdapterState | None, TrainResult | None]:
-        """Train the client's personal state for ``cfg.personal_steps``; return it and how training went."""
+        """Train the client's personal state for ``personal-steps``; return it and how training went.
+
+        The default keeps nothing and trains nothing.
+        """
+        return None, None
 
     @abstractmethod
-    def evaluate(
-        self, loaded: LoadedModel, test: Tokenized, view: ClientView, stored: AdapterState | None
-    ) -> EvalResult:
+    def evaluate(self, local: Local, stored: AdapterState | None) -> EvalResult:
         """Held-out metrics of the personalized model."""
 
 

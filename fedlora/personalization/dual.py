@@ -16,16 +16,14 @@ from typing import TYPE_CHECKING
 from fedlora.adapters import activate, adapter_state, load_adapter_state
 from fedlora.lora_math import part_of
 from fedlora.models import GLOBAL, PERSONAL
-from fedlora.personalization.base import Personalization, register
+from fedlora.personalization.base import Local, Personalization, register
 from fedlora.personalize import train_adapter
 from fedlora.train import evaluate
 
 if TYPE_CHECKING:
     from fedlora.adapters import AdapterState
-    from fedlora.config import TrainConfig
     from fedlora.models import LoadedModel
-    from fedlora.protocol import ClientView
-    from fedlora.train import EvalResult, Tokenized, TrainResult
+    from fedlora.train import EvalResult, TrainResult
 
 __all__ = ["Dual", "initial_personal"]
 
@@ -54,30 +52,30 @@ class Dual(Personalization):
     summary = "persistent personal adapter trained on top of the frozen global one; both deltas summed"
 
     def update(
-        self,
-        loaded: LoadedModel,
-        train: Tokenized,
-        view: ClientView,
-        stored: AdapterState | None,
-        cfg: TrainConfig,
-        *,
-        seed: int,
+        self, local: Local, stored: AdapterState | None
     ) -> tuple[AdapterState | None, TrainResult | None]:
         """Train the personal adapter on top of the frozen global one; store its head as an offset."""
-        stored = stored if stored is not None else initial_personal(loaded)
-        if not cfg.personal_steps:
+        glob, model = local.view.global_state, local.loaded.model
+        stored = stored if stored is not None else initial_personal(local.loaded)
+        if not local.cfg.personal_steps:
             return stored, None
-        load_adapter_state(loaded.model, GLOBAL, view.global_state)
-        load_adapter_state(loaded.model, PERSONAL, _head_plus(stored, view.global_state, +1.0))
-        result = train_adapter(loaded, train, [GLOBAL, PERSONAL], cfg.personal_steps, cfg, seed=seed)
-        return _head_plus(adapter_state(loaded.model, PERSONAL), view.global_state, -1.0), result
+        load_adapter_state(model, GLOBAL, glob)
+        load_adapter_state(model, PERSONAL, _head_plus(stored, glob, +1.0))
+        result = train_adapter(
+            local.loaded,
+            local.train,
+            [GLOBAL, PERSONAL],
+            local.cfg.personal_steps,
+            local.cfg,
+            seed=local.seed,
+        )
+        return _head_plus(adapter_state(model, PERSONAL), glob, -1.0), result
 
-    def evaluate(
-        self, loaded: LoadedModel, test: Tokenized, view: ClientView, stored: AdapterState | None
-    ) -> EvalResult:
+    def evaluate(self, local: Local, stored: AdapterState | None) -> EvalResult:
         """Metrics of both adapters together."""
-        stored = stored if stored is not None else initial_personal(loaded)
-        load_adapter_state(loaded.model, GLOBAL, view.global_state)
-        load_adapter_state(loaded.model, PERSONAL, _head_plus(stored, view.global_state, +1.0))
-        activate(loaded.model, [GLOBAL, PERSONAL], trainable=[])
-        return evaluate(loaded.model, test)
+        glob, model = local.view.global_state, local.loaded.model
+        stored = stored if stored is not None else initial_personal(local.loaded)
+        load_adapter_state(model, GLOBAL, glob)
+        load_adapter_state(model, PERSONAL, _head_plus(stored, glob, +1.0))
+        activate(model, [GLOBAL, PERSONAL], trainable=[])
+        return evaluate(model, local.test)

@@ -8,42 +8,27 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fedlora.personalization.base import Personalization, register
+from fedlora.personalization.base import Local, Personalization, register
 from fedlora.personalize import evaluate_adapter
 
 if TYPE_CHECKING:
     from fedlora.adapters import AdapterState
-    from fedlora.config import TrainConfig
-    from fedlora.models import LoadedModel
-    from fedlora.protocol import ClientView
-    from fedlora.train import EvalResult, Tokenized, TrainResult
+    from fedlora.train import EvalResult
 
 __all__ = ["FedSALoRA"]
 
 
 @register
 class FedSALoRA(Personalization):
-    """Personalized = global A and head with the B this client kept from its own training."""
+    """Personalized = global A and head with the B this client kept from its own training.
+
+    Nothing beyond the shared round is trained: B was trained and kept then.
+    """
 
     name = "fedsa-lora"
     paper = "Guo et al., ICLR 2025"
     summary = "global A and head with the client's own B (strategy fedsa-lora)"
 
-    def update(
-        self,
-        loaded: LoadedModel,
-        train: Tokenized,
-        view: ClientView,
-        stored: AdapterState | None,
-        cfg: TrainConfig,
-        *,
-        seed: int,
-    ) -> tuple[AdapterState | None, TrainResult | None]:
-        """Nothing beyond the shared round: B was trained and kept then."""
-        return None, None
-
-    def evaluate(
-        self, loaded: LoadedModel, test: Tokenized, view: ClientView, stored: AdapterState | None
-    ) -> EvalResult:
+    def evaluate(self, local: Local, stored: AdapterState | None) -> EvalResult:
         """Metrics of the client's own variant (global A, own B)."""
-        return evaluate_adapter(loaded, test, view.own_state)
+        return evaluate_adapter(local.loaded, local.test, local.view.own_state)

@@ -10,15 +10,12 @@ from typing import TYPE_CHECKING
 
 from fedlora.adapters import adapter_state, load_adapter_state
 from fedlora.models import PERSONAL
-from fedlora.personalization.base import Personalization, register
+from fedlora.personalization.base import Local, Personalization, register
 from fedlora.personalize import evaluate_adapter, train_adapter
 
 if TYPE_CHECKING:
     from fedlora.adapters import AdapterState
-    from fedlora.config import TrainConfig
-    from fedlora.models import LoadedModel
-    from fedlora.protocol import ClientView
-    from fedlora.train import EvalResult, Tokenized, TrainResult
+    from fedlora.train import EvalResult, TrainResult
 
 __all__ = ["FineTune"]
 
@@ -32,24 +29,19 @@ class FineTune(Personalization):
     summary = "copy the new global adapter and fine-tune it locally each round"
 
     def update(
-        self,
-        loaded: LoadedModel,
-        train: Tokenized,
-        view: ClientView,
-        stored: AdapterState | None,
-        cfg: TrainConfig,
-        *,
-        seed: int,
+        self, local: Local, stored: AdapterState | None
     ) -> tuple[AdapterState | None, TrainResult | None]:
         """Fine-tune a copy of the global adapter."""
-        load_adapter_state(loaded.model, PERSONAL, view.global_state)
-        if not cfg.personal_steps:
-            return adapter_state(loaded.model, PERSONAL), None
-        result = train_adapter(loaded, train, [PERSONAL], cfg.personal_steps, cfg, seed=seed)
-        return adapter_state(loaded.model, PERSONAL), result
+        model = local.loaded.model
+        load_adapter_state(model, PERSONAL, local.view.global_state)
+        if not local.cfg.personal_steps:
+            return adapter_state(model, PERSONAL), None
+        result = train_adapter(
+            local.loaded, local.train, [PERSONAL], local.cfg.personal_steps, local.cfg, seed=local.seed
+        )
+        return adapter_state(model, PERSONAL), result
 
-    def evaluate(
-        self, loaded: LoadedModel, test: Tokenized, view: ClientView, stored: AdapterState | None
-    ) -> EvalResult:
+    def evaluate(self, local: Local, stored: AdapterState | None) -> EvalResult:
         """The fine-tuned copy's metrics."""
-        return evaluate_adapter(loaded, test, stored if stored is not None else view.global_state, PERSONAL)
+        state = stored if stored is not None else local.view.global_state
+        return evaluate_adapter(local.loaded, local.test, state, PERSONAL)
