@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -24,3 +27,12 @@ def reply(content: RecordDict, node_id: int, message_type: str = "train") -> Mes
 
 def metrics(**values: float) -> MetricRecord:
     return MetricRecord({k.replace("_", "-"): v for k, v in values.items()})
+
+
+def simulate_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``fedlora simulate ARGS`` in a fresh interpreter; fail the test unless it succeeds."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedlora.cli", "simulate", *args], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc

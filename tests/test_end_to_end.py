@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import simulate_cli
 from peft import PeftModel
 
 from fedlora.config import RunConfig
@@ -26,26 +27,7 @@ def _flower_processes() -> list[str]:
 def test_cli_simulate_runs_a_federation_on_the_bundled_corpus(tmp_path):
     before = _flower_processes()
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedlora.cli",
-            "simulate",
-            "--clients",
-            "4",
-            "--rounds",
-            "2",
-            "--out",
-            str(out),
-            "--run-config",
-            TINY,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = simulate_cli("--clients", "4", "--rounds", "2", "--out", str(out), "--run-config", TINY)
     assert "personalized (global + personal)" in proc.stdout and "local-only" in proc.stdout
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
+from helpers import simulate_cli
 
 import fedlora
 from fedlora.personalization import PERSONALIZATIONS
@@ -45,30 +44,20 @@ def test_the_cases_cover_every_registered_name():
 
 def _through_cli(strategy: str, personalization: str, out, clients: int, extra: dict) -> dict:
     overrides = " ".join(f"{k.replace('_', '-')}={v}" for k, v in {**TINY, **extra}.items())
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedlora.cli",
-            "simulate",
-            "--strategy",
-            strategy,
-            "--personalization",
-            personalization,
-            "--clients",
-            str(clients),
-            "--rounds",
-            "2",
-            "--out",
-            str(out),
-            "--run-config",
-            overrides,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = simulate_cli(
+        "--strategy",
+        strategy,
+        "--personalization",
+        personalization,
+        "--clients",
+        str(clients),
+        "--rounds",
+        "2",
+        "--out",
+        str(out),
+        "--run-config",
+        overrides,
     )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "personalized" in proc.stdout
     return json.loads((out / "summary.json").read_text())
 
