@@ -23,6 +23,8 @@ from fedlora.config import RunConfig, Scalar
 if TYPE_CHECKING:
     import pandas as pd
 
+    from fedlora.launch import FlowerSession
+
 __all__ = ["DEFAULT_CLIENTS", "Results", "Sweep", "load_results", "run", "sweep"]
 
 # The default benchmark: 20 clients with Dirichlet label skew over BBC News.
@@ -112,6 +114,7 @@ def run(
     data: str | Path | None = None,
     cpus_per_client: float = 1.0,
     on_event: Callable[[dict[str, Any]], None] | None = None,
+    session: FlowerSession | None = None,
     **overrides: Scalar,
 ) -> Results:
     """Run one simulated federation through Flower and return its results.
@@ -132,6 +135,9 @@ def run(
         CPU cores per simulated client.
     on_event : callable, optional
         Called with every progress event (``metrics.jsonl`` lines) as the run goes.
+    session : FlowerSession, optional
+        Run on the SuperLink of a `fedlora.launch.flower_session` (several runs in turn
+        skip its start-up); by default the run starts and stops its own.
     **overrides
         Any run-config key, with underscores for dashes (``lora_rank=4``, ``seed=1``).
 
@@ -153,7 +159,12 @@ def run(
     num_clients = clients if clients is not None else default_clients(cfg)
     out_dir = Path(out) if out is not None else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     summary = simulate(
-        cfg, num_clients=num_clients, out_dir=out_dir, cpus_per_client=cpus_per_client, on_event=on_event
+        cfg,
+        num_clients=num_clients,
+        out_dir=out_dir,
+        cpus_per_client=cpus_per_client,
+        on_event=on_event,
+        session=session,
     )
     return Results(summary, out_dir.expanduser().resolve())
 
@@ -167,7 +178,7 @@ def default_clients(cfg: RunConfig) -> int:
     return DEFAULT_CLIENTS
 
 
-_RUN_ARGS = ("clients", "rounds", "data", "cpus_per_client", "on_event")
+_RUN_ARGS = ("clients", "rounds", "data", "cpus_per_client", "on_event", "session")
 
 
 def _config_of(flat: Mapping[str, Any], strategy: str, personalization: str) -> RunConfig:
@@ -261,10 +272,37 @@ def sweep(
     ``ditto``) are skipped. With ``reuse``, a run directory that already holds a finished
     run of exactly this configuration is loaded instead of run again.
     """
+    from fedlora.launch import flower_session
+
+    with flower_session() as session:
+        return _sweep(
+            strategies,
+            personalizations,
+            seeds,
+            Path(out),
+            per_strategy,
+            reuse,
+            on_run,
+            {**common, "session": session},
+        )
+
+
+def _sweep(
+    strategies: Iterable[str],
+    personalizations: Iterable[str],
+    seeds: Iterable[int],
+    out: Path,
+    per_strategy: Mapping[str, Mapping[str, Scalar]] | None,
+    reuse: bool,
+    on_run: Callable[[Results], None] | None,
+    common: dict[str, Any],
+) -> Sweep:
     from fedlora.errors import ConfigError
 
     results = Sweep()
     measured: set[int] = set()
+    personalizations = list(personalizations)
+    strategies = list(strategies)
     for seed in seeds:
         for strategy in strategies:
             for personalization in personalizations:

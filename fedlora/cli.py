@@ -109,7 +109,7 @@ def _simulate(args: argparse.Namespace) -> int:
     strategy = args.strategy or str(flat.pop("strategy", "fedavg"))
     personalization = args.personalization or str(flat.pop("personalization", "auto"))
     rounds = args.rounds if args.rounds is not None else flat.pop("num-server-rounds", None)
-    overrides = {k.replace("-", "_"): v for k, v in flat.items()}
+    overrides: dict[str, Any] = {k.replace("-", "_"): v for k, v in flat.items()}
     num_rounds = (
         int(rounds) if rounds is not None else int(RunConfig.from_flat(flat).federation.num_server_rounds)
     )

@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedlora.config import RunConfig, Scalar
 from fedlora.errors import ConfigError, FedloraError
 
-__all__ = ["FLOWER_ENV", "parse_overrides", "preflight", "simulate", "write_app"]
+__all__ = [
+    "FLOWER_ENV",
+    "FlowerSession",
+    "flower_session",
+    "parse_overrides",
+    "preflight",
+    "simulate",
+    "write_app",
+]
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +160,54 @@ def _events(path: Path, seen: int) -> tuple[list[dict[str, Any]], int]:
     return [json.loads(line) for line in complete[seen:] if line.strip()], len(complete)
 
 
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class FlowerSession:
+    """A private Flower home and ports, whose local SuperLink serves several runs in turn.
+
+    `flwr run` starts its local SuperLink on fixed ports unless told otherwise, and reuses
+    whatever SuperLink answers there: each session picks free ports of its own so that
+    concurrent runs (two sweeps, a test beside a demo) never share or stop each other's.
+    """
+
+    root: Path
+    http_port: int = field(default_factory=_free_port)
+    control_port: int = field(default_factory=_free_port)
+
+    @property
+    def home(self) -> Path:
+        """The ``FLWR_HOME`` of every run in the session."""
+        return self.root / "flwr-home"
+
+    def env(self) -> dict[str, str]:
+        """Environment variables that point `flwr run` at this session's SuperLink."""
+        return {
+            "FLWR_HOME": str(self.home),
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(self.http_port),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(self.control_port),
+        }
+
+
+@contextlib.contextmanager
+def flower_session() -> Iterator[FlowerSession]:
+    """Let several `simulate` calls share one local SuperLink, stopped when the block ends.
+
+    Saves the SuperLink's start-up (several seconds) on every run after the first; runs
+    stay independent (each has its own run id, config and results).
+    """
+    with tempfile.TemporaryDirectory(prefix="fedlora-") as tmp:
+        session = FlowerSession(Path(tmp))
+        try:
+            yield session
+        finally:
+            _stop_flower(session.home)
+
+
 def simulate(
     cfg: RunConfig,
     *,
@@ -158,12 +217,14 @@ def simulate(
     on_event: Callable[[dict[str, Any]], None] | None = None,
     extra_env: Mapping[str, str] | None = None,
     app_dir: Path | None = None,
+    session: FlowerSession | None = None,
 ) -> dict[str, Any]:
     """Run a simulated federation through `flwr run` and return its ``summary.json``.
 
-    A private ``FLWR_HOME`` under a temporary folder keeps runs apart; the SuperLink that
-    `flwr run` starts is stopped when the run ends, whatever the outcome. ``app_dir`` is
-    the Flower app to run (default: a generated one; the repository root works too):
+    A private ``FLWR_HOME`` keeps runs apart from any other Flower use; the SuperLink
+    that `flwr run` starts is stopped when the run ends, whatever the outcome, unless the
+    run belongs to a `flower_session` (which stops it when the session ends). ``app_dir``
+    is the Flower app to run (default: a generated one; the repository root works too):
     the whole configuration is passed as ``--run-config``, so its defaults do not matter.
 
     Raises
@@ -181,15 +242,17 @@ def simulate(
     flwr = Path(sys.executable).with_name("flwr")
     if not flwr.exists():
         flwr = Path(shutil.which("flwr") or "flwr")
-    with tempfile.TemporaryDirectory(prefix="fedlora-") as tmp:
-        home = Path(tmp) / "flwr-home"
-        app = app_dir.resolve() if app_dir is not None else write_app(Path(tmp) / "app", RunConfig())
-        overrides = Path(tmp) / "run-config.toml"
+    with contextlib.ExitStack() as stack:
+        if session is None:
+            session = stack.enter_context(flower_session())
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="run-", dir=session.root)))
+        app = app_dir.resolve() if app_dir is not None else write_app(tmp / "app", RunConfig())
+        overrides = tmp / "run-config.toml"
         overrides.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in cfg.to_flat().items()))
         # `flwr run` starts `flower-superlink` from PATH: put this interpreter's scripts first,
         # so that an unactivated virtual environment works.
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-        env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home), "PATH": path, **(extra_env or {})}
+        env = {**os.environ, **FLOWER_ENV, **session.env(), "PATH": path, **(extra_env or {})}
         command = [
             str(flwr),
             "run",
@@ -202,7 +265,10 @@ def simulate(
         ]
         seen = 0
         with (out_dir / "flwr.log").open("w") as logfile:
-            proc = subprocess.Popen(command, env=env, stdout=logfile, stderr=subprocess.STDOUT, cwd=tmp)
+            # The SuperLink that `flwr run` starts inherits this working directory: the session's.
+            proc = subprocess.Popen(
+                command, env=env, stdout=logfile, stderr=subprocess.STDOUT, cwd=session.root
+            )
             try:
                 while proc.poll() is None:
                     time.sleep(0.5)
@@ -214,7 +280,8 @@ def simulate(
                 if proc.poll() is None:
                     proc.terminate()
                     proc.wait(timeout=30)
-                _stop_flower(home)
+                if proc.returncode != 0 or not (out_dir / "summary.json").exists():
+                    _stop_flower(session.home)  # a failed run may leave Flower in a bad state
         events, seen = _events(out_dir / "metrics.jsonl", seen)
         for event in events:
             if on_event:

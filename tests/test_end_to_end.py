@@ -11,7 +11,7 @@ from helpers import simulate_cli
 from peft import PeftModel
 
 from fedlora.config import RunConfig
-from fedlora.launch import simulate
+from fedlora.launch import flower_session, simulate
 from fedlora.models import load_base
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +19,7 @@ TINY = "model=tiny-bert max-length=16 local-steps=2 personal-steps=1 batch-size=
 
 
 def _flower_processes() -> list[str]:
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if "flower-superlink" in line or "flower-superexec" in line]
 
 
@@ -76,10 +76,23 @@ def test_flwr_run_of_the_repository_app_with_a_jsonl_folder(tmp_path, jsonl_dir)
             "data-dir": str(jsonl_dir),
         }
     )
-    summary = simulate(cfg, num_clients=3, out_dir=tmp_path / "run", app_dir=ROOT)
+    before = _flower_processes()
+    with flower_session() as session:
+        summary = simulate(cfg, num_clients=3, out_dir=tmp_path / "run", app_dir=ROOT, session=session)
+        assert _flower_processes() != before  # the session keeps its SuperLink for the next run
+        # A second run on the same SuperLink, with a different strategy and two of the clients.
+        other = simulate(
+            cfg.replace(strategy="ffa-lora"),
+            num_clients=2,
+            out_dir=tmp_path / "two",
+            app_dir=ROOT,
+            session=session,
+        )
+    assert _flower_processes() == before
     assert summary["rounds"][0]["clients_trained"] == 3
     assert summary["labels"] == ["cooking", "music", "sport"]
     assert summary["final"]["local_only_accuracy"] is None
+    assert other["strategy"] == "ffa-lora" and other["rounds"][0]["clients_trained"] == 2
 
 
 def _cli_error(*args: str) -> str:

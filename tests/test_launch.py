@@ -20,3 +20,13 @@ def test_generated_app_points_at_fedlora_and_lists_every_key(tmp_path):
     app = project["tool"]["flwr"]["app"]
     assert app["components"] == {"serverapp": "fedlora.server_app:app", "clientapp": "fedlora.client_app:app"}
     assert app["config"] == cfg.to_flat()
+
+
+def test_sessions_use_their_own_home_and_ports(tmp_path):
+    from fedlora.launch import FlowerSession
+
+    one, two = FlowerSession(tmp_path / "a"), FlowerSession(tmp_path / "b")
+    assert one.env()["FLWR_HOME"] == str(tmp_path / "a" / "flwr-home")
+    assert one.http_port != one.control_port
+    assert {one.http_port, one.control_port}.isdisjoint({two.http_port, two.control_port})
+    assert set(one.env()) == {"FLWR_HOME", "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT"}

@@ -14,6 +14,7 @@ import pytest
 from helpers import simulate_cli
 
 import fedlora
+from fedlora.launch import flower_session
 from fedlora.personalization import PERSONALIZATIONS
 from fedlora.strategies import STRATEGIES
 
@@ -35,6 +36,13 @@ CASES = [
     ("trimmed-mean", "none"),
     ("krum", "dual"),
 ]
+
+
+@pytest.fixture(scope="module")
+def session():
+    """One SuperLink for the API cases of this module (the CLI cases start their own)."""
+    with flower_session() as shared:
+        yield shared
 
 
 def test_the_cases_cover_every_registered_name():
@@ -64,7 +72,7 @@ def _through_cli(strategy: str, personalization: str, out, clients: int, extra: 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("strategy", "personalization"), CASES)
-def test_strategy_and_personalization_run_end_to_end(tmp_path, strategy, personalization):
+def test_strategy_and_personalization_run_end_to_end(tmp_path, session, strategy, personalization):
     heterogeneous = STRATEGIES[strategy].protocol.heterogeneous_ranks
     clients = 3 if heterogeneous else 2
     extra = {"local_only_baseline": False, **({"client_ranks": MIXED_RANKS} if heterogeneous else {})}
