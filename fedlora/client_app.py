@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 
 from fedlora import keys
 from fedlora.config import ModelConfig, RunConfig
-from fedlora.errors import FedloraError
+from fedlora.errors import ConfigError, FedloraError
 
 if TYPE_CHECKING:
     from fedlora.adapters import AdapterState
@@ -100,10 +100,15 @@ class _Client:
         labels = resolve_labels(cfg.data, cfg.model.task)
         # A node's own rank (node config ``lora-rank``) wins over the run's ``client-ranks``.
         rank = int(context.node_config.get("lora-rank", cfg.model.rank_for(self.partition_id)))
+        self.protocol = strategy_info(cfg.federation.strategy).protocol
+        if rank != cfg.model.lora_rank and not self.protocol.heterogeneous_ranks:
+            raise ConfigError(
+                f"lora-rank: this node's rank {rank} differs from the run's {cfg.model.lora_rank}, "
+                f"which strategy {cfg.federation.strategy!r} needs on every client"
+            )
         model_cfg = dataclasses.replace(cfg.model, lora_rank=rank, client_ranks=())
         self.loaded = cached_model(model_cfg, len(labels), cfg.federation.seed)
         self.data, self.train, self.test = _client_data(cfg, model_cfg, self.partition_id, num_partitions)
-        self.protocol = strategy_info(cfg.federation.strategy).protocol
         self.method = get_personalization(cfg.federation.resolved_personalization())
         self.state = context.state
 

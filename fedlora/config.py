@@ -252,11 +252,11 @@ class RunConfig:
         from fedlora.strategies import strategy_info
 
         info = strategy_info(self.federation.strategy)
-        if len(set(self.model.ranks())) > 1 and not info.protocol.heterogeneous_ranks:
+        if self.model.client_ranks and not info.protocol.heterogeneous_ranks:
             heterogeneous = sorted(n for n, i in _strategies().items() if i.protocol.heterogeneous_ranks)
             raise ConfigError(
-                f"client-ranks: different ranks per client need strategy {' or '.join(heterogeneous)}, "
-                f"got {self.federation.strategy!r}"
+                f"client-ranks: per-client ranks need strategy {' or '.join(heterogeneous)} "
+                f"(one rank for all: lora-rank), got {self.federation.strategy!r}"
             )
 
     @classmethod

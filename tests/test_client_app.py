@@ -193,3 +193,17 @@ def test_each_strategy_uploads_only_the_parts_it_shares(cfg, strategy, parts):
     evaluation = app(_message("evaluate", {keys.ARRAYS: arrays, keys.CONFIG: config}), context)
     _assert_only_scalar_metrics(evaluation)
     assert not evaluation.content.array_records
+
+
+def test_a_node_with_its_own_rank_is_refused_where_the_strategy_needs_one_rank(cfg):
+    context = _context(cfg)
+    context.node_config["lora-rank"] = 4
+    reply = app(
+        _message("train", {keys.ARRAYS: to_record({}), keys.CONFIG: ConfigRecord({keys.C_SERVER_ROUND: 1})}),
+        context,
+    )
+    assert reply.has_error()
+    assert (
+        "lora-rank: this node's rank 4 differs from the run's 8, which strategy 'fedavg' needs"
+        in reply.error.reason
+    )

@@ -55,7 +55,8 @@ def test_flat_round_trip_and_coercion():
         ),
         (
             {"client-ranks": "4,8,16"},
-            "client-ranks: different ranks per client need strategy flexlora or flora, got 'fedavg'",
+            "client-ranks: per-client ranks need strategy flexlora or flora (one rank for all: lora-rank), "
+            "got 'fedavg'",
         ),
         ({"client-ranks": "4,x"}, "client-ranks: must be comma-separated positive integers, got '4,x'"),
         ({"proximal-mu": -1}, "proximal-mu: must be a number >= 0, got -1.0"),

@@ -29,4 +29,8 @@ def test_sessions_use_their_own_home_and_ports(tmp_path):
     assert one.env()["FLWR_HOME"] == str(tmp_path / "a" / "flwr-home")
     assert one.http_port != one.control_port
     assert {one.http_port, one.control_port}.isdisjoint({two.http_port, two.control_port})
-    assert set(one.env()) == {"FLWR_HOME", "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT"}
+    assert set(one.env()) == {
+        "FLWR_HOME",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT",
+        "FLWR_LOCAL_CONTROL_API_PORT",
+    }
