@@ -70,7 +70,8 @@ def _table(summary: dict[str, Any], out_dir: Path) -> None:
     from rich.table import Table
 
     final = summary["final"]
-    table = Table(title=f"fedlora: {len(summary['rounds'])} rounds, results in {out_dir}")
+    method = f"{summary.get('strategy', 'fedavg')} + {summary.get('personalization', 'dual')}"
+    table = Table(title=f"fedlora ({method}): {len(summary['rounds'])} rounds, results in {out_dir}")
     table.add_column("model")
     table.add_column("mean accuracy", justify="right")
     table.add_column("worst-10% clients", justify="right")
@@ -97,6 +98,9 @@ def _table(summary: dict[str, Any], out_dir: Path) -> None:
         if ratio
         else "no client trained"
     )
+    down = final.get("bytes_down_per_client_round")
+    if down:
+        console.print(f"download per client per round (training): {_bytes(down)}")
     console.print(f"wall time: {final['wall_s']:.1f} s in the ServerApp")
 
 
