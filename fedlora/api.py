@@ -308,21 +308,17 @@ def _sweep(
             for personalization in personalizations:
                 extra = dict((per_strategy or {}).get(strategy, {}))
                 flat = {**common, **extra, "seed": seed}
+                flat.setdefault("local_only_baseline", seed not in measured)
                 try:
-                    RunConfig.from_flat(
-                        {
-                            k.replace("_", "-"): v
-                            for k, v in flat.items()
-                            if k not in ("clients", "rounds", "data", "cpus_per_client", "on_event")
-                        }
-                        | {"strategy": strategy, "personalization": personalization}
-                    )
+                    cfg = _config_of(flat, strategy, personalization)
                 except ConfigError:
                     continue
-                flat.setdefault("local_only_baseline", seed not in measured)
                 measured.add(seed)
-                name = f"{strategy}__{personalization}__seed{seed}"
-                result = run(strategy=strategy, personalization=personalization, out=Path(out) / name, **flat)
+                run_dir = out / f"{strategy}__{personalization}__seed{seed}"
+                if reuse and _finished_run_of(run_dir, cfg, flat.get("clients")):
+                    result = load_results(run_dir)
+                else:
+                    result = run(strategy=strategy, personalization=personalization, out=run_dir, **flat)
                 results.append(result)
                 if on_run is not None:
                     on_run(result)

@@ -1,0 +1,80 @@
+"""The Python API's bookkeeping: results tables, and sweeps that reuse finished runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import fedlora
+from fedlora.api import load_results
+from fedlora.config import RunConfig
+
+
+def _finished(run_dir, *, strategy="fedavg", seed=0, clients=3, local=0.5, glob=0.4, pers=0.8, **flat):
+    cfg = RunConfig.from_flat(
+        {"strategy": strategy, "seed": seed, **{k.replace("_", "-"): v for k, v in flat.items()}}
+    )
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({**cfg.to_flat(), "min-clients": clients}))
+    final = {
+        "global_accuracy": glob,
+        "global_accuracy_worst10": glob / 2,
+        "personalized_accuracy": pers,
+        "personalized_accuracy_worst10": pers / 2,
+        "local_only_accuracy": local,
+        "local_only_accuracy_worst10": None if local is None else local / 2,
+        "bytes_up_per_client_round": 100.0,
+        "bytes_down_per_client_round": 200.0,
+        "wall_s": 1.0,
+    }
+    rounds = [{"round": 1, "global_accuracy": glob, "personalized_accuracy": pers, "bytes_up": 300}]
+    per_client = {"final_round": {"0": {"global_accuracy": glob, "personalized_accuracy": pers}}}
+    summary = {
+        "rounds": rounds,
+        "final": final,
+        "per_client": {**per_client, "local_only_accuracy": {"0": local}},
+        "strategy": strategy,
+        "personalization": "dual",
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+def test_sweep_reuses_finished_runs_of_the_same_configuration(tmp_path, monkeypatch):
+    _finished(tmp_path / "fedavg__auto__seed0", local_only_baseline=True)
+    _finished(tmp_path / "ffa-lora__auto__seed0", strategy="ffa-lora", local=None, local_only_baseline=False)
+    calls = []
+    monkeypatch.setattr("fedlora.api.run", lambda **kw: calls.append(kw))
+    grid = fedlora.sweep(strategies=["fedavg", "ffa-lora"], out=tmp_path, reuse=True, clients=3)
+    assert calls == [] and [r.strategy for r in grid] == ["fedavg", "ffa-lora"]
+    table = grid.to_dataframe()
+    # The baseline measured once per seed fills every row of that seed.
+    assert list(table["local_only_accuracy"]) == [0.5, 0.5]
+    assert list(table["personalized_accuracy"]) == [0.8, 0.8]
+    assert set(grid.rounds()["strategy"]) == {"fedavg", "ffa-lora"}
+    assert list(grid.per_client()["client"]) == ["0", "0"]
+
+
+@pytest.mark.parametrize("change", [{"clients": 4}, {"lora_rank": 4}, {"rounds": 9}])
+def test_sweep_runs_again_when_the_configuration_differs(tmp_path, monkeypatch, change):
+    _finished(tmp_path / "fedavg__auto__seed0", local_only_baseline=True)
+    calls = []
+
+    def fake_run(**kw):
+        calls.append(kw)
+        return load_results(tmp_path / "fedavg__auto__seed0")
+
+    monkeypatch.setattr("fedlora.api.run", fake_run)
+    fedlora.sweep(strategies=["fedavg"], out=tmp_path, reuse=True, **{"clients": 3, **change})
+    assert len(calls) == 1 and calls[0]["strategy"] == "fedavg"
+
+
+def test_sweep_skips_combinations_the_configuration_rejects(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr("fedlora.api.run", lambda **kw: calls.append(kw) or load_results(tmp_path / "r"))
+    _finished(tmp_path / "r")
+    fedlora.sweep(
+        strategies=["fedsa-lora", "fedavg"], personalizations=["ditto"], out=tmp_path / "s", clients=3
+    )
+    assert [(c["strategy"], c["personalization"]) for c in calls] == [("fedavg", "ditto")]
+    assert calls[0]["local_only_baseline"] is True
