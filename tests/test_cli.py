@@ -57,3 +57,22 @@ def test_a_mismatched_personalization_stops_with_one_line(capsys):
         "fedlora: error: personalization: 'fedsa-lora' does not fit strategy 'fedavg'; "
         "fedsa-lora as either needs fedsa-lora (or auto) as the other"
     )
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_name_reaches_the_api_from_the_command(monkeypatch, name):
+    seen = {}
+    monkeypatch.setattr("fedlora.api.run", lambda **kw: seen.update(kw) or (_ for _ in ()).throw(_Stop()))
+    with pytest.raises(_Stop):
+        cli.main(["simulate", "--strategy", name])
+    assert seen["strategy"] == name and seen["personalization"] == "auto"
+
+
+@pytest.mark.parametrize("name", sorted(PERSONALIZATIONS))
+def test_every_personalization_name_reaches_the_api_from_the_command(monkeypatch, name):
+    seen = {}
+    monkeypatch.setattr("fedlora.api.run", lambda **kw: seen.update(kw) or (_ for _ in ()).throw(_Stop()))
+    strategy = "fedsa-lora" if name == "fedsa-lora" else "fedavg"
+    with pytest.raises(_Stop):
+        cli.main(["simulate", "--strategy", strategy, "--personalization", name])
+    assert seen["personalization"] == name
