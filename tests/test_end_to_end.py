@@ -19,7 +19,7 @@ TINY = "model=tiny-bert max-length=16 local-steps=2 personal-steps=1 batch-size=
 
 
 def _flower_processes() -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if "flower-superlink" in line or "flower-superexec" in line]
 
 
