@@ -101,6 +101,12 @@ def _table(summary: dict[str, Any], out_dir: Path) -> None:
     down = final.get("bytes_down_per_client_round")
     if down:
         console.print(f"download per client per round (training): {_bytes(down)}")
+    eps = final.get("epsilon_max")
+    if eps is not None and not math.isnan(eps):
+        console.print(
+            f"DP-SGD: largest epsilon spent by a client {eps:.2f}; "
+            f"{final.get('clients_out_of_budget', 0)} clients at their budget"
+        )
     console.print(f"wall time: {final['wall_s']:.1f} s in the ServerApp")
 
 

@@ -13,16 +13,18 @@ from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora import keys
-from fedlora.config import ModelConfig, RunConfig
-from fedlora.errors import ConfigError, FedloraError
+from fedlora.config import ModelConfig, PrivacyConfig, RunConfig
+from fedlora.errors import BudgetExhausted, ConfigError, FedloraError
 
 if TYPE_CHECKING:
     from fedlora.adapters import AdapterState
     from fedlora.data.federated import ClientData
+    from fedlora.privacy import PrivacyLedger
+    from fedlora.privacy.dpsgd import DPSettings
     from fedlora.protocol import ClientView
     from fedlora.train import Tokenized
 
@@ -36,6 +38,10 @@ _PERSONAL_STATE = "fedlora-personal-adapter"
 _KEPT_STATE = "fedlora-kept-parts"
 # Error code of a reply that reports bad local input (config, data, model) instead of crashing.
 CLIENT_INPUT_ERROR = 4100
+# Error code of a training reply declined because the client's epsilon budget would be exceeded.
+CLIENT_BUDGET_EXHAUSTED = 4101
+_LEDGER_STATE = "fedlora-privacy-ledger"
+_DECLINED_STATE = "fedlora-budget-declined"
 
 Handler = Callable[[Message, Context], Message]
 
@@ -49,9 +55,8 @@ def _reply_errors(handler: Handler) -> Handler:
             return handler(message, context)
         except FedloraError as err:
             log.error("fedlora client %s: %s", context.node_config.get("partition-id", "?"), err)
-            return Message(
-                Error(code=CLIENT_INPUT_ERROR, reason=f"{type(err).__name__}: {err}"), reply_to=message
-            )
+            code = CLIENT_BUDGET_EXHAUSTED if isinstance(err, BudgetExhausted) else CLIENT_INPUT_ERROR
+            return Message(Error(code=code, reason=f"{type(err).__name__}: {err}"), reply_to=message)
 
     return wrapped
 
@@ -77,6 +82,12 @@ def _client_data(
     train = tokenize(tok, data.train_texts, data.train_labels if classify else None, cfg.model.max_length)
     test = tokenize(tok, data.test_texts, data.test_labels if classify else None, cfg.model.max_length)
     return data, train, test
+
+
+@lru_cache(maxsize=64)
+def _noise(privacy: PrivacyConfig, sample_rate: float, total_steps: int) -> float:
+    # Calibrating to a target epsilon is a search over the accountant: once per client shape.
+    return privacy.noise_for(sample_rate, total_steps)
 
 
 class _Client:
@@ -146,6 +157,70 @@ class _Client:
         self.loaded.set_base_delta(view.base_delta)
         return view
 
+    def dp(self) -> DPSettings | None:
+        """DP-SGD settings of this client, or None when DP is off."""
+        if not self.cfg.privacy.enabled:
+            return None
+        from fedlora.privacy.dpsgd import DPSettings
+
+        train = self.cfg.train
+        rate = min(1.0, train.batch_size / max(1, self.data.num_train))
+        total = self.cfg.federation.num_server_rounds * (train.local_steps + train.personal_steps)
+        return DPSettings(_noise(self.cfg.privacy, rate, total), self.cfg.privacy.dp_max_grad_norm, rate)
+
+    def ledger(self) -> PrivacyLedger:
+        """Every DP-SGD step this client has taken in the run."""
+        from fedlora.privacy import PrivacyLedger
+
+        record = self.state.config_records.get(_LEDGER_STATE)
+        return PrivacyLedger.from_record(record) if record else PrivacyLedger(self.cfg.privacy.dp_accountant)
+
+    def _epsilon_after(self, steps: int, dp: DPSettings) -> float:
+        return self.ledger().epsilon_after(
+            steps,
+            noise_multiplier=dp.noise_multiplier,
+            sample_rate=dp.sample_rate,
+            delta=self.cfg.privacy.dp_delta,
+        )
+
+    def within_budget(self, steps: int, dp: DPSettings) -> bool:
+        """Whether ``steps`` more DP-SGD steps keep epsilon within the budget."""
+        return self._epsilon_after(steps, dp) <= self.cfg.privacy.dp_epsilon_budget
+
+    def check_budget(self, steps: int, dp: DPSettings) -> None:
+        """Refuse, with the reason, to start work whose ``steps`` would break the budget."""
+        if not self.within_budget(steps, dp):
+            self.state[_DECLINED_STATE] = ConfigRecord({"declined": True})
+            raise BudgetExhausted(
+                f"client {self.partition_id}: {steps} more DP-SGD steps would bring epsilon to "
+                f"{self._epsilon_after(steps, dp):.3f}, over its budget "
+                f"{self.cfg.privacy.dp_epsilon_budget:g}; it declines to train and keeps evaluating"
+            )
+
+    def declined(self) -> bool:
+        """Whether this client has declined a round for its budget (it then stops training)."""
+        return _DECLINED_STATE in self.state.config_records
+
+    def spend(self, steps: int, dp: DPSettings | None) -> None:
+        """Record ``steps`` DP-SGD steps in the ledger kept in the node's state."""
+        if dp is None or steps <= 0:
+            return
+        ledger = self.ledger()
+        ledger.record(steps, noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate)
+        self.state[_LEDGER_STATE] = ledger.to_record()
+
+    def privacy_metrics(self, dp: DPSettings | None) -> dict[str, float | int]:
+        """Epsilon spent so far and whether a full round more would break the budget."""
+        if dp is None:
+            return {}
+        train = self.cfg.train
+        return {
+            keys.M_EPSILON: self.ledger().epsilon(self.cfg.privacy.dp_delta),
+            keys.M_BUDGET_EXHAUSTED: int(
+                not self.within_budget(train.local_steps + train.personal_steps, dp)
+            ),
+        }
+
     def seed(self, server_round: int, salt: int = 0) -> int:
         return self.cfg.federation.seed * 1_000_003 + server_round * 10_007 + self.partition_id * 101 + salt
 
@@ -192,6 +267,10 @@ def train(message: Message, context: Context) -> Message:
     server_round = _config_int(message, keys.C_SERVER_ROUND)
     view = client.view(message)
     mu = _config_float(message, keys.C_PROXIMAL_MU) if client.protocol.proximal else 0.0
+    dp = client.dp()
+    if dp is not None:
+        # A round is the shared and the personal steps: start it only if both fit in the budget.
+        client.check_budget(client.cfg.train.local_steps + client.cfg.train.personal_steps, dp)
     state, result = train_shared(
         client.loaded,
         client.train,
@@ -200,7 +279,9 @@ def train(message: Message, context: Context) -> Message:
         seed=client.seed(server_round),
         frozen=client.protocol.frozen,
         proximal_mu=mu,
+        dp=dp,
     )
+    client.spend(result.steps, dp)
     client.keep(state)
     metrics = {
         keys.M_NUM_EXAMPLES: client.data.num_train,
@@ -208,6 +289,7 @@ def train(message: Message, context: Context) -> Message:
         keys.M_TRAIN_LOSS: result.loss,
         keys.M_TRAIN_STEPS: result.steps,
         keys.M_TRAIN_WALL_S: result.wall_s,
+        **client.privacy_metrics(dp),
     }
     return _reply(message, metrics, to_record(sent_parts(client.protocol, state)))
 
@@ -227,10 +309,15 @@ def evaluate(message: Message, context: Context) -> Message:
     client = _Client(context)
     server_round = _config_int(message, keys.C_SERVER_ROUND)
     view = client.view(message)
-    local = Local(
-        client.loaded, client.train, client.test, view, client.cfg.train, client.seed(server_round, 1)
-    )
-    stored, result = client.method.update(local, client.personal())
+    dp = client.dp()
+    seed = client.seed(server_round, 1)
+    local = Local(client.loaded, client.train, client.test, view, client.cfg.train, seed, dp)
+    stored, result = client.personal(), None
+    # A client that declined a round for its budget stops training altogether, personal
+    # adapter included, and only evaluates; otherwise the personal steps complete its round.
+    if dp is None or (not client.declined() and client.within_budget(client.cfg.train.personal_steps, dp)):
+        stored, result = client.method.update(local, stored)
+        client.spend(result.steps if result else 0, dp)
     if stored is not None:
         client.state[_PERSONAL_STATE] = to_record(stored)
     global_only = evaluate_adapter(client.loaded, client.test, view.global_state)
@@ -246,6 +333,7 @@ def evaluate(message: Message, context: Context) -> Message:
             keys.M_LOSS_PERSONALIZED: personalized.loss,
             keys.M_PERSONAL_STEPS: result.steps if result else 0,
             keys.M_PERSONAL_LOSS: result.loss if result else 0.0,
+            **client.privacy_metrics(dp),
         },
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,7 @@ __all__ = [
     "DataConfig",
     "FederationConfig",
     "ModelConfig",
+    "PrivacyConfig",
     "RunConfig",
     "TrainConfig",
     "TASKS",
@@ -189,11 +191,73 @@ class FederationConfig:
         return "fedsa-lora" if self.strategy == "fedsa-lora" else "dual"
 
 
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Sample-level DP-SGD on every client (off while both noise and target epsilon are 0).
+
+    ``dp-target-epsilon`` > 0 picks each client's noise multiplier so that its whole run
+    (rounds x (local + personal steps), at its own sample rate) spends that epsilon;
+    otherwise ``dp-noise-multiplier`` is used as given. A client whose next round would
+    take it past ``dp-epsilon-budget`` declines to train.
+    """
+
+    dp_noise_multiplier: float = 0.0
+    dp_target_epsilon: float = 0.0
+    dp_max_grad_norm: float = 1.0
+    dp_delta: float = 1e-5
+    dp_accountant: str = "rdp"
+    dp_epsilon_budget: float = math.inf
+
+    def __post_init__(self) -> None:
+        from fedlora.privacy.ledger import ACCOUNTANTS
+
+        if self.dp_noise_multiplier < 0:
+            raise _fail(
+                "dp-noise-multiplier",
+                "a number >= 0 (0: DP off unless dp-target-epsilon)",
+                self.dp_noise_multiplier,
+            )
+        if self.dp_target_epsilon < 0:
+            raise _fail(
+                "dp-target-epsilon", "a number >= 0 (0: use dp-noise-multiplier)", self.dp_target_epsilon
+            )
+        if self.dp_max_grad_norm <= 0:
+            raise _fail("dp-max-grad-norm", "a positive number", self.dp_max_grad_norm)
+        if not 0.0 < self.dp_delta < 1.0:
+            raise _fail("dp-delta", "a number in (0, 1)", self.dp_delta)
+        if self.dp_accountant not in ACCOUNTANTS:
+            raise _fail("dp-accountant", f"one of {', '.join(ACCOUNTANTS)}", self.dp_accountant)
+        if not self.dp_epsilon_budget > 0:
+            raise _fail("dp-epsilon-budget", "a positive number (inf: no budget)", self.dp_epsilon_budget)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether clients train with DP-SGD."""
+        return self.dp_noise_multiplier > 0 or self.dp_target_epsilon > 0
+
+    def noise_for(self, sample_rate: float, total_steps: int) -> float:
+        """The noise multiplier of a client with this sample rate and number of steps in the run."""
+        if self.dp_target_epsilon <= 0:
+            return self.dp_noise_multiplier
+        from opacus.accountants.utils import get_noise_multiplier
+
+        return float(
+            get_noise_multiplier(
+                target_epsilon=self.dp_target_epsilon,
+                target_delta=self.dp_delta,
+                sample_rate=sample_rate,
+                steps=total_steps,
+                accountant=self.dp_accountant,
+            )
+        )
+
+
 _SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
     "train": TrainConfig,
     "federation": FederationConfig,
+    "privacy": PrivacyConfig,
 }
 
 
@@ -247,6 +311,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         from fedlora.strategies import strategy_info
@@ -257,6 +322,15 @@ class RunConfig:
             raise ConfigError(
                 f"client-ranks: per-client ranks need strategy {' or '.join(heterogeneous)} "
                 f"(one rank for all: lora-rank), got {self.federation.strategy!r}"
+            )
+        # A regulariser's gradient bypasses DP-SGD's per-example clipping: not combined yet.
+        regularized = info.protocol.proximal or self.federation.resolved_personalization() == "ditto"
+        if self.privacy.enabled and regularized:
+            fed = self.federation
+            raise ConfigError(
+                f"dp-noise-multiplier: DP-SGD is not yet available with strategy {fed.strategy!r} and "
+                f"personalization {fed.resolved_personalization()!r} (fedprox and ditto add a regulariser); "
+                "use another strategy or personalization, or turn DP off"
             )
 
     @classmethod

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DataError", "FedloraError", "ModelError"]
+__all__ = ["BudgetExhausted", "ConfigError", "DataError", "FedloraError", "ModelError"]
 
 
 class FedloraError(Exception):
@@ -19,3 +19,7 @@ class DataError(FedloraError, ValueError):
 
 class ModelError(FedloraError, ValueError):
     """A base model cannot be resolved or does not fit the task."""
+
+
+class BudgetExhausted(FedloraError):
+    """A client declines to train: its next round would take it past its epsilon budget."""

@@ -18,6 +18,8 @@ __all__ = [
     "M_TRAIN_STEPS",
     "M_TRAIN_WALL_S",
     "M_PERSONAL_LOSS",
+    "M_EPSILON",
+    "M_BUDGET_EXHAUSTED",
     "M_PERSONAL_STEPS",
     "C_SERVER_ROUND",
     "C_LOCAL_STEPS",
@@ -50,3 +52,5 @@ M_ACCURACY_PERSONALIZED = "accuracy-personalized"
 M_ACCURACY_LOCAL_ONLY = "accuracy-local-only"
 M_LOSS_GLOBAL = "loss-global"
 M_LOSS_PERSONALIZED = "loss-personalized"
+M_EPSILON = "epsilon"  # DP: epsilon this client has spent so far, at the run's delta
+M_BUDGET_EXHAUSTED = "budget-exhausted"  # DP: 1 when the next round would exceed the budget

@@ -13,6 +13,8 @@ from fedlora.train import EvalResult, Tokenized, TrainResult, evaluate, train_st
 if TYPE_CHECKING:
     import torch
 
+    from fedlora.privacy.dpsgd import DPSettings
+
 __all__ = ["evaluate_adapter", "local_only", "train_adapter", "train_shared"]
 
 
@@ -26,9 +28,21 @@ def train_adapter(
     seed: int,
     frozen: Collection[str] = (),
     regularizer: Callable[[], torch.Tensor] | None = None,
+    dp: DPSettings | None = None,
 ) -> TrainResult:
-    """Train the last adapter in ``names`` (all of them compute) for ``steps`` steps."""
+    """Train the last adapter in ``names`` (all of them compute) for ``steps`` steps.
+
+    With ``dp``, the steps are DP-SGD steps (`fedlora.privacy.dpsgd`).
+    """
     activate(loaded.model, names, trainable=names[-1:], frozen=frozen)
+    if dp is not None:
+        if regularizer is not None:
+            raise ValueError("train_adapter: DP-SGD with a regulariser is not supported")
+        from fedlora.privacy.dpsgd import dp_train_steps
+
+        return dp_train_steps(
+            loaded.model, train, steps=steps, learning_rate=cfg.learning_rate, seed=seed, dp=dp
+        )
     return train_steps(
         loaded.model,
         train,
@@ -49,17 +63,26 @@ def train_shared(
     seed: int,
     frozen: Collection[str] = (),
     proximal_mu: float = 0.0,
+    dp: DPSettings | None = None,
 ) -> tuple[AdapterState, TrainResult]:
     """Train the shared adapter alone for ``local_steps`` from ``start``: what the client sends back.
 
     ``frozen`` parts stay at ``start`` (FFA-LoRA's A); ``proximal_mu > 0`` adds FedProx's
-    ``mu/2 ||w - start||^2``.
+    ``mu/2 ||w - start||^2``; ``dp`` makes the steps DP-SGD steps.
     """
     load_adapter_state(loaded.model, GLOBAL, start)
     activate(loaded.model, [GLOBAL], trainable=[GLOBAL], frozen=frozen)
     regularizer = proximal_term(loaded.model, GLOBAL, start, proximal_mu) if proximal_mu > 0 else None
     result = train_adapter(
-        loaded, train, [GLOBAL], cfg.local_steps, cfg, seed=seed, frozen=frozen, regularizer=regularizer
+        loaded,
+        train,
+        [GLOBAL],
+        cfg.local_steps,
+        cfg,
+        seed=seed,
+        frozen=frozen,
+        regularizer=regularizer,
+        dp=dp,
     )
     return adapter_state(loaded.model, GLOBAL), result
 

@@ -53,6 +53,7 @@ class RoundRecord:
     personalized_accuracy_worst10: float = math.nan
     global_accuracy_worst10: float = math.nan
     per_client: dict[str, dict[str, float]] = field(default_factory=dict)
+    epsilon_max: float = math.nan
     wall_s: float = 0.0
 
 
@@ -108,6 +109,8 @@ class RunRecorder:
             else None,
             "bytes_up_per_client_round": per_client,
             "bytes_down_per_client_round": down_per_client,
+            "epsilon_max": last.epsilon_max,
+            "clients_out_of_budget": sum(bool(c.get("budget_exhausted")) for c in last.per_client.values()),
             "full_model_bytes": self.full_model_bytes,
             "wall_s": time.perf_counter() - self.started,
         }
@@ -125,6 +128,7 @@ class RunRecorder:
                     "bytes_down": r.bytes_down,
                     "clients_trained": r.clients_trained,
                     "clients_failed": r.clients_failed,
+                    "epsilon_max": r.epsilon_max,
                     "wall_s": r.wall_s,
                 }
                 for r in rounds

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from fedlora.adapters import AdapterState
     from fedlora.config import TrainConfig
     from fedlora.models import LoadedModel
+    from fedlora.privacy.dpsgd import DPSettings
     from fedlora.protocol import ClientView
     from fedlora.train import EvalResult, Tokenized, TrainResult
 
@@ -23,7 +24,7 @@ class Local:
     """What a personalization method works with on one client in one round.
 
     ``view`` is the client's reading of the new global adapter; ``seed`` seeds this
-    round's personal training.
+    round's personal training; ``dp``, when set, makes it DP-SGD.
     """
 
     loaded: LoadedModel
@@ -32,6 +33,7 @@ class Local:
     view: ClientView
     cfg: TrainConfig
     seed: int
+    dp: DPSettings | None = None
 
 
 class Personalization(ABC):

@@ -68,6 +68,7 @@ class Dual(Personalization):
             local.cfg.personal_steps,
             local.cfg,
             seed=local.seed,
+            dp=local.dp,
         )
         return _head_plus(adapter_state(model, PERSONAL), glob, -1.0), result
 

@@ -37,7 +37,13 @@ class FineTune(Personalization):
         if not local.cfg.personal_steps:
             return adapter_state(model, PERSONAL), None
         result = train_adapter(
-            local.loaded, local.train, [PERSONAL], local.cfg.personal_steps, local.cfg, seed=local.seed
+            local.loaded,
+            local.train,
+            [PERSONAL],
+            local.cfg.personal_steps,
+            local.cfg,
+            seed=local.seed,
+            dp=local.dp,
         )
         return adapter_state(model, PERSONAL), result
 

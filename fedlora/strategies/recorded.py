@@ -101,9 +101,20 @@ class Recorded(Strategy):
                 "global_accuracy": _metric(m, keys.M_ACCURACY_GLOBAL),
                 "personalized_accuracy": _metric(m, keys.M_ACCURACY_PERSONALIZED),
                 "num_test_examples": _metric(m, keys.M_NUM_EXAMPLES),
+                # With DP: epsilon spent so far, and whether the next round would break the budget.
+                **(
+                    {
+                        "epsilon": _metric(m, keys.M_EPSILON),
+                        "budget_exhausted": bool(_metric(m, keys.M_BUDGET_EXHAUSTED) == 1),
+                    }
+                    if not math.isnan(_metric(m, keys.M_EPSILON))
+                    else {}
+                ),
             }
             for m in ok
         }
+        spent = [c["epsilon"] for c in record.per_client.values() if "epsilon" in c]
+        record.epsilon_max = max(spent) if spent else math.nan
         glob = [c["global_accuracy"] for c in record.per_client.values()]
         pers = [c["personalized_accuracy"] for c in record.per_client.values()]
         # Personalization papers report the unweighted mean over clients: every user counts once.

@@ -1,0 +1,5 @@
+"""Differential privacy: DP-SGD with Opacus on the adapters, and a per-client epsilon ledger."""
+
+from fedlora.privacy.ledger import ACCOUNTANTS, PrivacyLedger
+
+__all__ = ["ACCOUNTANTS", "PrivacyLedger"]

@@ -1,0 +1,197 @@
+"""DP-SGD on the adapters: epsilon that accumulates across rounds, budgets, bad settings."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from helpers import as_server
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from fedlora import keys
+from fedlora.adapters import to_record
+from fedlora.client_app import CLIENT_BUDGET_EXHAUSTED, app
+from fedlora.config import RunConfig
+from fedlora.errors import ConfigError
+from fedlora.models import build_model
+from fedlora.privacy import PrivacyLedger
+from fedlora.privacy.dpsgd import DPSettings, dp_train_steps
+from fedlora.train import tokenize
+
+NOISE, DELTA = 1.1, 1e-5
+
+
+@pytest.fixture
+def dp_cfg(tiny_cfg, jsonl_dir):
+    return tiny_cfg.replace(
+        data_dir=str(jsonl_dir), labels="cooking,music,sport", dp_noise_multiplier=NOISE, dp_delta=DELTA
+    )
+
+
+def _round(cfg, context, server_round):
+    """One train and one evaluate message to this client, as a server would send them."""
+    as_server()
+    loaded = build_model(cfg.model, 3, seed=0)
+    content = {
+        keys.ARRAYS: to_record(loaded.initial_global),
+        keys.CONFIG: ConfigRecord({keys.C_SERVER_ROUND: server_round}),
+    }
+    train = app(Message(content=RecordDict(content), dst_node_id=1, message_type="train"), context)
+    evaluation = app(Message(content=RecordDict(content), dst_node_id=1, message_type="evaluate"), context)
+    return train, evaluation
+
+
+def _context(cfg):
+    return Context(
+        run_id=1,
+        node_id=1,
+        state=RecordDict(),
+        run_config=cfg.to_flat(),
+        node_config={"partition-id": 0, "num-partitions": 3},
+    )
+
+
+def test_reported_epsilon_equals_an_independent_accountant_after_several_rounds(dp_cfg):
+    context = _context(dp_cfg)
+    rounds, per_round = 3, dp_cfg.train.local_steps + dp_cfg.train.personal_steps
+    sample_rate = dp_cfg.train.batch_size / 16  # client-0 has 16 training records
+    reported = []
+    for server_round in range(1, rounds + 1):
+        train, evaluation = _round(dp_cfg, context, server_round)
+        assert not train.has_error() and not evaluation.has_error()
+        reported.append(evaluation.content.metric_records[keys.METRICS][keys.M_EPSILON])
+    independent = RDPAccountant()
+    for _ in range(rounds * per_round):
+        independent.step(noise_multiplier=NOISE, sample_rate=sample_rate)
+    expected = independent.get_epsilon(DELTA)
+    assert reported[-1] == pytest.approx(expected, rel=0.01)
+    assert reported[0] < reported[1] < reported[2]  # accumulates; never restarts
+
+
+def test_ledger_round_trips_and_matches_opacus_for_both_accountants():
+    for name, accountant in (("rdp", RDPAccountant()), ("prv", PRVAccountant())):
+        ledger = PrivacyLedger(name)
+        ledger.record(10, noise_multiplier=1.0, sample_rate=0.1)
+        ledger.record(5, noise_multiplier=1.0, sample_rate=0.1)
+        ledger.record(4, noise_multiplier=2.0, sample_rate=0.2)
+        ledger = PrivacyLedger.from_record(ledger.to_record())
+        assert ledger.history == [(1.0, 0.1, 15), (2.0, 0.2, 4)] and ledger.steps == 19
+        for _ in range(15):
+            accountant.step(noise_multiplier=1.0, sample_rate=0.1)
+        for _ in range(4):
+            accountant.step(noise_multiplier=2.0, sample_rate=0.2)
+        assert ledger.epsilon(DELTA) == pytest.approx(accountant.get_epsilon(DELTA), rel=0.01)
+    assert PrivacyLedger().epsilon(DELTA) == 0.0
+
+
+def test_a_client_stops_training_exactly_when_its_next_round_would_exceed_the_budget(dp_cfg):
+    per_round = dp_cfg.train.local_steps + dp_cfg.train.personal_steps
+    after = []
+    for rounds in (2, 3):
+        ledger = PrivacyLedger()
+        ledger.record(rounds * per_round, noise_multiplier=NOISE, sample_rate=dp_cfg.train.batch_size / 16)
+        after.append(ledger.epsilon(DELTA))
+    budget = (after[0] + after[1]) / 2  # two rounds fit, the third does not
+    cfg = dp_cfg.replace(dp_epsilon_budget=budget)
+    context = _context(cfg)
+    replies = [_round(cfg, context, r) for r in (1, 2, 3, 4)]
+    assert [t.has_error() for t, _ in replies] == [False, False, True, True]
+    declined = replies[2][0].error
+    assert declined.code == CLIENT_BUDGET_EXHAUSTED
+    assert "client 0:" in declined.reason and f"over its budget {budget:g}" in declined.reason
+    metrics = [e.content.metric_records[keys.METRICS] for _, e in replies]
+    assert [m[keys.M_BUDGET_EXHAUSTED] for m in metrics] == [0, 1, 1, 1]
+    assert [m[keys.M_PERSONAL_STEPS] for m in metrics] == [dp_cfg.train.personal_steps] * 2 + [0, 0]
+    assert metrics[1][keys.M_EPSILON] == pytest.approx(after[0], rel=1e-6)
+    assert metrics[3][keys.M_EPSILON] == metrics[1][keys.M_EPSILON] <= budget
+
+
+def test_dp_sgd_clips_and_noises_per_example_and_leaves_the_model_reusable(tiny_model):
+    data = tokenize(
+        tiny_model.tokenizer, [f"goal match {i}" for i in range(16)], [i % 2 for i in range(16)], 16
+    )
+    from fedlora.adapters import activate, adapter_state
+    from fedlora.models import GLOBAL
+
+    def run(noise):
+        from fedlora.adapters import load_adapter_state
+
+        load_adapter_state(tiny_model.model, GLOBAL, tiny_model.initial_global)
+        activate(tiny_model.model, [GLOBAL], trainable=[GLOBAL])
+        dp = DPSettings(noise_multiplier=noise, max_grad_norm=0.5, sample_rate=0.25)
+        result = dp_train_steps(tiny_model.model, data, steps=4, learning_rate=1e-2, seed=0, dp=dp)
+        return adapter_state(tiny_model.model, GLOBAL), result
+
+    quiet, result = run(0.0)
+    noisy, _ = run(5.0)
+    again, _ = run(5.0)  # the cached model can be wrapped again: no hooks left behind
+    assert result.steps == 4 and math.isfinite(result.loss)
+    assert all(torch.equal(noisy[k], again[k]) for k in noisy)  # seeded
+    assert any(not torch.equal(quiet[k], noisy[k]) for k in quiet)
+    assert not any(
+        hasattr(p, "grad_sample") and p.grad_sample is not None for p in tiny_model.model.parameters()
+    )
+
+
+@pytest.mark.parametrize(
+    ("flat", "message"),
+    [
+        ({"dp-noise-multiplier": -1}, "dp-noise-multiplier: must be a number >= 0"),
+        ({"dp-delta": 1.0}, "dp-delta: must be a number in (0, 1), got 1.0"),
+        ({"dp-epsilon-budget": 0}, "dp-epsilon-budget: must be a positive number (inf: no budget), got 0.0"),
+        ({"dp-accountant": "gdp"}, "dp-accountant: must be one of rdp, prv, got 'gdp'"),
+        (
+            {"dp-noise-multiplier": 1.0, "strategy": "fedprox"},
+            "dp-noise-multiplier: DP-SGD is not yet available with strategy 'fedprox'",
+        ),
+    ],
+)
+def test_bad_privacy_settings_name_the_field(flat, message):
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_flat(flat)
+    assert str(err.value).startswith(message)
+
+
+def test_target_epsilon_calibrates_the_noise():
+    privacy = RunConfig.from_flat({"dp-target-epsilon": 8.0}).privacy
+    noise = privacy.noise_for(0.25, 30)
+    ledger = PrivacyLedger()
+    ledger.record(30, noise_multiplier=noise, sample_rate=0.25)
+    assert privacy.enabled and 0 < noise and ledger.epsilon(privacy.dp_delta) == pytest.approx(8.0, rel=0.02)
+
+
+@pytest.mark.slow
+def test_a_dp_federation_completes_when_clients_run_out_of_budget(tmp_path, jsonl_dir):
+    from fedlora.api import run
+
+    # Budget: one round (2 + 1 steps at q = 8/16) fits, a second does not.
+    ledger = PrivacyLedger()
+    ledger.record(3, noise_multiplier=NOISE, sample_rate=0.5)
+    one_round = ledger.epsilon(DELTA)
+    ledger.record(3, noise_multiplier=NOISE, sample_rate=0.5)
+    budget = (one_round + ledger.epsilon(DELTA)) / 2
+    result = run(
+        clients=3,
+        rounds=3,
+        out=tmp_path / "run",
+        data=jsonl_dir,
+        model="tiny-bert",
+        max_length=16,
+        local_steps=2,
+        personal_steps=1,
+        batch_size=8,
+        local_only_baseline=False,
+        dp_noise_multiplier=NOISE,
+        dp_epsilon_budget=budget,
+    )
+    rounds = result.rounds
+    assert [r["clients_trained"] for r in rounds] == [3, 0, 0]
+    assert [r["clients_failed"] for r in rounds] == [0, 3, 3]
+    assert result.final["clients_out_of_budget"] == 3
+    clients = result.summary["per_client"]["final_round"]
+    assert all(c["budget_exhausted"] and c["epsilon"] <= budget for c in clients.values())
+    assert result.final["epsilon_max"] == pytest.approx(one_round, rel=1e-6)
+    events = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert "declines to train" in events
