@@ -29,6 +29,7 @@ test: lint
 bench: $(BIN)/.installed
 	$(BIN)/python simulations/bench_upload.py
 	$(BIN)/python simulations/bench_overhead.py
+	$(BIN)/python simulations/bench_dp.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
