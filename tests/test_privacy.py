@@ -195,3 +195,20 @@ def test_a_dp_federation_completes_when_clients_run_out_of_budget(tmp_path, json
     assert result.final["epsilon_max"] == pytest.approx(one_round, rel=1e-6)
     events = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert "declines to train" in events
+
+
+def test_with_dp_on_a_client_still_sends_only_adapter_tensors_and_scalars(dp_cfg):
+    context = _context(dp_cfg)
+    expected = list(build_model(dp_cfg.model, 3, seed=0).initial_global)
+    for server_round in (1, 2):
+        train, evaluation = _round(dp_cfg, context, server_round)
+        assert set(train.content.array_records) == {keys.ARRAYS}
+        assert list(train.content[keys.ARRAYS].keys()) == expected
+        assert not evaluation.content.array_records
+        for reply in (train, evaluation):
+            assert not reply.content.config_records
+            metrics = reply.content.metric_records[keys.METRICS]
+            assert keys.M_EPSILON in metrics and keys.M_BUDGET_EXHAUSTED in metrics
+            assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
+    # The ledger is node state, not something sent.
+    assert "fedlora-privacy-ledger" in context.state.config_records
