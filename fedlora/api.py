@@ -149,13 +149,7 @@ def run(
     """
     from fedlora.launch import simulate
 
-    flat: dict[str, Scalar] = {k.replace("_", "-"): v for k, v in overrides.items()}
-    flat["strategy"], flat["personalization"] = strategy, personalization
-    if rounds is not None:
-        flat["num-server-rounds"] = rounds
-    if data is not None:
-        flat["data-dir"] = str(Path(data).expanduser().resolve())
-    cfg = RunConfig.from_flat(flat)
+    cfg = _config_of({**overrides, "rounds": rounds, "data": data}, strategy, personalization)
     num_clients = clients if clients is not None else default_clients(cfg)
     out_dir = Path(out) if out is not None else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     summary = simulate(
@@ -182,7 +176,7 @@ _RUN_ARGS = ("clients", "rounds", "data", "cpus_per_client", "on_event", "sessio
 
 
 def _config_of(flat: Mapping[str, Any], strategy: str, personalization: str) -> RunConfig:
-    # The run config that `run` would build from these arguments.
+    # The run config of `run`'s arguments (shared with `sweep`, which compares it to finished runs).
     cfg = {k.replace("_", "-"): v for k, v in flat.items() if k not in _RUN_ARGS}
     if flat.get("rounds") is not None:
         cfg["num-server-rounds"] = flat["rounds"]
