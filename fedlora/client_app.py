@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 from fedlora import keys
 from fedlora.config import ModelConfig, PrivacyConfig, RunConfig
 from fedlora.errors import BudgetExhausted, ConfigError, FedloraError
+from fedlora.privacy.mods import privacy_mod
 
 if TYPE_CHECKING:
     from fedlora.adapters import AdapterState
@@ -166,7 +167,9 @@ class _Client:
         train = self.cfg.train
         rate = min(1.0, train.batch_size / max(1, self.data.num_train))
         total = self.cfg.federation.num_server_rounds * (train.local_steps + train.personal_steps)
-        return DPSettings(_noise(self.cfg.privacy, rate, total), self.cfg.privacy.dp_max_grad_norm, rate)
+        privacy = self.cfg.privacy
+        noise = _noise(privacy, rate, total)
+        return DPSettings(noise, privacy.dp_max_grad_norm, rate, privacy.dp_secure_mode)
 
     def ledger(self) -> PrivacyLedger:
         """Every DP-SGD step this client has taken in the run."""
@@ -221,6 +224,10 @@ class _Client:
             ),
         }
 
+    def weight(self) -> dict[str, int]:
+        """Under client-level DP every client weighs the same in the server's means."""
+        return {keys.M_UNIT_WEIGHT: 1} if self.cfg.privacy.client_level else {}
+
     def seed(self, server_round: int, salt: int = 0) -> int:
         return self.cfg.federation.seed * 1_000_003 + server_round * 10_007 + self.partition_id * 101 + salt
 
@@ -255,7 +262,7 @@ def _reply(
     return Message(content=content, reply_to=message)
 
 
-@app.train()
+@app.train(mods=[privacy_mod])
 @_reply_errors
 def train(message: Message, context: Context) -> Message:
     """Train the shared adapter on local data; send back only the parts the strategy shares."""
@@ -290,6 +297,7 @@ def train(message: Message, context: Context) -> Message:
         keys.M_TRAIN_STEPS: result.steps,
         keys.M_TRAIN_WALL_S: result.wall_s,
         **client.privacy_metrics(dp),
+        **client.weight(),
     }
     return _reply(message, metrics, to_record(sent_parts(client.protocol, state)))
 
@@ -334,6 +342,7 @@ def evaluate(message: Message, context: Context) -> Message:
             keys.M_PERSONAL_STEPS: result.steps if result else 0,
             keys.M_PERSONAL_LOSS: result.loss if result else 0.0,
             **client.privacy_metrics(dp),
+            **client.weight(),
         },
     )
 

@@ -21,11 +21,21 @@ __all__ = [
 ]
 
 TASKS = ("classification", "causal-lm")
+# Client-level DP: where each client's whole update is clipped before the server adds noise.
+CLIENT_DP_MODES = ("off", "server-clipping", "client-clipping")
 Scalar = bool | int | float | str
 
 
 def _fail(key: str, accepted: str, value: object) -> ConfigError:
     return ConfigError(f"{key}: must be {accepted}, got {value!r}")
+
+
+def _require_module(module: str, key: str, install: str) -> None:
+    """Fail before any training when ``key`` needs a package that is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"{key}: needs the package {install}; {module!r} is not installed")
 
 
 @dataclass(frozen=True)
@@ -207,6 +217,13 @@ class PrivacyConfig:
     dp_delta: float = 1e-5
     dp_accountant: str = "rdp"
     dp_epsilon_budget: float = math.inf
+    dp_secure_mode: bool = False
+    client_dp: str = "off"
+    client_dp_noise_multiplier: float = 1.0
+    client_dp_clipping_norm: float = 0.1
+    client_dp_epsilon_budget: float = math.inf
+    secure_aggregation: bool = False
+    secagg_clipping_range: float = 8.0
 
     def __post_init__(self) -> None:
         from fedlora.privacy.ledger import ACCOUNTANTS
@@ -229,6 +246,34 @@ class PrivacyConfig:
             raise _fail("dp-accountant", f"one of {', '.join(ACCOUNTANTS)}", self.dp_accountant)
         if not self.dp_epsilon_budget > 0:
             raise _fail("dp-epsilon-budget", "a positive number (inf: no budget)", self.dp_epsilon_budget)
+        if self.dp_secure_mode and self.enabled:
+            _require_module(
+                "torchcsprng",
+                "dp-secure-mode",
+                "torchcsprng, Opacus' cryptographically secure noise source (not on PyPI: build it "
+                "from github.com/pytorch/csprng), or set dp-secure-mode=false",
+            )
+        if self.client_dp not in CLIENT_DP_MODES:
+            raise _fail("client-dp", f"one of {', '.join(CLIENT_DP_MODES)}", self.client_dp)
+        if not self.client_dp_noise_multiplier > 0:
+            raise _fail("client-dp-noise-multiplier", "a positive number", self.client_dp_noise_multiplier)
+        if not self.client_dp_clipping_norm > 0:
+            raise _fail("client-dp-clipping-norm", "a positive number", self.client_dp_clipping_norm)
+        if not self.client_dp_epsilon_budget > 0:
+            raise _fail(
+                "client-dp-epsilon-budget",
+                "a positive number (inf: no budget)",
+                self.client_dp_epsilon_budget,
+            )
+        if self.client_dp != "off":
+            _require_module("dp_accounting", "client-dp", 'flwr[dp] (pip install "flwr[dp]")')
+        if not self.secagg_clipping_range > 0:
+            raise _fail("secagg-clipping-range", "a positive number", self.secagg_clipping_range)
+
+    @property
+    def client_level(self) -> bool:
+        """Whether the server clips whole client updates and adds noise to their mean."""
+        return self.client_dp != "off"
 
     @property
     def enabled(self) -> bool:
@@ -322,6 +367,24 @@ class RunConfig:
             raise ConfigError(
                 f"client-ranks: per-client ranks need strategy {' or '.join(heterogeneous)} "
                 f"(one rank for all: lora-rank), got {self.federation.strategy!r}"
+            )
+        privacy, strategy = self.privacy, self.federation.strategy
+        if privacy.client_level and not info.plain_mean:
+            usable = sorted(n for n, i in _strategies().items() if i.plain_mean)
+            raise ConfigError(
+                f"client-dp: client-level DP needs a strategy whose server takes the plain mean of "
+                f"the uploads ({', '.join(usable)}), got {strategy!r}"
+            )
+        if privacy.secure_aggregation and not info.sum_only:
+            usable = sorted(n for n, i in _strategies().items() if i.sum_only)
+            raise ConfigError(
+                f"secure-aggregation: the server sees only the sum of the uploads, which strategy "
+                f"{strategy!r} cannot work from; use one of {', '.join(usable)}"
+            )
+        if privacy.secure_aggregation and privacy.client_level:
+            raise ConfigError(
+                "client-dp: client-level DP is not yet available together with secure-aggregation; "
+                "use one of them (sample-level DP-SGD, dp-noise-multiplier, works with both)"
             )
         # A regulariser's gradient bypasses DP-SGD's per-example clipping: not combined yet.
         regularized = info.protocol.proximal or self.federation.resolved_personalization() == "ditto"

@@ -20,6 +20,7 @@ __all__ = [
     "M_PERSONAL_LOSS",
     "M_EPSILON",
     "M_BUDGET_EXHAUSTED",
+    "M_UNIT_WEIGHT",
     "M_PERSONAL_STEPS",
     "C_SERVER_ROUND",
     "C_LOCAL_STEPS",
@@ -54,3 +55,5 @@ M_LOSS_GLOBAL = "loss-global"
 M_LOSS_PERSONALIZED = "loss-personalized"
 M_EPSILON = "epsilon"  # DP: epsilon this client has spent so far, at the run's delta
 M_BUDGET_EXHAUSTED = "budget-exhausted"  # DP: 1 when the next round would exceed the budget
+# Client-level DP: every client weighs the same in the mean (Flower's accountant requires it).
+M_UNIT_WEIGHT = "unit-weight"

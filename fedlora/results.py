@@ -54,7 +54,13 @@ class RoundRecord:
     global_accuracy_worst10: float = math.nan
     per_client: dict[str, dict[str, float]] = field(default_factory=dict)
     epsilon_max: float = math.nan
+    client_dp_epsilon: float = math.nan
     wall_s: float = 0.0
+
+
+def _last_finite(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return finite[-1] if finite else math.nan
 
 
 class RunRecorder:
@@ -111,6 +117,8 @@ class RunRecorder:
             "bytes_down_per_client_round": down_per_client,
             "epsilon_max": last.epsilon_max,
             "clients_out_of_budget": sum(bool(c.get("budget_exhausted")) for c in last.per_client.values()),
+            # Client-level DP: the server accountant's epsilon after the last release.
+            "client_dp_epsilon": _last_finite([r.client_dp_epsilon for r in rounds]),
             "full_model_bytes": self.full_model_bytes,
             "wall_s": time.perf_counter() - self.started,
         }
@@ -129,6 +137,7 @@ class RunRecorder:
                     "clients_trained": r.clients_trained,
                     "clients_failed": r.clients_failed,
                     "epsilon_max": r.epsilon_max,
+                    "client_dp_epsilon": r.client_dp_epsilon,
                     "wall_s": r.wall_s,
                 }
                 for r in rounds

@@ -93,7 +93,12 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
             recorder.end_round(server_round)
         return None
 
-    strategy = Recorded(info.builder(cfg), recorder)
+    strategy = info.builder(cfg)
+    if cfg.privacy.client_level:
+        from fedlora.privacy.client_dp import wait_for_nodes, with_client_dp
+
+        strategy = with_client_dp(strategy, cfg, wait_for_nodes(grid, fed.min_clients))
+    strategy = Recorded(strategy, recorder)
     result = strategy.start(
         grid=grid,
         initial_arrays=to_record(initial_record(info, loaded.initial_global)),

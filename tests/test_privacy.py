@@ -146,6 +146,28 @@ def test_dp_sgd_clips_and_noises_per_example_and_leaves_the_model_reusable(tiny_
             {"dp-noise-multiplier": 1.0, "strategy": "fedprox"},
             "dp-noise-multiplier: DP-SGD is not yet available with strategy 'fedprox'",
         ),
+        ({"client-dp": "local"}, "client-dp: must be one of off, server-clipping, client-clipping"),
+        ({"client-dp-noise-multiplier": 0}, "client-dp-noise-multiplier: must be a positive number"),
+        ({"client-dp-clipping-norm": -1}, "client-dp-clipping-norm: must be a positive number"),
+        ({"client-dp-epsilon-budget": 0}, "client-dp-epsilon-budget: must be a positive number"),
+        (
+            {"client-dp": "server-clipping", "strategy": "fedadam"},
+            "client-dp: client-level DP needs a strategy whose server takes the plain mean of the uploads "
+            "(fedavg, fedprox, fedsa-lora, ffa-lora), got 'fedadam'",
+        ),
+        (
+            {"secure-aggregation": True, "strategy": "krum"},
+            "secure-aggregation: the server sees only the sum of the uploads, which strategy 'krum' cannot",
+        ),
+        (
+            {"secure-aggregation": True, "client-dp": "client-clipping"},
+            "client-dp: client-level DP is not yet",
+        ),
+        ({"secagg-clipping-range": 0}, "secagg-clipping-range: must be a positive number"),
+        (
+            {"dp-noise-multiplier": 1.0, "dp-secure-mode": True},
+            "dp-secure-mode: needs the package torchcsprng, Opacus' cryptographically secure noise source",
+        ),
     ],
 )
 def test_bad_privacy_settings_name_the_field(flat, message):
@@ -212,3 +234,80 @@ def test_with_dp_on_a_client_still_sends_only_adapter_tensors_and_scalars(dp_cfg
             assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
     # The ledger is node state, not something sent.
     assert "fedlora-privacy-ledger" in context.state.config_records
+
+
+def _gaussian_epsilon(noise: float, releases: int, delta: float) -> float:
+    """Epsilon of ``releases`` un-subsampled Gaussian releases, from Opacus' RDP accountant."""
+    accountant = RDPAccountant()
+    accountant.history = [(noise, 1.0, releases)]
+    return accountant.get_epsilon(delta)
+
+
+@pytest.mark.slow
+def test_client_level_dp_reports_server_epsilon_each_round_and_stops_at_its_budget(tmp_path, jsonl_dir):
+    from fedlora.api import run
+
+    noise = 2.0
+    budget = (_gaussian_epsilon(noise, 2, DELTA) + _gaussian_epsilon(noise, 3, DELTA)) / 2
+    result = run(
+        clients=3,
+        rounds=3,
+        out=tmp_path / "run",
+        data=jsonl_dir,
+        model="tiny-bert",
+        max_length=16,
+        local_steps=2,
+        personal_steps=1,
+        batch_size=8,
+        local_only_baseline=False,
+        client_dp="client-clipping",
+        client_dp_noise_multiplier=noise,
+        client_dp_clipping_norm=0.05,
+        client_dp_epsilon_budget=budget,
+    )
+    rounds = result.rounds
+    # Two releases fit the budget; the third round is not trained, and the run completes.
+    assert [r["clients_trained"] for r in rounds] == [3, 3, 0]
+    spent = [r["client_dp_epsilon"] for r in rounds[:2]]
+    for releases, epsilon in enumerate(spent, start=1):
+        assert epsilon == pytest.approx(_gaussian_epsilon(noise, releases, DELTA), rel=0.01)
+    assert result.final["client_dp_epsilon"] == spent[-1] <= budget
+    assert all(not math.isnan(r["personalized_accuracy"]) for r in rounds)
+    assert "client-dp-budget-exhausted" in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def test_client_side_clipping_bounds_what_a_client_uploads(tiny_cfg, jsonl_dir):
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    cfg = tiny_cfg.replace(data_dir=str(jsonl_dir), labels="cooking,music,sport", client_dp="client-clipping")
+    as_server()
+    sent = build_model(cfg.model, 3, seed=0).initial_global
+    norms = {}
+    for clip in (None, 1e-3):
+        config = {keys.C_SERVER_ROUND: 1, **({KEY_CLIPPING_NORM: clip} if clip else {})}
+        content = RecordDict({keys.ARRAYS: to_record(sent), keys.CONFIG: ConfigRecord(config)})
+        reply = app(Message(content=content, dst_node_id=1, message_type="train"), _context(cfg))
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        assert reply.content.metric_records[keys.METRICS][keys.M_UNIT_WEIGHT] == 1
+        uploaded = reply.content[keys.ARRAYS].to_torch_state_dict()
+        norms[clip] = math.sqrt(sum(float(((uploaded[k] - v) ** 2).sum()) for k, v in sent.items()))
+    assert norms[None] > 1e-2 and norms[1e-3] == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_client_dp_wraps_with_the_clipping_side_asked_for(tiny_cfg):
+    from flwr.serverapp.strategy import (
+        DifferentialPrivacyClientSideFixedClipping,
+        DifferentialPrivacyServerSideFixedClipping,
+    )
+
+    from fedlora.privacy.client_dp import with_client_dp
+    from fedlora.strategies import build_strategy
+
+    for mode, wrapper in (
+        ("server-clipping", DifferentialPrivacyServerSideFixedClipping),
+        ("client-clipping", DifferentialPrivacyClientSideFixedClipping),
+    ):
+        cfg = tiny_cfg.replace(client_dp=mode, fraction_train=0.5)
+        wrapped = with_client_dp(build_strategy("fedavg", cfg), cfg, num_nodes=10)
+        assert type(wrapped) is wrapper and wrapped.num_sampled_clients == 5
+        assert wrapped.strategy.weighted_by_key == keys.M_UNIT_WEIGHT

@@ -26,6 +26,7 @@ class DPSettings:
     noise_multiplier: float
     max_grad_norm: float
     sample_rate: float
+    secure_mode: bool = False
 
 
 def dp_train_steps(
@@ -59,6 +60,7 @@ def dp_train_steps(
         noise_multiplier=dp.noise_multiplier,
         max_grad_norm=dp.max_grad_norm,
         expected_batch_size=max(1, round(dp.sample_rate * n)),
+        secure_mode=dp.secure_mode,
     )
     start, total, examples = time.perf_counter(), 0.0, 0
     try:

@@ -34,7 +34,8 @@ def flower_kwargs(cfg: RunConfig) -> dict[str, Any]:
         "min_train_nodes": 1,
         "min_evaluate_nodes": 1,
         "min_available_nodes": fed.min_clients,
-        "weighted_by_key": keys.M_NUM_EXAMPLES,
+        # Client-level DP averages clipped updates uniformly (DP-FedAvg); otherwise by examples.
+        "weighted_by_key": keys.M_UNIT_WEIGHT if cfg.privacy.client_level else keys.M_NUM_EXAMPLES,
         "arrayrecord_key": keys.ARRAYS,
         "configrecord_key": keys.CONFIG,
     }

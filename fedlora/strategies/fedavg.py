@@ -18,6 +18,7 @@ __all__ = ["build_fedavg"]
 @register(
     "fedavg",
     paper="FedIT: Zhang et al., ICASSP 2024 (FedAvg: McMahan et al., AISTATS 2017)",
+    plain_mean=True,
     summary="average A, B and the head, weighted by training examples",
 )
 def build_fedavg(cfg: RunConfig) -> FedAvg:

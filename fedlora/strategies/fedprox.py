@@ -16,6 +16,7 @@ __all__ = ["build_fedprox"]
     "fedprox",
     protocol=ClientProtocol(proximal=True),
     paper="Li et al., MLSys 2020",
+    plain_mean=True,
     summary="FedAvg; clients add (mu/2)||w - w_global||^2 over the shared adapter (proximal-mu)",
 )
 def build_fedprox(cfg: RunConfig) -> FedProx:

@@ -20,6 +20,7 @@ __all__ = ["build_fedsa_lora"]
     "fedsa-lora",
     protocol=ClientProtocol(sent=frozenset({"lora_A", "head"}), kept=frozenset({"lora_B"})),
     paper="Guo et al., ICLR 2025",
+    plain_mean=True,
     summary="A and the head are averaged; each client keeps its own B (personalization fedsa-lora)",
 )
 def build_fedsa_lora(cfg: RunConfig) -> FedAvg:

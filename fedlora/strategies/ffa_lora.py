@@ -21,6 +21,7 @@ __all__ = ["build_ffa_lora"]
     protocol=ClientProtocol(sent=frozenset({"lora_B", "head"}), frozen=frozenset({"lora_A"})),
     paper="Sun et al., ICLR 2024",
     exact=True,
+    plain_mean=True,
     summary="A frozen at the shared seeded init; B and the head are trained and averaged (exact)",
 )
 def build_ffa_lora(cfg: RunConfig) -> FedAvg:

@@ -41,6 +41,8 @@ class Recorded(Strategy):
     def __init__(self, strategy: Strategy, recorder: RunRecorder) -> None:
         self.strategy = strategy
         self.recorder = recorder
+        # Client-level DP: rounds the accountant refused (the budget would be exceeded).
+        self.refused: set[int] = set()
 
     def _count_down(self, server_round: int, messages: Iterable[Message], *, train: bool) -> list[Message]:
         messages = list(messages)
@@ -59,10 +61,20 @@ class Recorded(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Delegate, and count the bytes sent down to the sampled clients."""
-        return self._count_down(
-            server_round, self.strategy.configure_train(server_round, arrays, config, grid), train=True
-        )
+        """Delegate, and count the bytes sent down to the sampled clients.
+
+        Under client-level DP, a round whose release would exceed the budget is not
+        trained: the run goes on evaluating (and personalizing) with the last global arrays.
+        """
+        from flwr.serverapp.exception import PrivacyBudgetExhausted
+
+        try:
+            messages = self.strategy.configure_train(server_round, arrays, config, grid)
+        except PrivacyBudgetExhausted as err:
+            self.refused.add(server_round)
+            self.recorder.event("client-dp-budget-exhausted", round=server_round, reason=str(err))
+            return []
+        return self._count_down(server_round, messages, train=True)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -81,7 +93,13 @@ class Recorded(Strategy):
                 self.recorder.event(
                     "client-error", round=server_round, node=m.metadata.src_node_id, reason=m.error.reason
                 )
-        return self.strategy.aggregate_train(server_round, replies)
+        if server_round in self.refused:
+            return None, None
+        result = self.strategy.aggregate_train(server_round, replies)
+        spent = getattr(self.strategy, "privacy_spent", lambda: None)()
+        if spent is not None:
+            record.client_dp_epsilon = float(spent.epsilon)
+        return result
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

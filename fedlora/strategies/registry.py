@@ -39,6 +39,9 @@ class StrategyInfo:
     sum_only : bool
         Whether the server only needs a weighted sum of the uploads, so that secure
         aggregation can hide individual updates.
+    plain_mean : bool
+        Whether the server's new global arrays are exactly Flower FedAvg's mean of the
+        uploads, which Flower's client-level DP wrappers can account for.
     summary : str
         One line for ``--help`` and the README.
 
@@ -50,6 +53,7 @@ class StrategyInfo:
     paper: str = ""
     exact: bool = False
     sum_only: bool = True
+    plain_mean: bool = False
     summary: str = ""
 
 
@@ -63,13 +67,14 @@ def register(
     paper: str = "",
     exact: bool = False,
     sum_only: bool = True,
+    plain_mean: bool = False,
     summary: str = "",
 ) -> Callable[[StrategyBuilder], StrategyBuilder]:
     """Decorator: make a builder available as ``strategy=<name>``."""
 
     def wrap(builder: StrategyBuilder) -> StrategyBuilder:
         STRATEGIES[name] = StrategyInfo(
-            name, builder, protocol or ClientProtocol(), paper, exact, sum_only, summary
+            name, builder, protocol or ClientProtocol(), paper, exact, sum_only, plain_mean, summary
         )
         return builder
 
