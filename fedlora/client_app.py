@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora import keys
@@ -112,7 +112,8 @@ class _Client:
         labels = resolve_labels(cfg.data, cfg.model.task)
         # A node's own rank (node config ``lora-rank``) wins over the run's ``client-ranks``.
         rank = int(context.node_config.get("lora-rank", cfg.model.rank_for(self.partition_id)))
-        self.protocol = strategy_info(cfg.federation.strategy).protocol
+        self.info = strategy_info(cfg.federation.strategy)
+        self.protocol = self.info.protocol
         if rank != cfg.model.lora_rank and not self.protocol.heterogeneous_ranks:
             raise ConfigError(
                 f"lora-rank: this node's rank {rank} differs from the run's {cfg.model.lora_rank}, "
@@ -143,14 +144,20 @@ class _Client:
         if kept:
             self.state[_KEPT_STATE] = to_record(kept)
 
-    def view(self, message: Message) -> ClientView:
+    def incoming(self, message: Message) -> _Incoming:
+        """The server's arrays and config in this message."""
+        from fedlora.strategies.base import initial_record
+
+        # A legacy message carries arrays by position, in the order of the server's first message.
+        return _Incoming(message, list(initial_record(self.info, self.loaded.initial_global)))
+
+    def view(self, incoming: _Incoming) -> ClientView:
         """Read the server's arrays at this client's rank, and set the base weights they imply."""
-        from fedlora.adapters import from_record
         from fedlora.protocol import receive
 
         view = receive(
             self.protocol,
-            from_record(_arrays(message)),
+            incoming.adapter(),
             self.loaded.initial_global,
             self._stored(_KEPT_STATE),
             alpha=self.cfg.model.lora_alpha,
@@ -232,25 +239,56 @@ class _Client:
         return self.cfg.federation.seed * 1_000_003 + server_round * 10_007 + self.partition_id * 101 + salt
 
 
-def _config_int(message: Message, key: str) -> int:
-    value = message.content.config_records[keys.CONFIG].get(key)
-    if not isinstance(value, int):
-        raise FedloraError(f"message: config {key!r} must be an integer, got {value!r}")
-    return value
+# Legacy records: under secure aggregation Flower's SecAgg+ workflow sends FitIns/EvaluateIns.
+_LEGACY_FIT, _LEGACY_EVALUATE = "fitins.parameters", "evaluateins.parameters"
 
 
-def _config_float(message: Message, key: str) -> float:
-    value = message.content.config_records[keys.CONFIG].get(key)
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise FedloraError(f"message: config {key!r} must be a number, got {value!r}")
-    return float(value)
+class _Incoming:
+    """The server's arrays and config, from a Message-API or a legacy (SecAgg+) message."""
 
+    def __init__(self, message: Message, names: list[str]) -> None:
+        import flwr.compat.common.recorddict_compat as compat
 
-def _arrays(message: Message) -> ArrayRecord:
-    try:
-        return message.content.array_records[keys.ARRAYS]
-    except KeyError:
-        raise FedloraError(f"message: no {keys.ARRAYS!r} ArrayRecord in the server's message") from None
+        content = message.content
+        self.legacy = _LEGACY_FIT in content.array_records or _LEGACY_EVALUATE in content.array_records
+        if self.legacy:
+            from flwr.common import parameters_to_ndarrays
+
+            ins = (
+                compat.recorddict_to_fitins(content, keep_input=True)
+                if _LEGACY_FIT in content.array_records
+                else compat.recorddict_to_evaluateins(content, keep_input=True)
+            )
+            arrays = parameters_to_ndarrays(ins.parameters)
+            if len(arrays) != len(names):
+                raise FedloraError(f"message: {len(arrays)} arrays from the server, expected {len(names)}")
+            self.arrays: ArrayRecord | None = ArrayRecord(
+                {n: Array(a) for n, a in zip(names, arrays, strict=True)}
+            )
+            self.config: Mapping[str, object] = dict(ins.config)
+            return
+        self.arrays = content.array_records.get(keys.ARRAYS)
+        self.config = content.config_records.get(keys.CONFIG) or {}
+
+    def adapter(self) -> AdapterState:
+        """The server's arrays, by name."""
+        from fedlora.adapters import from_record
+
+        if self.arrays is None:
+            raise FedloraError(f"message: no {keys.ARRAYS!r} ArrayRecord in the server's message")
+        return from_record(self.arrays)
+
+    def int(self, key: str) -> int:
+        value = self.config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise FedloraError(f"message: config {key!r} must be an integer, got {value!r}")
+        return value
+
+    def float(self, key: str) -> float:
+        value = self.config.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise FedloraError(f"message: config {key!r} must be a number, got {value!r}")
+        return float(value)
 
 
 def _reply(
@@ -259,6 +297,22 @@ def _reply(
     content = RecordDict({keys.METRICS: MetricRecord(dict(metrics))})
     if arrays is not None:
         content[keys.ARRAYS] = arrays
+    return Message(content=content, reply_to=message)
+
+
+def _legacy_reply(
+    message: Message, metrics: Mapping[str, float | int], arrays: ArrayRecord | None = None, loss: float = 0.0
+) -> Message:
+    """The reply SecAgg+ expects: FitRes (masked by ``secaggplus_mod`` on the way out) or EvaluateRes."""
+    import flwr.compat.common.recorddict_compat as compat
+    from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters
+
+    ok, num = Status(Code.OK, ""), int(metrics[keys.M_NUM_EXAMPLES])
+    if arrays is not None:
+        params = ndarrays_to_parameters(arrays.to_numpy_ndarrays())
+        content = compat.fitres_to_recorddict(FitRes(ok, params, num, dict(metrics)), keep_input=True)
+    else:
+        content = compat.evaluateres_to_recorddict(EvaluateRes(ok, loss, num, dict(metrics)))
     return Message(content=content, reply_to=message)
 
 
@@ -271,9 +325,10 @@ def train(message: Message, context: Context) -> Message:
     from fedlora.protocol import sent_parts
 
     client = _Client(context)
-    server_round = _config_int(message, keys.C_SERVER_ROUND)
-    view = client.view(message)
-    mu = _config_float(message, keys.C_PROXIMAL_MU) if client.protocol.proximal else 0.0
+    incoming = client.incoming(message)
+    server_round = incoming.int(keys.C_SERVER_ROUND)
+    view = client.view(incoming)
+    mu = incoming.float(keys.C_PROXIMAL_MU) if client.protocol.proximal else 0.0
     dp = client.dp()
     if dp is not None:
         # A round is the shared and the personal steps: start it only if both fit in the budget.
@@ -299,7 +354,8 @@ def train(message: Message, context: Context) -> Message:
         **client.privacy_metrics(dp),
         **client.weight(),
     }
-    return _reply(message, metrics, to_record(sent_parts(client.protocol, state)))
+    reply = _legacy_reply if incoming.legacy else _reply
+    return reply(message, metrics, to_record(sent_parts(client.protocol, state)))
 
 
 @app.evaluate()
@@ -315,8 +371,9 @@ def evaluate(message: Message, context: Context) -> Message:
     from fedlora.personalize import evaluate_adapter
 
     client = _Client(context)
-    server_round = _config_int(message, keys.C_SERVER_ROUND)
-    view = client.view(message)
+    incoming = client.incoming(message)
+    server_round = incoming.int(keys.C_SERVER_ROUND)
+    view = client.view(incoming)
     dp = client.dp()
     seed = client.seed(server_round, 1)
     local = Local(client.loaded, client.train, client.test, view, client.cfg.train, seed, dp)
@@ -330,21 +387,21 @@ def evaluate(message: Message, context: Context) -> Message:
         client.state[_PERSONAL_STATE] = to_record(stored)
     global_only = evaluate_adapter(client.loaded, client.test, view.global_state)
     personalized = client.method.evaluate(local, stored)
-    return _reply(
-        message,
-        {
-            keys.M_NUM_EXAMPLES: global_only.num_examples,
-            keys.M_PARTITION_ID: client.partition_id,
-            keys.M_ACCURACY_GLOBAL: global_only.accuracy,
-            keys.M_ACCURACY_PERSONALIZED: personalized.accuracy,
-            keys.M_LOSS_GLOBAL: global_only.loss,
-            keys.M_LOSS_PERSONALIZED: personalized.loss,
-            keys.M_PERSONAL_STEPS: result.steps if result else 0,
-            keys.M_PERSONAL_LOSS: result.loss if result else 0.0,
-            **client.privacy_metrics(dp),
-            **client.weight(),
-        },
-    )
+    metrics = {
+        keys.M_NUM_EXAMPLES: global_only.num_examples,
+        keys.M_PARTITION_ID: client.partition_id,
+        keys.M_ACCURACY_GLOBAL: global_only.accuracy,
+        keys.M_ACCURACY_PERSONALIZED: personalized.accuracy,
+        keys.M_LOSS_GLOBAL: global_only.loss,
+        keys.M_LOSS_PERSONALIZED: personalized.loss,
+        keys.M_PERSONAL_STEPS: result.steps if result else 0,
+        keys.M_PERSONAL_LOSS: result.loss if result else 0.0,
+        **client.privacy_metrics(dp),
+        **client.weight(),
+    }
+    if incoming.legacy:
+        return _legacy_reply(message, metrics, loss=global_only.loss)
+    return _reply(message, metrics)
 
 
 @app.train(keys.LOCAL_ONLY_ACTION)
@@ -354,7 +411,7 @@ def train_local_only(message: Message, context: Context) -> Message:
     from fedlora.personalize import local_only
 
     client = _Client(context)
-    steps = _config_int(message, keys.C_LOCAL_STEPS)
+    steps = client.incoming(message).int(keys.C_LOCAL_STEPS)
     result, ev = local_only(
         client.loaded, client.train, client.test, steps, client.cfg.train, seed=client.seed(0, 7)
     )

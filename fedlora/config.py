@@ -224,6 +224,7 @@ class PrivacyConfig:
     client_dp_epsilon_budget: float = math.inf
     secure_aggregation: bool = False
     secagg_clipping_range: float = 8.0
+    secagg_max_weight: float = 1000.0
 
     def __post_init__(self) -> None:
         from fedlora.privacy.ledger import ACCOUNTANTS
@@ -269,6 +270,8 @@ class PrivacyConfig:
             _require_module("dp_accounting", "client-dp", 'flwr[dp] (pip install "flwr[dp]")')
         if not self.secagg_clipping_range > 0:
             raise _fail("secagg-clipping-range", "a positive number", self.secagg_clipping_range)
+        if not self.secagg_max_weight > 0:
+            raise _fail("secagg-max-weight", "a positive number", self.secagg_max_weight)
 
     @property
     def client_level(self) -> bool:

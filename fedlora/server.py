@@ -6,10 +6,11 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedlora import keys
@@ -51,10 +52,11 @@ def _local_only(grid: Grid, cfg: RunConfig, recorder: RunRecorder) -> None:
             recorder.local_only[str(int(pid))] = float(accuracy)
 
 
-def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
+def run_federation(grid: Grid, cfg: RunConfig, context: Context) -> dict[str, Any]:
     """Run the configured strategy for ``num-server-rounds`` and write the run directory.
 
-    Returns the summary that was written to ``summary.json``.
+    Returns the summary that was written to ``summary.json``. ``context`` (the
+    ServerApp's) is needed for secure aggregation, which runs on Flower's legacy workflow.
     """
     import torch
 
@@ -87,6 +89,22 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         config = lora_config(cfg.model if rank is None else dataclasses.replace(cfg.model, lora_rank=rank))
         save_peft_adapter(directory, state, config, base_delta=base_delta)
 
+    if cfg.privacy.secure_aggregation:
+        from fedlora.privacy.secagg import run_secure
+
+        final = run_secure(
+            grid,
+            context,
+            cfg,
+            initial_record(info, loaded.initial_global),
+            recorder,
+            lambda server_round, state: save(
+                out_dir / "rounds" / f"round-{server_round:03d}", to_record(state)
+            ),
+        )
+        save(out_dir / GLOBAL_ADAPTER, to_record(final))
+        return _finish(grid, cfg, recorder, labels)
+
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round > 0:
             save(out_dir / "rounds" / f"round-{server_round:03d}", arrays)
@@ -108,6 +126,12 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         evaluate_fn=end_of_round,
     )
     save(out_dir / GLOBAL_ADAPTER, result.arrays)
+    return _finish(grid, cfg, recorder, labels)
+
+
+def _finish(grid: Grid, cfg: RunConfig, recorder: RunRecorder, labels: Sequence[str]) -> dict[str, Any]:
+    """After the rounds: run the local-only baseline, write and log the summary."""
+    fed = cfg.federation
     if fed.local_only_baseline:
         _local_only(grid, cfg, recorder)
     summary = recorder.summary(

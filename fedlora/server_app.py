@@ -17,4 +17,4 @@ def main(grid: Grid, context: Context) -> None:
     """Run one fedlora federation with the run's configuration."""
     from fedlora.server import run_federation
 
-    run_federation(grid, RunConfig.from_flat(context.run_config))
+    run_federation(grid, RunConfig.from_flat(context.run_config), context)

@@ -3,27 +3,40 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedlora import keys
-from fedlora.results import RunRecorder, worst_fraction_mean
+from fedlora.results import RoundRecord, RunRecorder, worst_fraction_mean
 
-__all__ = ["Recorded"]
+__all__ = ["Recorded", "client_id", "record_evaluation"]
 
 
-def _metric(message: Message, key: str) -> float:
-    record = message.content.metric_records.get(keys.METRICS)
-    value = record.get(key) if record is not None else None
+def _metrics(message: Message) -> Mapping[str, Any]:
+    return message.content.metric_records.get(keys.METRICS) or {}
+
+
+def _value(metrics: Mapping[str, Any], key: str) -> float:
+    value = metrics.get(key)
     return float(value) if isinstance(value, (int, float)) else math.nan
 
 
+def _metric(message: Message, key: str) -> float:
+    return _value(_metrics(message), key)
+
+
+def client_id(metrics: Mapping[str, Any], node: int | str) -> str:
+    """A client's name in results: its partition id, else its node id."""
+    pid = _value(metrics, keys.M_PARTITION_ID)
+    return str(int(pid)) if not math.isnan(pid) else f"node-{node}"
+
+
 def _client_id(message: Message) -> str:
-    pid = _metric(message, keys.M_PARTITION_ID)
-    return str(int(pid)) if not math.isnan(pid) else f"node-{message.metadata.src_node_id}"
+    return client_id(_metrics(message), message.metadata.src_node_id)
 
 
 class Recorded(Strategy):
@@ -113,31 +126,35 @@ class Recorded(Strategy):
         """Record every client's global and personalized accuracy, then delegate."""
         replies = list(replies)
         ok = [m for m in replies if not m.has_error()]
-        record = self.recorder.round(server_round)
-        record.per_client = {
-            _client_id(m): {
-                "global_accuracy": _metric(m, keys.M_ACCURACY_GLOBAL),
-                "personalized_accuracy": _metric(m, keys.M_ACCURACY_PERSONALIZED),
-                "num_test_examples": _metric(m, keys.M_NUM_EXAMPLES),
-                # With DP: epsilon spent so far, and whether the next round would break the budget.
-                **(
-                    {
-                        "epsilon": _metric(m, keys.M_EPSILON),
-                        "budget_exhausted": bool(_metric(m, keys.M_BUDGET_EXHAUSTED) == 1),
-                    }
-                    if not math.isnan(_metric(m, keys.M_EPSILON))
-                    else {}
-                ),
-            }
-            for m in ok
-        }
-        spent = [c["epsilon"] for c in record.per_client.values() if "epsilon" in c]
-        record.epsilon_max = max(spent) if spent else math.nan
-        glob = [c["global_accuracy"] for c in record.per_client.values()]
-        pers = [c["personalized_accuracy"] for c in record.per_client.values()]
-        # Personalization papers report the unweighted mean over clients: every user counts once.
-        record.global_accuracy = sum(glob) / len(glob) if glob else math.nan
-        record.personalized_accuracy = sum(pers) / len(pers) if pers else math.nan
-        record.global_accuracy_worst10 = worst_fraction_mean(glob)
-        record.personalized_accuracy_worst10 = worst_fraction_mean(pers)
+        record_evaluation(self.recorder.round(server_round), [(_client_id(m), _metrics(m)) for m in ok])
         return self.strategy.aggregate_evaluate(server_round, replies)
+
+
+def record_evaluation(record: RoundRecord, clients: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+    """Fill ``record`` from each client's evaluation metrics: ``(client id, metrics)`` pairs."""
+    record.per_client = {
+        cid: {
+            "global_accuracy": _value(m, keys.M_ACCURACY_GLOBAL),
+            "personalized_accuracy": _value(m, keys.M_ACCURACY_PERSONALIZED),
+            "num_test_examples": _value(m, keys.M_NUM_EXAMPLES),
+            # With DP: epsilon spent so far, and whether the next round would break the budget.
+            **(
+                {
+                    "epsilon": _value(m, keys.M_EPSILON),
+                    "budget_exhausted": bool(_value(m, keys.M_BUDGET_EXHAUSTED) == 1),
+                }
+                if not math.isnan(_value(m, keys.M_EPSILON))
+                else {}
+            ),
+        }
+        for cid, m in clients
+    }
+    spent = [c["epsilon"] for c in record.per_client.values() if "epsilon" in c]
+    record.epsilon_max = max(spent) if spent else math.nan
+    glob = [c["global_accuracy"] for c in record.per_client.values()]
+    pers = [c["personalized_accuracy"] for c in record.per_client.values()]
+    # Personalization papers report the unweighted mean over clients: every user counts once.
+    record.global_accuracy = sum(glob) / len(glob) if glob else math.nan
+    record.personalized_accuracy = sum(pers) / len(pers) if pers else math.nan
+    record.global_accuracy_worst10 = worst_fraction_mean(glob)
+    record.personalized_accuracy_worst10 = worst_fraction_mean(pers)

@@ -1,0 +1,67 @@
+"""SecAgg+: the server's strategy gets only the aggregate, which equals the plain weighted mean."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedlora.privacy.secagg import LEGACY_STRATEGIES, SECURE_EVENT, quantization_bound
+from fedlora.strategies import STRATEGIES
+
+
+def test_every_sum_only_strategy_has_a_secure_counterpart():
+    assert set(LEGACY_STRATEGIES) == {name for name, info in STRATEGIES.items() if info.sum_only}
+
+
+def _round_adapter(out):
+    return load_file(str(out / "rounds" / "round-001" / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+def test_secure_aggregate_equals_the_plain_weighted_mean_and_the_strategy_sees_only_it(tmp_path, jsonl_dir):
+    from fedlora.api import run
+
+    common = dict(
+        clients=3,
+        rounds=2,
+        data=jsonl_dir,
+        model="tiny-bert",
+        max_length=16,
+        local_steps=2,
+        personal_steps=1,
+        batch_size=8,
+        local_only_baseline=False,
+    )
+    plain = run(out=tmp_path / "plain", **common)
+    secure = run(out=tmp_path / "secure", secure_aggregation=True, secagg_max_weight=100.0, **common)
+    # Each client trains on 16 examples (tests/conftest.py).
+    bound = quantization_bound([16, 16, 16], clipping_range=8.0, max_weight=100.0)
+
+    events = [json.loads(line) for line in (tmp_path / "secure" / "metrics.jsonl").read_text().splitlines()]
+    seen = [e for e in events if e["event"] == SECURE_EVENT]
+    # Every round: three clients trained, and the strategy was handed one vector (the sum), never theirs.
+    assert [(e["round"], e["clients"], e["distinct_uploads_seen"]) for e in seen] == [(1, 3, 1), (2, 3, 1)]
+
+    initial = build_initial(tmp_path)
+    expected, got = _round_adapter(tmp_path / "plain"), _round_adapter(tmp_path / "secure")
+    assert set(expected) == set(got)
+    moved = max(float((expected[k] - initial[k]).abs().max()) for k in expected)
+    error = max(float((expected[k] - got[k]).abs().max()) for k in expected)
+    assert moved > 100 * bound  # the round changed the adapter well beyond the tolerance
+    assert 0 < error <= bound
+    assert secure.final["personalized_accuracy"] == pytest.approx(plain.final["personalized_accuracy"], abs=0.1)
+    assert [r["clients_trained"] for r in secure.rounds] == [3, 3]
+
+
+def build_initial(tmp_path) -> dict[str, torch.Tensor]:
+    """The seeded adapter both runs started from, keyed as in the saved checkpoints."""
+    from fedlora.config import RunConfig
+    from fedlora.models import build_model
+
+    flat = json.loads((tmp_path / "plain" / "config.json").read_text())
+    labels = flat.pop("labels").split(",")
+    cfg = RunConfig.from_flat(flat)
+    return dict(build_model(cfg.model, len(labels), seed=cfg.federation.seed).initial_global)
