@@ -96,7 +96,7 @@ def _table(summary: dict[str, Any], out_dir: Path) -> None:
         f"(full fine-tuning: {_bytes(final['full_model_bytes'])}, "
         f"{ratio:.0f}x smaller)"
         if ratio
-        else "no client trained"
+        else "upload per client per round: not measured (no client trained, or uploads masked by SecAgg+)"
     )
     down = final.get("bytes_down_per_client_round")
     if down:
@@ -106,6 +106,14 @@ def _table(summary: dict[str, Any], out_dir: Path) -> None:
         console.print(
             f"DP-SGD: largest epsilon spent by a client {eps:.2f}; "
             f"{final.get('clients_out_of_budget', 0)} clients at their budget"
+        )
+    client_eps = final.get("client_dp_epsilon")
+    if client_eps is not None and not math.isnan(client_eps):
+        console.print(f"client-level DP: epsilon {client_eps:.2f} (server accountant)")
+    mia = (final.get("mia_advantage_global"), final.get("mia_advantage_personalized"))
+    if all(v is not None and not math.isnan(v) for v in mia):
+        console.print(
+            f"membership inference (loss threshold) advantage: global {mia[0]:.3f}, personalized {mia[1]:.3f}"
         )
     console.print(f"wall time: {final['wall_s']:.1f} s in the ServerApp")
 

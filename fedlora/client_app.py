@@ -366,6 +366,8 @@ def evaluate(message: Message, context: Context) -> Message:
     The personalization method trains against the global adapter it will be combined
     with, so a better global adapter never leaves a stale personal one behind.
     """
+    import dataclasses
+
     from fedlora.adapters import to_record
     from fedlora.personalization.base import Local
     from fedlora.personalize import evaluate_adapter
@@ -387,6 +389,19 @@ def evaluate(message: Message, context: Context) -> Message:
         client.state[_PERSONAL_STATE] = to_record(stored)
     global_only = evaluate_adapter(client.loaded, client.test, view.global_state)
     personalized = client.method.evaluate(local, stored)
+    audit = {}
+    if server_round == client.cfg.federation.num_server_rounds:
+        # Membership audit of the final models: training (members) vs held-out losses.
+        from fedlora.privacy.audit import loss_threshold_advantage
+
+        on_train = evaluate_adapter(client.loaded, client.train, view.global_state)
+        personal_on_train = client.method.evaluate(dataclasses.replace(local, test=client.train), stored)
+        audit = {
+            keys.M_MIA_GLOBAL: loss_threshold_advantage(on_train.example_losses, global_only.example_losses),
+            keys.M_MIA_PERSONALIZED: loss_threshold_advantage(
+                personal_on_train.example_losses, personalized.example_losses
+            ),
+        }
     metrics = {
         keys.M_NUM_EXAMPLES: global_only.num_examples,
         keys.M_PARTITION_ID: client.partition_id,
@@ -398,6 +413,7 @@ def evaluate(message: Message, context: Context) -> Message:
         keys.M_PERSONAL_LOSS: result.loss if result else 0.0,
         **client.privacy_metrics(dp),
         **client.weight(),
+        **audit,
     }
     if incoming.legacy:
         return _legacy_reply(message, metrics, loss=global_only.loss)

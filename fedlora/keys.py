@@ -21,6 +21,8 @@ __all__ = [
     "M_EPSILON",
     "M_BUDGET_EXHAUSTED",
     "M_UNIT_WEIGHT",
+    "M_MIA_GLOBAL",
+    "M_MIA_PERSONALIZED",
     "M_PERSONAL_STEPS",
     "C_SERVER_ROUND",
     "C_LOCAL_STEPS",
@@ -55,5 +57,8 @@ M_LOSS_GLOBAL = "loss-global"
 M_LOSS_PERSONALIZED = "loss-personalized"
 M_EPSILON = "epsilon"  # DP: epsilon this client has spent so far, at the run's delta
 M_BUDGET_EXHAUSTED = "budget-exhausted"  # DP: 1 when the next round would exceed the budget
+# Final round: the loss-threshold membership-inference advantage against each model.
+M_MIA_GLOBAL = "mia-advantage-global"
+M_MIA_PERSONALIZED = "mia-advantage-personalized"
 # Client-level DP: every client weighs the same in the mean (Flower's accountant requires it).
 M_UNIT_WEIGHT = "unit-weight"

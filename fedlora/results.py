@@ -55,6 +55,8 @@ class RoundRecord:
     per_client: dict[str, dict[str, float]] = field(default_factory=dict)
     epsilon_max: float = math.nan
     client_dp_epsilon: float = math.nan
+    mia_advantage_global: float = math.nan
+    mia_advantage_personalized: float = math.nan
     wall_s: float = 0.0
 
 
@@ -119,6 +121,9 @@ class RunRecorder:
             "clients_out_of_budget": sum(bool(c.get("budget_exhausted")) for c in last.per_client.values()),
             # Client-level DP: the server accountant's epsilon after the last release.
             "client_dp_epsilon": _last_finite([r.client_dp_epsilon for r in rounds]),
+            # Loss-threshold membership inference on the final models (mean over clients).
+            "mia_advantage_global": last.mia_advantage_global,
+            "mia_advantage_personalized": last.mia_advantage_personalized,
             "full_model_bytes": self.full_model_bytes,
             "wall_s": time.perf_counter() - self.started,
         }

@@ -66,6 +66,8 @@ class EvalResult:
     loss: float
     accuracy: float
     num_examples: int
+    # Each example's loss (mean over its tokens for causal LMs), for membership audits.
+    example_losses: tuple[float, ...] = ()
 
 
 def tokenize(
@@ -151,23 +153,30 @@ def evaluate(model: Any, data: Tokenized, *, batch_size: int = 32) -> EvalResult
 
     model.eval()
     loss_sum, correct, counted = 0.0, 0, 0
+    per_example: list[float] = []
     with torch.no_grad():
         for lo in range(0, len(data), batch_size):
             batch = data.batch(range(lo, min(lo + batch_size, len(data))))
             if "labels" in batch:
                 logits = model(**batch).logits  # (B, num_labels)
-                loss_sum += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
+                losses = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+                per_example += losses.tolist()
+                loss_sum += float(losses.sum())
                 correct += int((logits.argmax(-1) == batch["labels"]).sum())
                 counted += int(batch["labels"].numel())
             else:
                 logits = model(**batch).logits[:, :-1]  # (B, L-1, V): predicts token t+1
                 target = batch["input_ids"][:, 1:]
-                keep = batch["attention_mask"][:, 1:].bool()
-                loss_sum += float(
-                    torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum")
-                )
-                correct += int((logits.argmax(-1)[keep] == target[keep]).sum())
+                keep = batch["attention_mask"][:, 1:]
+                token_losses = torch.nn.functional.cross_entropy(
+                    logits.transpose(1, 2), target, reduction="none"
+                )  # (B, L-1)
+                token_losses = token_losses * keep
+                per_example += (token_losses.sum(1) / keep.sum(1).clamp(min=1)).tolist()
+                loss_sum += float(token_losses.sum())
+                mask = keep.bool()
+                correct += int((logits.argmax(-1)[mask] == target[mask]).sum())
                 counted += int(keep.sum())
     if counted == 0:
         return EvalResult(math.nan, math.nan, 0)
-    return EvalResult(loss_sum / counted, correct / counted, len(data))
+    return EvalResult(loss_sum / counted, correct / counted, len(data), tuple(per_example))

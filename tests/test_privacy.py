@@ -273,6 +273,10 @@ def test_client_level_dp_reports_server_epsilon_each_round_and_stops_at_its_budg
         assert epsilon == pytest.approx(_gaussian_epsilon(noise, releases, DELTA), rel=0.01)
     assert result.final["client_dp_epsilon"] == spent[-1] <= budget
     assert all(not math.isnan(r["personalized_accuracy"]) for r in rounds)
+    # The final round's membership audit reaches the summary, per client and averaged.
+    clients = result.summary["per_client"]["final_round"]
+    assert all(0 <= c["mia_advantage_personalized"] <= 1 for c in clients.values())
+    assert 0 <= result.final["mia_advantage_global"] <= 1
     assert "client-dp-budget-exhausted" in (tmp_path / "run" / "metrics.jsonl").read_text()
 
 
@@ -311,3 +315,17 @@ def test_client_dp_wraps_with_the_clipping_side_asked_for(tiny_cfg):
         wrapped = with_client_dp(build_strategy("fedavg", cfg), cfg, num_nodes=10)
         assert type(wrapped) is wrapper and wrapped.num_sampled_clients == 5
         assert wrapped.strategy.weighted_by_key == keys.M_UNIT_WEIGHT
+
+
+def test_loss_threshold_advantage_by_hand():
+    from fedlora.privacy.audit import loss_threshold_advantage
+
+    # Members all below non-members: a threshold separates them perfectly.
+    assert loss_threshold_advantage([0.1, 0.2], [0.5, 0.9, 1.0]) == 1.0
+    # Same losses: no threshold does better than chance.
+    assert loss_threshold_advantage([0.3, 0.6], [0.3, 0.6]) == 0.0
+    # Threshold 0.2 catches 2/3 of members and 0/2 non-members; 0.7 catches 3/3 and 1/2.
+    assert loss_threshold_advantage([0.1, 0.2, 0.7], [0.4, 0.8]) == pytest.approx(2 / 3)
+    # Members with higher losses than non-members: the attack gains nothing (clamped at 0).
+    assert loss_threshold_advantage([2.0, 3.0], [0.1, 0.2]) == 0.0
+    assert math.isnan(loss_threshold_advantage([], [0.1]))

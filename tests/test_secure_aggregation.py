@@ -52,7 +52,9 @@ def test_secure_aggregate_equals_the_plain_weighted_mean_and_the_strategy_sees_o
     error = max(float((expected[k] - got[k]).abs().max()) for k in expected)
     assert moved > 100 * bound  # the round changed the adapter well beyond the tolerance
     assert 0 < error <= bound
-    assert secure.final["personalized_accuracy"] == pytest.approx(plain.final["personalized_accuracy"], abs=0.1)
+    assert secure.final["personalized_accuracy"] == pytest.approx(
+        plain.final["personalized_accuracy"], abs=0.1
+    )
     assert [r["clients_trained"] for r in secure.rounds] == [3, 3]
 
 

@@ -146,9 +146,21 @@ def record_evaluation(record: RoundRecord, clients: Sequence[tuple[str, Mapping[
                 if not math.isnan(_value(m, keys.M_EPSILON))
                 else {}
             ),
+            # Final round: membership-inference advantage against the global / personalized model.
+            **(
+                {
+                    "mia_advantage_global": _value(m, keys.M_MIA_GLOBAL),
+                    "mia_advantage_personalized": _value(m, keys.M_MIA_PERSONALIZED),
+                }
+                if keys.M_MIA_GLOBAL in m
+                else {}
+            ),
         }
         for cid, m in clients
     }
+    for name in ("mia_advantage_global", "mia_advantage_personalized"):
+        values = [c[name] for c in record.per_client.values() if name in c and not math.isnan(c[name])]
+        setattr(record, name, sum(values) / len(values) if values else math.nan)
     spent = [c["epsilon"] for c in record.per_client.values() if "epsilon" in c]
     record.epsilon_max = max(spent) if spent else math.nan
     glob = [c["global_accuracy"] for c in record.per_client.values()]
