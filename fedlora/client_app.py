@@ -173,7 +173,7 @@ class _Client:
 
         train = self.cfg.train
         rate = min(1.0, train.batch_size / max(1, self.data.num_train))
-        total = self.cfg.federation.num_server_rounds * (train.local_steps + train.personal_steps)
+        total = self.cfg.federation.num_server_rounds * self.dp_steps_per_round()
         privacy = self.cfg.privacy
         noise = _noise(privacy, rate, total)
         return DPSettings(noise, privacy.dp_max_grad_norm, rate, privacy.dp_secure_mode)
@@ -184,6 +184,11 @@ class _Client:
 
         record = self.state.config_records.get(_LEDGER_STATE)
         return PrivacyLedger.from_record(record) if record else PrivacyLedger(self.cfg.privacy.dp_accountant)
+
+    def dp_steps_per_round(self) -> int:
+        """DP-SGD steps in one round: the shared steps, and the personal ones unless dp-personal is off."""
+        train = self.cfg.train
+        return train.local_steps + (train.personal_steps if self.cfg.privacy.dp_personal else 0)
 
     def _epsilon_after(self, steps: int, dp: DPSettings) -> float:
         return self.ledger().epsilon_after(
@@ -223,12 +228,9 @@ class _Client:
         """Epsilon spent so far and whether a full round more would break the budget."""
         if dp is None:
             return {}
-        train = self.cfg.train
         return {
             keys.M_EPSILON: self.ledger().epsilon(self.cfg.privacy.dp_delta),
-            keys.M_BUDGET_EXHAUSTED: int(
-                not self.within_budget(train.local_steps + train.personal_steps, dp)
-            ),
+            keys.M_BUDGET_EXHAUSTED: int(not self.within_budget(self.dp_steps_per_round(), dp)),
         }
 
     def weight(self) -> dict[str, int]:
@@ -332,7 +334,7 @@ def train(message: Message, context: Context) -> Message:
     dp = client.dp()
     if dp is not None:
         # A round is the shared and the personal steps: start it only if both fit in the budget.
-        client.check_budget(client.cfg.train.local_steps + client.cfg.train.personal_steps, dp)
+        client.check_budget(client.dp_steps_per_round(), dp)
     state, result = train_shared(
         client.loaded,
         client.train,
@@ -378,13 +380,18 @@ def evaluate(message: Message, context: Context) -> Message:
     view = client.view(incoming)
     dp = client.dp()
     seed = client.seed(server_round, 1)
-    local = Local(client.loaded, client.train, client.test, view, client.cfg.train, seed, dp)
+    # With dp-personal off, the personal adapter (which never leaves the client) trains without DP.
+    personal_dp = dp if client.cfg.privacy.dp_personal else None
+    local = Local(client.loaded, client.train, client.test, view, client.cfg.train, seed, personal_dp)
     stored, result = client.personal(), None
     # A client that declined a round for its budget stops training altogether, personal
     # adapter included, and only evaluates; otherwise the personal steps complete its round.
-    if dp is None or (not client.declined() and client.within_budget(client.cfg.train.personal_steps, dp)):
+    declined = dp is not None and client.declined()
+    if not declined and (
+        personal_dp is None or client.within_budget(client.cfg.train.personal_steps, personal_dp)
+    ):
         stored, result = client.method.update(local, stored)
-        client.spend(result.steps if result else 0, dp)
+        client.spend(result.steps if result else 0, personal_dp)
     if stored is not None:
         client.state[_PERSONAL_STATE] = to_record(stored)
     global_only = evaluate_adapter(client.loaded, client.test, view.global_state)

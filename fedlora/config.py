@@ -218,6 +218,7 @@ class PrivacyConfig:
     dp_accountant: str = "rdp"
     dp_epsilon_budget: float = math.inf
     dp_secure_mode: bool = False
+    dp_personal: bool = True
     client_dp: str = "off"
     client_dp_noise_multiplier: float = 1.0
     client_dp_clipping_norm: float = 0.1

@@ -329,3 +329,14 @@ def test_loss_threshold_advantage_by_hand():
     # Members with higher losses than non-members: the attack gains nothing (clamped at 0).
     assert loss_threshold_advantage([2.0, 3.0], [0.1, 0.2]) == 0.0
     assert math.isnan(loss_threshold_advantage([], [0.1]))
+
+
+def test_with_dp_personal_off_only_the_shared_steps_spend_epsilon(dp_cfg):
+    cfg = dp_cfg.replace(dp_personal=False)
+    context = _context(cfg)
+    metrics = [_round(cfg, context, r)[1].content.metric_records[keys.METRICS] for r in (1, 2)]
+    ledger = PrivacyLedger()
+    ledger.record(2 * cfg.train.local_steps, noise_multiplier=NOISE, sample_rate=cfg.train.batch_size / 16)
+    assert metrics[1][keys.M_EPSILON] == pytest.approx(ledger.epsilon(DELTA), rel=1e-6)
+    # The personal adapter still trains every round, without noise.
+    assert [m[keys.M_PERSONAL_STEPS] for m in metrics] == [cfg.train.personal_steps] * 2
