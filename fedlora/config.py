@@ -221,7 +221,7 @@ class PrivacyConfig:
     dp_personal: bool = True
     client_dp: str = "off"
     client_dp_noise_multiplier: float = 1.0
-    client_dp_clipping_norm: float = 0.1
+    client_dp_clipping_norm: float = 1.0
     client_dp_epsilon_budget: float = math.inf
     secure_aggregation: bool = False
     secagg_clipping_range: float = 8.0
@@ -391,13 +391,14 @@ class RunConfig:
                 "use one of them (sample-level DP-SGD, dp-noise-multiplier, works with both)"
             )
         # A regulariser's gradient bypasses DP-SGD's per-example clipping: not combined yet.
-        regularized = info.protocol.proximal or self.federation.resolved_personalization() == "ditto"
+        ditto = self.federation.resolved_personalization() == "ditto"
+        regularized = info.protocol.proximal or (ditto and self.privacy.dp_personal)
         if self.privacy.enabled and regularized:
             fed = self.federation
             raise ConfigError(
                 f"dp-noise-multiplier: DP-SGD is not yet available with strategy {fed.strategy!r} and "
                 f"personalization {fed.resolved_personalization()!r} (fedprox and ditto add a regulariser); "
-                "use another strategy or personalization, or turn DP off"
+                "use another strategy or personalization, dp-personal=false with ditto, or turn DP off"
             )
 
     @classmethod

@@ -40,3 +40,28 @@ def test_compare_strategies_notebook_runs_and_shows_its_table_and_plots(tmp_path
         "ffa-lora__auto__seed0",
         "mixed-ranks",
     ]
+
+
+def test_privacy_utility_notebook_runs_and_shows_its_table_and_plot(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDLORA_NOTEBOOK_SMALL", "1")
+    monkeypatch.setenv("FEDLORA_NOTEBOOK_OUT", str(tmp_path / "runs"))
+    notebook = nbformat.read(NOTEBOOKS / "privacy_utility.ipynb", as_version=4)
+    NotebookClient(
+        notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    tables = [
+        o.data["text/html"]
+        for o in outputs
+        if "mia_advantage_personalized" in o.get("data", {}).get("text/html", "")
+    ]
+    assert len(tables) == 1 and "client-level DP" in tables[0] and "DP-SGD, shared adapter" in tables[0]
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 1
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
+        "DP-SGD-everything-eps8",
+        "DP-SGD-shared-adapter-eps8",
+        "client-level-DP-eps8",
+        "no-DP",
+    ]
