@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -24,10 +25,11 @@ from fedlora.privacy.mods import privacy_mod
 if TYPE_CHECKING:
     from fedlora.adapters import AdapterState
     from fedlora.data.federated import ClientData
+    from fedlora.personalization.base import Local
     from fedlora.privacy import PrivacyLedger
     from fedlora.privacy.dpsgd import DPSettings
     from fedlora.protocol import ClientView
-    from fedlora.train import Tokenized
+    from fedlora.train import EvalResult, Tokenized
 
 __all__ = ["app"]
 
@@ -78,6 +80,15 @@ def _client_data(
 
     task, seed = cfg.model.task, cfg.federation.seed
     data = load_client_data(cfg.data, task, partition_id, num_partitions, seed)
+    privacy = cfg.privacy
+    if privacy.canary_repeats and partition_id == privacy.canary_client:
+        # Canary audit: a random secret, repeated, among this client's training text.
+        import dataclasses
+
+        from fedlora.privacy.canary import canary_text
+
+        canaries = (canary_text(seed),) * privacy.canary_repeats
+        data = dataclasses.replace(data, train_texts=data.train_texts + canaries)
     tok = cached_model(model_cfg, len(resolve_labels(cfg.data, task)), seed).tokenizer
     classify = task == "classification"
     train = tokenize(tok, data.train_texts, data.train_labels if classify else None, cfg.model.max_length)
@@ -360,6 +371,53 @@ def train(message: Message, context: Context) -> Message:
     return reply(message, metrics, to_record(sent_parts(client.protocol, state)))
 
 
+# Canary audit: how many other secrets the canary is ranked against.
+CANARY_ALTERNATIVES = 1000
+
+
+def _final_audit(
+    client: _Client,
+    local: Local,
+    stored: AdapterState | None,
+    global_only: EvalResult,
+    personalized: EvalResult,
+) -> dict[str, float]:
+    """Audits of the final global and personalized models; only the scalars leave the client.
+
+    Membership inference on every client (training examples against held-out ones), and
+    the canary's exposure on the client that holds it.
+    """
+    import dataclasses
+
+    from fedlora.personalize import evaluate_adapter
+    from fedlora.privacy.audit import loss_threshold_advantage
+
+    def losses(data: Tokenized) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        on_global = evaluate_adapter(client.loaded, data, local.view.global_state)
+        on_personal = client.method.evaluate(dataclasses.replace(local, test=data), stored)
+        return on_global.example_losses, on_personal.example_losses
+
+    train_global, train_personal = losses(client.train)
+    audit = {
+        keys.M_MIA_GLOBAL: loss_threshold_advantage(train_global, global_only.example_losses),
+        keys.M_MIA_PERSONALIZED: loss_threshold_advantage(train_personal, personalized.example_losses),
+    }
+    privacy, seed = client.cfg.privacy, client.cfg.federation.seed
+    if privacy.canary_repeats:
+        # Flower's aggregation wants the same keys from every client: NaN where there is no canary.
+        audit[keys.M_CANARY_GLOBAL] = audit[keys.M_CANARY_PERSONALIZED] = math.nan
+    if privacy.canary_repeats and client.partition_id == privacy.canary_client:
+        from fedlora.privacy.canary import alternatives, canary_text, exposure
+        from fedlora.train import tokenize
+
+        texts = [canary_text(seed), *alternatives(seed, CANARY_ALTERNATIVES)]
+        probe = tokenize(client.loaded.tokenizer, texts, None, client.cfg.model.max_length)
+        on_global, on_personal = losses(probe)
+        audit[keys.M_CANARY_GLOBAL] = exposure(on_global[0], on_global[1:])
+        audit[keys.M_CANARY_PERSONALIZED] = exposure(on_personal[0], on_personal[1:])
+    return audit
+
+
 @app.evaluate()
 @_reply_errors
 def evaluate(message: Message, context: Context) -> Message:
@@ -368,8 +426,6 @@ def evaluate(message: Message, context: Context) -> Message:
     The personalization method trains against the global adapter it will be combined
     with, so a better global adapter never leaves a stale personal one behind.
     """
-    import dataclasses
-
     from fedlora.adapters import to_record
     from fedlora.personalization.base import Local
     from fedlora.personalize import evaluate_adapter
@@ -396,19 +452,8 @@ def evaluate(message: Message, context: Context) -> Message:
         client.state[_PERSONAL_STATE] = to_record(stored)
     global_only = evaluate_adapter(client.loaded, client.test, view.global_state)
     personalized = client.method.evaluate(local, stored)
-    audit = {}
-    if server_round == client.cfg.federation.num_server_rounds:
-        # Membership audit of the final models: training (members) vs held-out losses.
-        from fedlora.privacy.audit import loss_threshold_advantage
-
-        on_train = evaluate_adapter(client.loaded, client.train, view.global_state)
-        personal_on_train = client.method.evaluate(dataclasses.replace(local, test=client.train), stored)
-        audit = {
-            keys.M_MIA_GLOBAL: loss_threshold_advantage(on_train.example_losses, global_only.example_losses),
-            keys.M_MIA_PERSONALIZED: loss_threshold_advantage(
-                personal_on_train.example_losses, personalized.example_losses
-            ),
-        }
+    final = server_round == client.cfg.federation.num_server_rounds
+    audit = _final_audit(client, local, stored, global_only, personalized) if final else {}
     metrics = {
         keys.M_NUM_EXAMPLES: global_only.num_examples,
         keys.M_PARTITION_ID: client.partition_id,

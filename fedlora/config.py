@@ -226,6 +226,8 @@ class PrivacyConfig:
     secure_aggregation: bool = False
     secagg_clipping_range: float = 8.0
     secagg_max_weight: float = 1000.0
+    canary_repeats: int = 0
+    canary_client: int = 0
 
     def __post_init__(self) -> None:
         from fedlora.privacy.ledger import ACCOUNTANTS
@@ -271,6 +273,10 @@ class PrivacyConfig:
             _require_module("dp_accounting", "client-dp", 'flwr[dp] (pip install "flwr[dp]")')
         if not self.secagg_clipping_range > 0:
             raise _fail("secagg-clipping-range", "a positive number", self.secagg_clipping_range)
+        if self.canary_repeats < 0:
+            raise _fail("canary-repeats", "an integer >= 0 (0: no canary)", self.canary_repeats)
+        if self.canary_client < 0:
+            raise _fail("canary-client", "a partition id >= 0", self.canary_client)
         if not self.secagg_max_weight > 0:
             raise _fail("secagg-max-weight", "a positive number", self.secagg_max_weight)
 
@@ -373,6 +379,10 @@ class RunConfig:
                 f"(one rank for all: lora-rank), got {self.federation.strategy!r}"
             )
         privacy, strategy = self.privacy, self.federation.strategy
+        if privacy.canary_repeats and self.model.task != "causal-lm":
+            raise ConfigError(
+                f"canary-repeats: the canary exposure audit needs task causal-lm, got {self.model.task!r}"
+            )
         if privacy.client_level and not info.plain_mean:
             usable = sorted(n for n, i in _strategies().items() if i.plain_mean)
             raise ConfigError(

@@ -23,6 +23,8 @@ __all__ = [
     "M_UNIT_WEIGHT",
     "M_MIA_GLOBAL",
     "M_MIA_PERSONALIZED",
+    "M_CANARY_GLOBAL",
+    "M_CANARY_PERSONALIZED",
     "M_PERSONAL_STEPS",
     "C_SERVER_ROUND",
     "C_LOCAL_STEPS",
@@ -60,5 +62,8 @@ M_BUDGET_EXHAUSTED = "budget-exhausted"  # DP: 1 when the next round would excee
 # Final round: the loss-threshold membership-inference advantage against each model.
 M_MIA_GLOBAL = "mia-advantage-global"
 M_MIA_PERSONALIZED = "mia-advantage-personalized"
+# Final round, on the client holding the canary (causal LMs): its exposure in bits.
+M_CANARY_GLOBAL = "canary-exposure-global"
+M_CANARY_PERSONALIZED = "canary-exposure-personalized"
 # Client-level DP: every client weighs the same in the mean (Flower's accountant requires it).
 M_UNIT_WEIGHT = "unit-weight"

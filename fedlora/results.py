@@ -57,6 +57,8 @@ class RoundRecord:
     client_dp_epsilon: float = math.nan
     mia_advantage_global: float = math.nan
     mia_advantage_personalized: float = math.nan
+    canary_exposure_global: float = math.nan
+    canary_exposure_personalized: float = math.nan
     wall_s: float = 0.0
 
 
@@ -124,6 +126,9 @@ class RunRecorder:
             # Loss-threshold membership inference on the final models (mean over clients).
             "mia_advantage_global": last.mia_advantage_global,
             "mia_advantage_personalized": last.mia_advantage_personalized,
+            # Canary audit (causal LMs): exposure in bits of the canary client's secret.
+            "canary_exposure_global": last.canary_exposure_global,
+            "canary_exposure_personalized": last.canary_exposure_personalized,
             "full_model_bytes": self.full_model_bytes,
             "wall_s": time.perf_counter() - self.started,
         }

@@ -340,3 +340,53 @@ def test_with_dp_personal_off_only_the_shared_steps_spend_epsilon(dp_cfg):
     assert metrics[1][keys.M_EPSILON] == pytest.approx(ledger.epsilon(DELTA), rel=1e-6)
     # The personal adapter still trains every round, without noise.
     assert [m[keys.M_PERSONAL_STEPS] for m in metrics] == [cfg.train.personal_steps] * 2
+
+
+def test_canary_exposure_is_high_for_a_memorised_secret_and_about_one_for_a_typical_one():
+    import numpy as np
+
+    from fedlora.privacy.canary import SPACE, alternatives, canary_text, exposure
+
+    rng = np.random.default_rng(0)
+    losses = rng.normal(3.0, 0.2, size=1000)
+    assert exposure(1.0, losses) > 0.9 * math.log2(SPACE)  # ten standard deviations below: memorised
+    assert exposure(3.0, losses) == pytest.approx(1.0, abs=0.2)  # the median secret: rank |R|/2
+    assert exposure(4.0, losses) < 0.01
+    # The canary is never among its alternatives, and both come from the seed.
+    assert canary_text(0) not in alternatives(0, 500) and canary_text(0) == canary_text(0) != canary_text(1)
+    with pytest.raises(ConfigError, match="canary-repeats: the canary exposure audit needs task causal-lm"):
+        RunConfig.from_flat({"canary-repeats": 5})
+
+
+@pytest.mark.slow
+def test_dp_lowers_canary_exposure_and_membership_advantage_of_a_causal_lm(tmp_path):
+    from conftest import write_client
+
+    from fedlora.api import run
+
+    words = {"sport": "goal match team", "music": "song band guitar", "cooking": "recipe oven salt"}
+    for i, topic in enumerate(words):
+        train = [{"text": f"the {words[topic]} {n} is good"} for n in range(30)]
+        test = [{"text": f"the {words[topic]} x{n} is good"} for n in range(10)]
+        write_client(tmp_path / "clients" / f"client-{i}", train, test)
+    common = dict(
+        clients=3,
+        rounds=3,
+        data=tmp_path / "clients",
+        model="tiny-llama",
+        task="causal-lm",
+        max_length=16,
+        local_steps=10,
+        personal_steps=5,
+        batch_size=8,
+        learning_rate=0.01,
+        local_only_baseline=False,
+        canary_repeats=10,
+    )
+    plain = run(out=tmp_path / "plain", **common).final
+    private = run(out=tmp_path / "dp", dp_noise_multiplier=1.0, **common).final
+    # Client 0 holds the canary; without DP the personalized model ranks it far above chance.
+    assert plain["canary_exposure_personalized"] > 5
+    assert private["canary_exposure_personalized"] < plain["canary_exposure_personalized"] - 3
+    assert private["canary_exposure_global"] < plain["canary_exposure_global"]
+    assert private["mia_advantage_personalized"] < plain["mia_advantage_personalized"]

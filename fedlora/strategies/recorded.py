@@ -155,10 +155,23 @@ def record_evaluation(record: RoundRecord, clients: Sequence[tuple[str, Mapping[
                 if keys.M_MIA_GLOBAL in m
                 else {}
             ),
+            **(
+                {
+                    "canary_exposure_global": _value(m, keys.M_CANARY_GLOBAL),
+                    "canary_exposure_personalized": _value(m, keys.M_CANARY_PERSONALIZED),
+                }
+                if not math.isnan(_value(m, keys.M_CANARY_GLOBAL))
+                else {}
+            ),
         }
         for cid, m in clients
     }
-    for name in ("mia_advantage_global", "mia_advantage_personalized"):
+    for name in (
+        "mia_advantage_global",
+        "mia_advantage_personalized",
+        "canary_exposure_global",
+        "canary_exposure_personalized",
+    ):
         values = [c[name] for c in record.per_client.values() if name in c and not math.isnan(c[name])]
         setattr(record, name, sum(values) / len(values) if values else math.nan)
     spent = [c["epsilon"] for c in record.per_client.values() if "epsilon" in c]
