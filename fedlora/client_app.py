@@ -21,6 +21,7 @@ from fedlora import keys
 from fedlora.config import ModelConfig, PrivacyConfig, RunConfig
 from fedlora.errors import BudgetExhausted, ConfigError, FedloraError
 from fedlora.privacy.mods import privacy_mod
+from fedlora.privacy.wire import wire_log_mod
 
 if TYPE_CHECKING:
     from fedlora.adapters import AdapterState
@@ -34,7 +35,8 @@ if TYPE_CHECKING:
 __all__ = ["app"]
 
 log = logging.getLogger(__name__)
-app = ClientApp()
+# Outermost mod: the wire log sees each reply exactly as it leaves (after SecAgg+ masking).
+app = ClientApp(mods=[wire_log_mod])
 
 _PERSONAL_STATE = "fedlora-personal-adapter"
 # Adapter parts a strategy keeps on the client between rounds (FedSA-LoRA's B).

@@ -228,6 +228,7 @@ class PrivacyConfig:
     secagg_max_weight: float = 1000.0
     canary_repeats: int = 0
     canary_client: int = 0
+    audit_wire_log: str = ""
 
     def __post_init__(self) -> None:
         from fedlora.privacy.ledger import ACCOUNTANTS

@@ -390,3 +390,29 @@ def test_dp_lowers_canary_exposure_and_membership_advantage_of_a_causal_lm(tmp_p
     assert private["canary_exposure_personalized"] < plain["canary_exposure_personalized"] - 3
     assert private["canary_exposure_global"] < plain["canary_exposure_global"]
     assert private["mia_advantage_personalized"] < plain["mia_advantage_personalized"]
+
+
+def test_wire_audit_flags_anything_but_adapter_tensors_and_scalars(tmp_path):
+    import json
+
+    from fedlora.privacy.wire import audit_wire_log
+
+    adapter = ["base_model.model.bert.pooler.dense.lora_A.weight"]
+    good = {
+        "node": 1,
+        "type": "train",
+        "arrays": {"arrays": {adapter[0]: ["float32", [8, 32]]}},
+        "metrics": {"metrics": {"num-examples": "int", "train-loss": "float"}},
+        "configs": {},
+    }
+    leaks = [
+        {**good, "arrays": {"arrays": {"bert.embeddings.word_embeddings.weight": ["float32", [1000, 32]]}}},
+        {**good, "metrics": {"metrics": {"text": "str"}}},
+        {**good, "configs": {"raw": {"texts": "list[3] of ['str']"}}},
+    ]
+    log = tmp_path / "wire.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in [good, *leaks]))
+    audit = audit_wire_log(log, adapter)
+    assert audit.replies == 4 and not audit.clean
+    assert [v.split(":")[0] for v in audit.violations] == [f"reply {n} (node 1, train)" for n in (2, 3, 4)]
+    assert "is not an adapter tensor" in audit.violations[0] and "non-scalars" in audit.violations[1]

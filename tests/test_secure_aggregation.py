@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedlora.privacy.secagg import LEGACY_STRATEGIES, SECURE_EVENT, quantization_bound
+from fedlora.privacy.wire import audit_wire_log
 from fedlora.strategies import STRATEGIES
 
 
@@ -21,7 +22,9 @@ def _round_adapter(out):
 
 
 @pytest.mark.slow
-def test_secure_aggregate_equals_the_plain_weighted_mean_and_the_strategy_sees_only_it(tmp_path, jsonl_dir):
+def test_secure_aggregate_equals_the_plain_weighted_mean_and_the_strategy_sees_only_it(
+    tmp_path, jsonl_dir, capsys
+):
     from fedlora.api import run
 
     common = dict(
@@ -35,8 +38,14 @@ def test_secure_aggregate_equals_the_plain_weighted_mean_and_the_strategy_sees_o
         batch_size=8,
         local_only_baseline=False,
     )
-    plain = run(out=tmp_path / "plain", **common)
-    secure = run(out=tmp_path / "secure", secure_aggregation=True, secagg_max_weight=100.0, **common)
+    plain = run(out=tmp_path / "plain", audit_wire_log=str(tmp_path / "plain.wire"), **common)
+    secure = run(
+        out=tmp_path / "secure",
+        secure_aggregation=True,
+        secagg_max_weight=100.0,
+        audit_wire_log=str(tmp_path / "secure.wire"),
+        **common,
+    )
     # Each client trains on 16 examples (tests/conftest.py).
     bound = quantization_bound([16, 16, 16], clipping_range=8.0, max_weight=100.0)
 
@@ -56,6 +65,23 @@ def test_secure_aggregate_equals_the_plain_weighted_mean_and_the_strategy_sees_o
         plain.final["personalized_accuracy"], abs=0.1
     )
     assert [r["clients_trained"] for r in secure.rounds] == [3, 3]
+
+    # Wire audit of both runs: every reply as it left a client.
+    adapter_keys = json.loads((tmp_path / "plain" / "global_adapter" / "adapter_keys.json").read_text())
+    plain_wire = audit_wire_log(tmp_path / "plain.wire", adapter_keys)
+    secure_wire = audit_wire_log(tmp_path / "secure.wire", adapter_keys)
+    assert plain_wire.clean and secure_wire.clean, plain_wire.violations + secure_wire.violations
+    assert plain_wire.array_keys == set(adapter_keys) and plain_wire.secagg_replies == 0
+    # Under SecAgg+ no tensor leaves in the clear: uploads go as masked vectors in the protocol.
+    assert secure_wire.array_keys == set() and secure_wire.secagg_replies == 4 * 3 * 2
+
+    # The audit command prints the same from the run directory.
+    from fedlora.cli import main
+
+    assert main(["audit", str(tmp_path / "secure")]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "the strategy was handed 1 distinct vector(s) per round" in printed
+    assert "adapter tensors in the clear: 0 keys; SecAgg+ protocol replies: 24" in printed
 
 
 def build_initial(tmp_path) -> dict[str, torch.Tensor]:
