@@ -123,6 +123,18 @@ def test_cli_bad_input_stops_before_training_with_one_line(tmp_path, jsonl_dir):
     assert _cli_error("--out", out, "--clients", "3000").startswith(
         "fedlora: error: clients: 3000 clients need at least"
     )
+    # Privacy settings the run cannot honour stop here too, before any training.
+    assert _cli_error(
+        "--out", out, "--strategy", "krum", "--run-config", "secure-aggregation=true"
+    ).startswith(
+        "fedlora: error: secure-aggregation: the server sees only the sum of the uploads, which strategy"
+    )
+    assert _cli_error("--out", out, "--run-config", "dp-delta=1.5").startswith(
+        "fedlora: error: dp-delta: must be"
+    )
+    assert _cli_error("--out", out, "--run-config", "dp-target-epsilon=3 dp-secure-mode=true").startswith(
+        "fedlora: error: dp-secure-mode: needs the package torchcsprng"
+    )
     (jsonl_dir / "client-2" / "train.jsonl").unlink()
     assert _cli_error("--out", out, "--data", str(jsonl_dir)).endswith("client-2' has no train.jsonl")
     assert not Path(out).exists()
