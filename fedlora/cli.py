@@ -113,7 +113,8 @@ def _table(summary: dict[str, Any], out_dir: Path) -> None:
     mia = (final.get("mia_advantage_global"), final.get("mia_advantage_personalized"))
     if all(v is not None and not math.isnan(v) for v in mia):
         console.print(
-            f"membership inference (loss threshold) advantage: global {mia[0]:.3f}, personalized {mia[1]:.3f}"
+            f"membership inference (loss threshold) advantage: global {mia[0]:.3f}, "
+            f"personalized {mia[1]:.3f} (chance level {final.get('mia_advantage_chance', math.nan):.3f})"
         )
     console.print(f"wall time: {final['wall_s']:.1f} s in the ServerApp")
 
@@ -202,7 +203,8 @@ def _audit(args: argparse.Namespace) -> int:
         console.print(
             f"membership inference (loss threshold, final models): advantage global "
             f"{statistics.fmean(g):.3f} (max {max(g):.3f}), personalized "
-            f"{statistics.fmean(p):.3f} (max {max(p):.3f}), over {len(mia)} clients"
+            f"{statistics.fmean(p):.3f} (max {max(p):.3f}), over {len(mia)} clients; chance level "
+            f"{statistics.fmean(c.get('mia_advantage_chance', math.nan) for c in mia):.3f}"
         )
     canary = final.get("canary_exposure_personalized")
     if canary is not None and not math.isnan(canary):

@@ -392,7 +392,7 @@ def _final_audit(
     import dataclasses
 
     from fedlora.personalize import evaluate_adapter
-    from fedlora.privacy.audit import loss_threshold_advantage
+    from fedlora.privacy.audit import chance_advantage, loss_threshold_advantage
 
     def losses(data: Tokenized) -> tuple[tuple[float, ...], tuple[float, ...]]:
         on_global = evaluate_adapter(client.loaded, data, local.view.global_state)
@@ -403,6 +403,7 @@ def _final_audit(
     audit = {
         keys.M_MIA_GLOBAL: loss_threshold_advantage(train_global, global_only.example_losses),
         keys.M_MIA_PERSONALIZED: loss_threshold_advantage(train_personal, personalized.example_losses),
+        keys.M_MIA_CHANCE: chance_advantage(len(train_global), len(global_only.example_losses)),
     }
     privacy, seed = client.cfg.privacy, client.cfg.federation.seed
     if privacy.canary_repeats:

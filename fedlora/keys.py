@@ -23,6 +23,7 @@ __all__ = [
     "M_UNIT_WEIGHT",
     "M_MIA_GLOBAL",
     "M_MIA_PERSONALIZED",
+    "M_MIA_CHANCE",
     "M_CANARY_GLOBAL",
     "M_CANARY_PERSONALIZED",
     "M_PERSONAL_STEPS",
@@ -62,6 +63,7 @@ M_BUDGET_EXHAUSTED = "budget-exhausted"  # DP: 1 when the next round would excee
 # Final round: the loss-threshold membership-inference advantage against each model.
 M_MIA_GLOBAL = "mia-advantage-global"
 M_MIA_PERSONALIZED = "mia-advantage-personalized"
+M_MIA_CHANCE = "mia-advantage-chance"  # what the attack shows without leakage, for these sample sizes
 # Final round, on the client holding the canary (causal LMs): its exposure in bits.
 M_CANARY_GLOBAL = "canary-exposure-global"
 M_CANARY_PERSONALIZED = "canary-exposure-personalized"

@@ -57,6 +57,7 @@ class RoundRecord:
     client_dp_epsilon: float = math.nan
     mia_advantage_global: float = math.nan
     mia_advantage_personalized: float = math.nan
+    mia_advantage_chance: float = math.nan
     canary_exposure_global: float = math.nan
     canary_exposure_personalized: float = math.nan
     wall_s: float = 0.0
@@ -126,6 +127,7 @@ class RunRecorder:
             # Loss-threshold membership inference on the final models (mean over clients).
             "mia_advantage_global": last.mia_advantage_global,
             "mia_advantage_personalized": last.mia_advantage_personalized,
+            "mia_advantage_chance": last.mia_advantage_chance,
             # Canary audit (causal LMs): exposure in bits of the canary client's secret.
             "canary_exposure_global": last.canary_exposure_global,
             "canary_exposure_personalized": last.canary_exposure_personalized,

@@ -331,6 +331,13 @@ def test_loss_threshold_advantage_by_hand():
     assert math.isnan(loss_threshold_advantage([], [0.1]))
 
 
+def test_chance_advantage_is_the_floor_without_leakage_and_shrinks_with_more_examples():
+    from fedlora.privacy.audit import chance_advantage
+
+    small, large = chance_advantage(50, 50), chance_advantage(500, 500)
+    assert 0.05 < small < 0.2 and large < small / 2
+
+
 def test_with_dp_personal_off_only_the_shared_steps_spend_epsilon(dp_cfg):
     cfg = dp_cfg.replace(dp_personal=False)
     context = _context(cfg)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["loss_threshold_advantage"]
+__all__ = ["chance_advantage", "loss_threshold_advantage"]
 
 
 def loss_threshold_advantage(member_losses: Sequence[float], nonmember_losses: Sequence[float]) -> float:
@@ -30,3 +30,17 @@ def loss_threshold_advantage(member_losses: Sequence[float], nonmember_losses: S
     tpr = np.searchsorted(members, thresholds, side="right") / members.size
     fpr = np.searchsorted(others, thresholds, side="right") / others.size
     return float(max(0.0, np.max(tpr - fpr)))
+
+
+def chance_advantage(members: int, nonmembers: int, trials: int = 200, seed: int = 0) -> float:
+    """The advantage the attack shows with no leakage at all, for these sample sizes.
+
+    Mean of `loss_threshold_advantage` over ``trials`` draws where members and
+    non-members have identically distributed losses: the level a model's advantage
+    should be compared with.
+    """
+    if members == 0 or nonmembers == 0:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    draws = rng.random((trials, members + nonmembers))
+    return float(np.mean([loss_threshold_advantage(d[:members], d[members:]) for d in draws]))

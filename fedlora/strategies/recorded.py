@@ -151,6 +151,7 @@ def record_evaluation(record: RoundRecord, clients: Sequence[tuple[str, Mapping[
                 {
                     "mia_advantage_global": _value(m, keys.M_MIA_GLOBAL),
                     "mia_advantage_personalized": _value(m, keys.M_MIA_PERSONALIZED),
+                    "mia_advantage_chance": _value(m, keys.M_MIA_CHANCE),
                 }
                 if keys.M_MIA_GLOBAL in m
                 else {}
@@ -169,6 +170,7 @@ def record_evaluation(record: RoundRecord, clients: Sequence[tuple[str, Mapping[
     for name in (
         "mia_advantage_global",
         "mia_advantage_personalized",
+        "mia_advantage_chance",
         "canary_exposure_global",
         "canary_exposure_personalized",
     ):
