@@ -190,8 +190,10 @@ def _finished_run_of(run_dir: Path, cfg: RunConfig, clients: int | None) -> bool
         return False
     saved = json.loads((run_dir / "config.json").read_text())
     wanted = cfg.to_flat()
+    # A key newer than the saved run was at its default there.
+    defaults = RunConfig().to_flat()
     ignored = {"out-dir", "min-clients", "labels"}
-    same = all(saved.get(k) == v for k, v in wanted.items() if k not in ignored)
+    same = all(saved.get(k, defaults[k]) == v for k, v in wanted.items() if k not in ignored)
     return same and saved.get("min-clients") == (clients if clients is not None else default_clients(cfg))
 
 

@@ -78,3 +78,18 @@ def test_sweep_skips_combinations_the_configuration_rejects(tmp_path, monkeypatc
     )
     assert [(c["strategy"], c["personalization"]) for c in calls] == [("fedavg", "ditto")]
     assert calls[0]["local_only_baseline"] is True
+
+
+def test_a_run_saved_before_a_config_key_existed_counts_as_that_key_at_its_default(tmp_path, monkeypatch):
+    _finished(tmp_path / "fedavg__auto__seed0", local_only_baseline=True)
+    saved = json.loads((tmp_path / "fedavg__auto__seed0" / "config.json").read_text())
+    saved.pop("audit-wire-log")  # as written by an older fedlora
+    (tmp_path / "fedavg__auto__seed0" / "config.json").write_text(json.dumps(saved))
+    calls = []
+    monkeypatch.setattr("fedlora.api.run", lambda **kw: calls.append(kw) or load_results(tmp_path / "x"))
+    fedlora.sweep(strategies=["fedavg"], out=tmp_path, reuse=True, clients=3)
+    assert calls == []
+    # ... but asking for something other than that default runs again.
+    _finished(tmp_path / "x")
+    fedlora.sweep(strategies=["fedavg"], out=tmp_path, reuse=True, clients=3, audit_wire_log="/tmp/w")
+    assert len(calls) == 1
