@@ -182,6 +182,9 @@ def _config_of(flat: Mapping[str, Any], strategy: str, personalization: str) -> 
         cfg["num-server-rounds"] = flat["rounds"]
     if flat.get("data") is not None:
         cfg["data-dir"] = str(Path(flat["data"]).expanduser().resolve())
+    if cfg.get("audit-wire-log"):
+        # Clients run in other working directories: give them an absolute path.
+        cfg["audit-wire-log"] = str(Path(str(cfg["audit-wire-log"])).expanduser().resolve())
     return RunConfig.from_flat({**cfg, "strategy": strategy, "personalization": personalization})
 
 
