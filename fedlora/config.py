@@ -153,6 +153,7 @@ class FederationConfig:
     server_momentum: float = 0.9
     trim_fraction: float = 0.2
     byzantine_clients: int = 0
+    max_update_norm: float = math.inf
     local_only_baseline: bool = True
     seed: int = 0
     out_dir: str = ""
@@ -176,6 +177,8 @@ class FederationConfig:
             raise _fail("trim-fraction", "a number in [0, 0.5)", self.trim_fraction)
         if self.byzantine_clients < 0:
             raise _fail("byzantine-clients", "an integer >= 0", self.byzantine_clients)
+        if not self.max_update_norm > 0:
+            raise _fail("max-update-norm", "a positive number (inf: no bound)", self.max_update_norm)
         from fedlora.personalization import PERSONALIZATIONS
         from fedlora.strategies import STRATEGIES
 

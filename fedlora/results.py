@@ -54,6 +54,7 @@ class RoundRecord:
     global_accuracy_worst10: float = math.nan
     per_client: dict[str, dict[str, float]] = field(default_factory=dict)
     epsilon_max: float = math.nan
+    clients_rejected: int = 0
     client_dp_epsilon: float = math.nan
     mia_advantage_global: float = math.nan
     mia_advantage_personalized: float = math.nan
@@ -148,6 +149,7 @@ class RunRecorder:
                     "bytes_down": r.bytes_down,
                     "clients_trained": r.clients_trained,
                     "clients_failed": r.clients_failed,
+                    "clients_rejected": r.clients_rejected,
                     "epsilon_max": r.epsilon_max,
                     "client_dp_epsilon": r.client_dp_epsilon,
                     "wall_s": r.wall_s,

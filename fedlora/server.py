@@ -116,7 +116,10 @@ def run_federation(grid: Grid, cfg: RunConfig, context: Context) -> dict[str, An
         from fedlora.privacy.client_dp import wait_for_nodes, with_client_dp
 
         strategy = with_client_dp(strategy, cfg, wait_for_nodes(grid, fed.min_clients))
-    strategy = Recorded(strategy, recorder)
+    from fedlora.validation import UploadCheck
+
+    check = UploadCheck.for_run(info, loaded.initial_global, fed.max_update_norm)
+    strategy = Recorded(strategy, recorder, check)
     result = strategy.start(
         grid=grid,
         initial_arrays=to_record(initial_record(info, loaded.initial_global)),

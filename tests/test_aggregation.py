@@ -1,8 +1,10 @@
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 from helpers import metrics, reply
 
@@ -108,3 +110,69 @@ def test_summary_has_the_documented_fields(recorded, tmp_path):
     assert final["personalized_accuracy"] == 0.75 and final["local_only_accuracy"] == 0.6
     assert final["bytes_up_per_client_round"] == summary["rounds"][0]["bytes_up"]
     assert (tmp_path / "summary.json").exists()
+
+
+def _upload(node: int, arrays: dict, n: int = 1):
+    record = ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in arrays.items()})
+    return reply(
+        RecordDict({"arrays": record, "metrics": metrics(num_examples=n, train_loss=0.1, partition_id=node)}),
+        node,
+    )
+
+
+GOOD = {"x.lora_A.weight": [[1.0, 2.0]], "x.lora_B.weight": [[1.0], [3.0]]}  # rank 1: A (1, 2), B (2, 1)
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        ({**GOOD, "x.lora_A.weight": [[float("nan"), 2.0]]}, "tensor 'x.lora_A.weight' holds NaN or Inf"),
+        ({**GOOD, "x.lora_B.weight": [[float("inf")], [3.0]]}, "tensor 'x.lora_B.weight' holds NaN or Inf"),
+        ({"x.lora_A.weight": GOOD["x.lora_A.weight"]}, "missing tensor 'x.lora_B.weight'"),
+        ({**GOOD, "y.weight": [1.0]}, "unexpected tensor 'y.weight'"),
+        (
+            {**GOOD, "x.lora_A.weight": [[1.0, 2.0, 3.0]]},
+            "tensor 'x.lora_A.weight' has shape (1, 3), expected (1, 2)",
+        ),
+        (
+            {"x.lora_A.weight": [[1.0, 2.0], [0.0, 1.0]], "x.lora_B.weight": [[1.0, 0.0], [3.0, 0.0]]},
+            "tensor 'x.lora_A.weight' has shape (2, 2), expected (1, 2)",
+        ),
+        ({**GOOD, "x.lora_A.weight": [[100.0, 2.0]]}, "update norm 99 exceeds max-update-norm 10"),
+    ],
+)
+def test_a_bad_upload_is_rejected_with_its_reason_and_the_rest_are_aggregated(tmp_path, bad, reason):
+    from fedlora.validation import UploadCheck
+
+    cfg = RunConfig()
+    check = UploadCheck({"x.lora_A.weight": (1, 2), "x.lora_B.weight": (2, 1)}, max_norm=10.0)
+    recorded = Recorded(
+        build_strategy("fedavg", cfg), RunRecorder(tmp_path, cfg.to_flat(), full_model_bytes=1), check
+    )
+    recorded.round_start = {k: torch.tensor(v) for k, v in GOOD.items()}
+    replies = [
+        _upload(1, GOOD, n=1),
+        _upload(2, bad, n=5),
+        _upload(3, {**GOOD, "x.lora_A.weight": [[3.0, 4.0]]}, n=1),
+    ]
+    arrays, _ = recorded.aggregate_train(1, replies)
+    # Node 2 is left out: the mean of nodes 1 and 3 only.
+    np.testing.assert_array_equal(arrays["x.lora_A.weight"].numpy(), [[2.0, 3.0]])
+    record = recorded.recorder.round(1)
+    assert (record.clients_trained, record.clients_rejected, record.clients_failed) == (2, 1, 1)
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rejected = [e for e in events if e["event"] == "client-rejected"]
+    assert len(rejected) == 1 and rejected[0]["node"] == 2 and rejected[0]["reason"].startswith(reason)
+
+
+def test_heterogeneous_ranks_pass_the_shape_check_only_on_the_rank_dimension():
+    from fedlora.validation import UploadCheck
+
+    check = UploadCheck({"x.lora_A.weight": (8, 4), "x.lora_B.weight": (6, 8)}, any_rank=True)
+    ok = {"x.lora_A.weight": torch.zeros(4, 4), "x.lora_B.weight": torch.zeros(6, 4)}
+    assert check.problem(ok, {}) is None
+    wrong = {"x.lora_A.weight": torch.zeros(4, 5), "x.lora_B.weight": torch.zeros(6, 4)}
+    assert (
+        check.problem(wrong, {})
+        == "tensor 'x.lora_A.weight' has shape (4, 5), expected (8, 4) (any LoRA rank)"
+    )

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -13,7 +14,13 @@ from flwr.serverapp.strategy import Strategy
 from fedlora import keys
 from fedlora.results import RoundRecord, RunRecorder, worst_fraction_mean
 
+if TYPE_CHECKING:
+    from fedlora.adapters import AdapterState
+    from fedlora.validation import UploadCheck
+
 __all__ = ["Recorded", "client_id", "record_evaluation"]
+
+log = logging.getLogger(__name__)
 
 
 def _metrics(message: Message) -> Mapping[str, Any]:
@@ -51,9 +58,11 @@ class Recorded(Strategy):
 
     """
 
-    def __init__(self, strategy: Strategy, recorder: RunRecorder) -> None:
+    def __init__(self, strategy: Strategy, recorder: RunRecorder, check: UploadCheck | None = None) -> None:
         self.strategy = strategy
         self.recorder = recorder
+        self.check = check
+        self.round_start: AdapterState = {}
         # Client-level DP: rounds the accountant refused (the budget would be exceeded).
         self.refused: set[int] = set()
 
@@ -81,6 +90,10 @@ class Recorded(Strategy):
         """
         from flwr.serverapp.exception import PrivacyBudgetExhausted
 
+        if self.check is not None and self.check.max_norm != math.inf:
+            from fedlora.adapters import from_record
+
+            self.round_start = from_record(arrays)
         try:
             messages = self.strategy.configure_train(server_round, arrays, config, grid)
         except PrivacyBudgetExhausted as err:
@@ -93,11 +106,11 @@ class Recorded(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Count what each client uploaded, then delegate the aggregation."""
-        replies = list(replies)
+        replies = self._drop_invalid(server_round, list(replies))
         record = self.recorder.round(server_round)
         ok = [m for m in replies if not m.has_error()]
         record.clients_trained = len(ok)
-        record.clients_failed = len(replies) - len(ok)
+        record.clients_failed = len(replies) - len(ok) + record.clients_rejected
         record.bytes_up = sum(ar.count_bytes() for m in ok for ar in m.content.array_records.values())
         losses = [_metric(m, keys.M_TRAIN_LOSS) for m in ok]
         record.train_loss = sum(losses) / len(losses) if losses else math.nan
@@ -113,6 +126,40 @@ class Recorded(Strategy):
         if spent is not None:
             record.client_dp_epsilon = float(spent.epsilon)
         return result
+
+    def _drop_invalid(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """Leave out every upload the check rejects, logging which node and why."""
+        if self.check is None:
+            return replies
+        from fedlora.adapters import from_record
+
+        kept, rejected = [], 0
+        for m in replies:
+            reason = None
+            if not m.has_error():
+                arrays = m.content.array_records.get(keys.ARRAYS)
+                reason = (
+                    "no adapter tensors"
+                    if arrays is None
+                    else self.check.problem(from_record(arrays), self.round_start)
+                )
+            if reason is None:
+                kept.append(m)
+                continue
+            rejected += 1
+            node = m.metadata.src_node_id
+            log.warning(
+                "fedlora: round %d: rejected the update of node %s (client %s): %s",
+                server_round,
+                node,
+                _client_id(m),
+                reason,
+            )
+            self.recorder.event(
+                "client-rejected", round=server_round, node=node, client=_client_id(m), reason=reason
+            )
+        self.recorder.round(server_round).clients_rejected = rejected
+        return kept
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

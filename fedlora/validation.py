@@ -1,0 +1,96 @@
+"""Server-side checks of every upload before aggregation: a bad reply is dropped, not averaged.
+
+A client that sends NaN or Inf, tensors the strategy does not expect (missing, extra, of
+the wrong shape or LoRA rank), or an update larger than ``max-update-norm`` would poison
+the mean or stop Flower's aggregation altogether. `UploadCheck` names the problem; the
+recording wrapper logs it with the node and aggregates the others. Under secure
+aggregation the server never sees individual uploads, so it cannot check them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fedlora.lora_math import part_of
+
+if TYPE_CHECKING:
+    from fedlora.adapters import AdapterState
+    from fedlora.strategies.registry import StrategyInfo
+
+__all__ = ["UploadCheck"]
+
+
+def _rank_dim(key: str) -> int | None:
+    # PEFT's lora_A is (r, d_in) and lora_B is (d_out, r).
+    return 0 if part_of(key) == "lora_A" else 1 if part_of(key) == "lora_B" else None
+
+
+@dataclass(frozen=True)
+class UploadCheck:
+    """What a valid upload looks like in this run.
+
+    Attributes
+    ----------
+    expected : Mapping[str, tuple[int, ...]]
+        Every tensor a client must send, with its shape at the run's LoRA rank.
+    any_rank : bool
+        Whether clients may use their own rank (the LoRA rank dimension may differ).
+    max_norm : float
+        Bound on the L2 norm of an upload minus the global arrays the client started from
+        (over the tensors both hold; ``inf``: no bound).
+
+    """
+
+    expected: Mapping[str, tuple[int, ...]]
+    any_rank: bool = False
+    max_norm: float = math.inf
+
+    @classmethod
+    def for_run(cls, info: StrategyInfo, initial_global: AdapterState, max_norm: float) -> UploadCheck:
+        """The check for a strategy: the parts it shares, at the seeded adapter's shapes."""
+        sent = info.protocol.sent
+        expected = {k: tuple(v.shape) for k, v in initial_global.items() if part_of(k) in sent}
+        return cls(expected, info.protocol.heterogeneous_ranks, max_norm)
+
+    def _shape_ok(self, key: str, shape: tuple[int, ...], want: tuple[int, ...]) -> bool:
+        dim = _rank_dim(key)
+        if not self.any_rank or dim is None or len(shape) != len(want):
+            return shape == want
+        return (
+            all(s == w for i, (s, w) in enumerate(zip(shape, want, strict=True)) if i != dim)
+            and shape[dim] > 0
+        )
+
+    def problem(self, upload: AdapterState, start: AdapterState) -> str | None:
+        """Why ``upload`` must not be aggregated, or None if it is fine.
+
+        ``start`` is what the server sent for this round (the update is measured against it).
+        """
+        import torch
+
+        missing = sorted(set(self.expected) - set(upload))
+        if missing:
+            return f"missing tensor {missing[0]!r} ({len(missing)} of {len(self.expected)} missing)"
+        extra = sorted(set(upload) - set(self.expected))
+        if extra:
+            return f"unexpected tensor {extra[0]!r} (the strategy takes only its shared parts)"
+        for key, tensor in upload.items():
+            shape, want = tuple(tensor.shape), self.expected[key]
+            if not self._shape_ok(key, shape, want):
+                rank = " (any LoRA rank)" if self.any_rank and _rank_dim(key) is not None else ""
+                return f"tensor {key!r} has shape {shape}, expected {want}{rank}"
+            if not bool(torch.isfinite(tensor).all()):
+                return f"tensor {key!r} holds NaN or Inf"
+        if math.isfinite(self.max_norm):
+            total = 0.0
+            for key, tensor in upload.items():
+                base = start.get(key)
+                delta = tensor - base if base is not None and base.shape == tensor.shape else tensor
+                total += float(delta.double().pow(2).sum())
+            norm = math.sqrt(total)
+            if norm > self.max_norm:
+                return f"update norm {norm:.4g} exceeds max-update-norm {self.max_norm:g}"
+        return None
