@@ -25,6 +25,18 @@ def reply(content: RecordDict, node_id: int, message_type: str = "train") -> Mes
     return answer
 
 
+# A real federation small enough for the suite: `fedlora.run(**TINY_FEDERATION, ...)`.
+TINY_FEDERATION = dict(
+    clients=3,
+    model="tiny-bert",
+    max_length=16,
+    local_steps=2,
+    personal_steps=1,
+    batch_size=8,
+    local_only_baseline=False,
+)
+
+
 def metrics(**values: float) -> MetricRecord:
     return MetricRecord({k.replace("_", "-"): v for k, v in values.items()})
 

@@ -11,17 +11,22 @@ from nbclient import NotebookClient
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
-@pytest.mark.slow
-def test_compare_strategies_notebook_runs_and_shows_its_table_and_plots(tmp_path, monkeypatch):
+def _execute_small(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list:
+    """Run a notebook in its reduced size under ``tmp_path``; return its outputs, none an error."""
     monkeypatch.setenv("FEDLORA_NOTEBOOK_SMALL", "1")
     monkeypatch.setenv("FEDLORA_NOTEBOOK_OUT", str(tmp_path / "runs"))
-    notebook = nbformat.read(NOTEBOOKS / "compare_strategies.ipynb", as_version=4)
+    notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     NotebookClient(
         notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     ).execute()
-
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
+    return outputs
+
+
+@pytest.mark.slow
+def test_compare_strategies_notebook_runs_and_shows_its_table_and_plots(tmp_path, monkeypatch):
+    outputs = _execute_small("compare_strategies", tmp_path, monkeypatch)
     tables = [
         o
         for o in outputs
@@ -43,15 +48,7 @@ def test_compare_strategies_notebook_runs_and_shows_its_table_and_plots(tmp_path
 
 
 def test_privacy_utility_notebook_runs_and_shows_its_table_and_plot(tmp_path, monkeypatch):
-    monkeypatch.setenv("FEDLORA_NOTEBOOK_SMALL", "1")
-    monkeypatch.setenv("FEDLORA_NOTEBOOK_OUT", str(tmp_path / "runs"))
-    notebook = nbformat.read(NOTEBOOKS / "privacy_utility.ipynb", as_version=4)
-    NotebookClient(
-        notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-    ).execute()
-
-    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
-    assert not [o for o in outputs if o.output_type == "error"]
+    outputs = _execute_small("privacy_utility", tmp_path, monkeypatch)
     tables = [
         o.data["text/html"]
         for o in outputs

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from helpers import as_server
+from helpers import TINY_FEDERATION, as_server
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedlora import keys
@@ -195,16 +195,10 @@ def test_a_dp_federation_completes_when_clients_run_out_of_budget(tmp_path, json
     ledger.record(3, noise_multiplier=NOISE, sample_rate=0.5)
     budget = (one_round + ledger.epsilon(DELTA)) / 2
     result = run(
-        clients=3,
+        **TINY_FEDERATION,
         rounds=3,
         out=tmp_path / "run",
         data=jsonl_dir,
-        model="tiny-bert",
-        max_length=16,
-        local_steps=2,
-        personal_steps=1,
-        batch_size=8,
-        local_only_baseline=False,
         dp_noise_multiplier=NOISE,
         dp_epsilon_budget=budget,
     )
@@ -250,16 +244,10 @@ def test_client_level_dp_reports_server_epsilon_each_round_and_stops_at_its_budg
     noise = 2.0
     budget = (_gaussian_epsilon(noise, 2, DELTA) + _gaussian_epsilon(noise, 3, DELTA)) / 2
     result = run(
-        clients=3,
+        **TINY_FEDERATION,
         rounds=3,
         out=tmp_path / "run",
         data=jsonl_dir,
-        model="tiny-bert",
-        max_length=16,
-        local_steps=2,
-        personal_steps=1,
-        batch_size=8,
-        local_only_baseline=False,
         client_dp="client-clipping",
         client_dp_noise_multiplier=noise,
         client_dp_clipping_norm=0.05,

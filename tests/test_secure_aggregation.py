@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import TINY_FEDERATION
 from safetensors.torch import load_file
 
 from fedlora.privacy.secagg import LEGACY_STRATEGIES, SECURE_EVENT, quantization_bound
@@ -27,17 +28,7 @@ def test_secure_aggregate_equals_the_plain_weighted_mean_and_the_strategy_sees_o
 ):
     from fedlora.api import run
 
-    common = dict(
-        clients=3,
-        rounds=2,
-        data=jsonl_dir,
-        model="tiny-bert",
-        max_length=16,
-        local_steps=2,
-        personal_steps=1,
-        batch_size=8,
-        local_only_baseline=False,
-    )
+    common = dict(TINY_FEDERATION, rounds=2, data=jsonl_dir)
     plain = run(out=tmp_path / "plain", audit_wire_log=str(tmp_path / "plain.wire"), **common)
     secure = run(
         out=tmp_path / "secure",

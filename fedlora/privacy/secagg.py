@@ -23,7 +23,6 @@ from flwr.server.strategy import Strategy as LegacyStrategy
 from fedlora import keys
 
 if TYPE_CHECKING:
-    import torch
     from flwr.app import Context
     from flwr.common import EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar
     from flwr.server.client_manager import ClientManager
@@ -296,7 +295,3 @@ def run_secure(
     workflow(grid, legacy)
     return strategy.latest if strategy.latest is not None else initial
 
-
-def secure_tensors(state: Mapping[str, torch.Tensor]) -> list[np.ndarray]:
-    """A client's upload as the positional arrays the legacy protocol carries."""
-    return [t.detach().cpu().numpy() for t in state.values()]
