@@ -20,8 +20,10 @@ from flwr.clientapp import ClientApp
 from fedlora import keys
 from fedlora.config import ModelConfig, PrivacyConfig, RunConfig
 from fedlora.errors import BudgetExhausted, ConfigError, FedloraError
+from fedlora.node_state import node_state_mod
 from fedlora.privacy.mods import privacy_mod
 from fedlora.privacy.wire import wire_log_mod
+from fedlora.profiles import apply_profile
 
 if TYPE_CHECKING:
     from fedlora.adapters import AdapterState
@@ -35,8 +37,9 @@ if TYPE_CHECKING:
 __all__ = ["app"]
 
 log = logging.getLogger(__name__)
-# Outermost mod: the wire log sees each reply exactly as it leaves (after SecAgg+ masking).
-app = ClientApp(mods=[wire_log_mod])
+# Outermost mod: the wire log sees each reply exactly as it leaves (after SecAgg+ masking);
+# then the node's state is loaded from and saved to its disk around every message.
+app = ClientApp(mods=[wire_log_mod, node_state_mod])
 
 _PERSONAL_STATE = "fedlora-personal-adapter"
 # Adapter parts a strategy keeps on the client between rounds (FedSA-LoRA's B).
@@ -47,6 +50,12 @@ CLIENT_INPUT_ERROR = 4100
 CLIENT_BUDGET_EXHAUSTED = 4101
 _LEDGER_STATE = "fedlora-privacy-ledger"
 _DECLINED_STATE = "fedlora-budget-declined"
+# How many rounds the personal state has been trained: survives a restart with the state.
+_PERSONAL_ROUNDS = "fedlora-personal-rounds"
+# What `fedlora export` rebuilds the personalized model from: the server's last arrays and
+# this client's effective configuration (run config, node's data, profile and rank).
+LAST_GLOBAL_STATE = "fedlora-last-global"
+CLIENT_CONFIG_STATE = "fedlora-client-config"
 
 Handler = Callable[[Message, Context], Message]
 
@@ -117,16 +126,26 @@ class _Client:
         from fedlora.personalization import get_personalization
         from fedlora.strategies import strategy_info
 
-        self.cfg = cfg = _parse(tuple(sorted(context.run_config.items())))
-        if cfg.train.num_threads:
-            torch.set_num_threads(cfg.train.num_threads)
-        self.partition_id = int(context.node_config["partition-id"])
-        num_partitions = int(context.node_config["num-partitions"])
-        labels = resolve_labels(cfg.data, cfg.model.task)
-        # A node's own rank (node config ``lora-rank``) wins over the run's ``client-ranks``.
-        rank = int(context.node_config.get("lora-rank", cfg.model.rank_for(self.partition_id)))
+        node = context.node_config
+        cfg = _parse(tuple(sorted(context.run_config.items())))
+        if node.get("data-dir"):
+            # A deployed device reads its own folder, wherever the server's run config points.
+            cfg = cfg.replace(data_dir=str(node["data-dir"]))
+        # A device owner's node config: one client per node unless told otherwise.
+        self.partition_id = int(node.get("partition-id", 0))
+        num_partitions = int(node.get("num-partitions", 1))
         self.info = strategy_info(cfg.federation.strategy)
         self.protocol = self.info.protocol
+        # A node's own rank (node config ``lora-rank``) wins over the run's ``client-ranks``.
+        rank = int(node.get("lora-rank", cfg.model.rank_for(self.partition_id)))
+        cfg, rank = apply_profile(
+            cfg, rank, str(node.get("profile", "")), heterogeneous=self.protocol.heterogeneous_ranks
+        )
+        self.cfg = cfg
+        self.rank, self.num_partitions = rank, num_partitions
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        labels = resolve_labels(cfg.data, cfg.model.task)
         if rank != cfg.model.lora_rank and not self.protocol.heterogeneous_ranks:
             raise ConfigError(
                 f"lora-rank: this node's rank {rank} differs from the run's {cfg.model.lora_rank}, "
@@ -147,6 +166,24 @@ class _Client:
     def personal(self) -> AdapterState | None:
         """The personalization method's stored state, if any."""
         return self._stored(_PERSONAL_STATE)
+
+    def remember(self, incoming: _Incoming) -> None:
+        """Keep the server's latest arrays and this client's configuration, for `fedlora export`."""
+        if incoming.arrays is not None:
+            self.state[LAST_GLOBAL_STATE] = incoming.arrays
+        self.state[CLIENT_CONFIG_STATE] = ConfigRecord(
+            {
+                **self.cfg.to_flat(),
+                "partition-id": self.partition_id,
+                "num-partitions": self.num_partitions,
+                "client-rank": self.rank,
+            }
+        )
+
+    def personal_rounds(self) -> int:
+        """Rounds in which this client's personal state was trained so far."""
+        record = self.state.config_records.get(_PERSONAL_ROUNDS)
+        return int(record["rounds"]) if record else 0  # type: ignore[arg-type]
 
     def keep(self, state: AdapterState) -> None:
         """Store the parts of ``state`` the strategy keeps on the client."""
@@ -437,6 +474,7 @@ def evaluate(message: Message, context: Context) -> Message:
     incoming = client.incoming(message)
     server_round = incoming.int(keys.C_SERVER_ROUND)
     view = client.view(incoming)
+    client.remember(incoming)
     dp = client.dp()
     seed = client.seed(server_round, 1)
     # With dp-personal off, the personal adapter (which never leaves the client) trains without DP.
@@ -453,6 +491,8 @@ def evaluate(message: Message, context: Context) -> Message:
         client.spend(result.steps if result else 0, personal_dp)
     if stored is not None:
         client.state[_PERSONAL_STATE] = to_record(stored)
+    personal_rounds = client.personal_rounds() + (result is not None)
+    client.state[_PERSONAL_ROUNDS] = ConfigRecord({"rounds": personal_rounds})
     global_only = evaluate_adapter(client.loaded, client.test, view.global_state)
     personalized = client.method.evaluate(local, stored)
     final = server_round == client.cfg.federation.num_server_rounds
@@ -466,6 +506,7 @@ def evaluate(message: Message, context: Context) -> Message:
         keys.M_LOSS_PERSONALIZED: personalized.loss,
         keys.M_PERSONAL_STEPS: result.steps if result else 0,
         keys.M_PERSONAL_LOSS: result.loss if result else 0.0,
+        keys.M_PERSONAL_ROUNDS: personal_rounds,
         **client.privacy_metrics(dp),
         **client.weight(),
         **audit,

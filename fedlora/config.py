@@ -157,6 +157,10 @@ class FederationConfig:
     local_only_baseline: bool = True
     seed: int = 0
     out_dir: str = ""
+    round_timeout: float = 3600.0
+    min_reply_fraction: float = 0.5
+    resume: bool = False
+    client_state_dir: str = ""
 
     def __post_init__(self) -> None:
         if self.num_server_rounds <= 0:
@@ -179,6 +183,10 @@ class FederationConfig:
             raise _fail("byzantine-clients", "an integer >= 0", self.byzantine_clients)
         if not self.max_update_norm > 0:
             raise _fail("max-update-norm", "a positive number (inf: no bound)", self.max_update_norm)
+        if not self.round_timeout > 0:
+            raise _fail("round-timeout", "a positive number of seconds", self.round_timeout)
+        if not 0.0 <= self.min_reply_fraction <= 1.0:
+            raise _fail("min-reply-fraction", "a number in [0, 1]", self.min_reply_fraction)
         from fedlora.personalization import PERSONALIZATIONS
         from fedlora.strategies import STRATEGIES
 
@@ -398,6 +406,10 @@ class RunConfig:
             raise ConfigError(
                 f"secure-aggregation: the server sees only the sum of the uploads, which strategy "
                 f"{strategy!r} cannot work from; use one of {', '.join(usable)}"
+            )
+        if privacy.secure_aggregation and self.federation.resume:
+            raise ConfigError(
+                "resume: resuming from a checkpoint is not yet available with secure-aggregation"
             )
         if privacy.secure_aggregation and privacy.client_level:
             raise ConfigError(

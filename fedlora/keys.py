@@ -18,6 +18,7 @@ __all__ = [
     "M_TRAIN_STEPS",
     "M_TRAIN_WALL_S",
     "M_PERSONAL_LOSS",
+    "M_PERSONAL_ROUNDS",
     "M_EPSILON",
     "M_BUDGET_EXHAUSTED",
     "M_UNIT_WEIGHT",
@@ -53,6 +54,7 @@ M_TRAIN_STEPS = "train-steps"
 M_TRAIN_WALL_S = "train-wall-s"
 M_PERSONAL_STEPS = "personal-steps"
 M_PERSONAL_LOSS = "personal-loss"
+M_PERSONAL_ROUNDS = "personal-rounds"
 M_ACCURACY_GLOBAL = "accuracy-global"
 M_ACCURACY_PERSONALIZED = "accuracy-personalized"
 M_ACCURACY_LOCAL_ONLY = "accuracy-local-only"

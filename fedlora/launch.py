@@ -21,6 +21,7 @@ from typing import Any
 
 from fedlora.config import RunConfig, Scalar
 from fedlora.errors import ConfigError, FedloraError
+from fedlora.results import CHECKPOINT
 
 __all__ = [
     "FLOWER_ENV",
@@ -236,8 +237,15 @@ def simulate(
     out_dir = out_dir.expanduser().resolve()
     cfg = preflight(cfg, num_clients)
     cfg = cfg.replace(out_dir=str(out_dir), min_clients=num_clients)
+    if not cfg.federation.client_state_dir:
+        # Simulated clients keep their personal state in the run directory; a fresh run starts clean.
+        cfg = cfg.replace(client_state_dir=str(out_dir / "clients"))
+        if not cfg.federation.resume:
+            shutil.rmtree(out_dir / "clients", ignore_errors=True)
+    if cfg.federation.resume and not (out_dir / CHECKPOINT).is_dir():
+        raise ConfigError(f"resume: {out_dir} has no checkpoint to resume from (no {CHECKPOINT}/ folder)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("summary.json", "metrics.jsonl"):
+    for stale in ("summary.json",) if cfg.federation.resume else ("summary.json", "metrics.jsonl"):
         (out_dir / stale).unlink(missing_ok=True)
     flwr = Path(sys.executable).with_name("flwr")
     if not flwr.exists():

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
     from fedlora.privacy.dpsgd import DPSettings
 
-__all__ = ["evaluate_adapter", "local_only", "train_adapter", "train_shared"]
+__all__ = ["evaluate_adapter", "local_only", "train_adapter", "train_shared", "use_adapter"]
 
 
 def train_adapter(
@@ -87,12 +87,17 @@ def train_shared(
     return adapter_state(loaded.model, GLOBAL), result
 
 
+def use_adapter(loaded: LoadedModel, state: Mapping[str, torch.Tensor], name: str = GLOBAL) -> None:
+    """Make one adapter, loaded from ``state``, the only one that computes."""
+    load_adapter_state(loaded.model, name, dict(state))
+    activate(loaded.model, [name], trainable=[])
+
+
 def evaluate_adapter(
     loaded: LoadedModel, test: Tokenized, state: Mapping[str, torch.Tensor], name: str = GLOBAL
 ) -> EvalResult:
     """Held-out metrics of one adapter alone, loaded from ``state``."""
-    load_adapter_state(loaded.model, name, dict(state))
-    activate(loaded.model, [name], trainable=[])
+    use_adapter(loaded, state, name)
     return evaluate(loaded.model, test)
 
 

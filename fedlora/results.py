@@ -10,12 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RoundRecord", "RunRecorder", "worst_fraction_mean"]
+__all__ = ["CHECKPOINT", "GLOBAL_ADAPTER", "RoundRecord", "RunRecorder", "worst_fraction_mean"]
 
 SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 CONFIG = "config.json"
 GLOBAL_ADAPTER = "global_adapter"
+CHECKPOINT = "checkpoint"
 
 
 def worst_fraction_mean(values: Sequence[float], fraction: float = 0.1) -> float:
@@ -76,15 +77,29 @@ class RunRecorder:
     display) never sees half a record.
     """
 
-    def __init__(self, out_dir: Path, config: dict[str, Any], *, full_model_bytes: int) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        config: dict[str, Any],
+        *,
+        full_model_bytes: int,
+        rounds: dict[int, RoundRecord] | None = None,
+        wall_s: float = 0.0,
+    ) -> None:
         self.out_dir = out_dir
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.full_model_bytes = full_model_bytes
-        self.rounds: dict[int, RoundRecord] = {}
+        # A resumed run goes on from the rounds (and wall time) of its checkpoint.
+        self.rounds: dict[int, RoundRecord] = dict(rounds or {})
         self.local_only: dict[str, float] = {}
-        self.started = time.perf_counter()
+        self.started = time.perf_counter() - wall_s
         (out_dir / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
-        (out_dir / METRICS).write_text("")
+        if rounds is None or not (out_dir / METRICS).exists():
+            (out_dir / METRICS).write_text("")
+
+    def elapsed(self) -> float:
+        """Seconds of the run so far (across a resume)."""
+        return time.perf_counter() - self.started
 
     def round(self, server_round: int) -> RoundRecord:
         """The record of ``server_round``, created on first use."""

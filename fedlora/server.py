@@ -71,10 +71,22 @@ def run_federation(grid: Grid, cfg: RunConfig, context: Context) -> dict[str, An
     labels = resolve_labels(cfg.data, cfg.model.task)
     loaded = build_model(cfg.model, len(labels), seed=fed.seed)
     out_dir = Path(fed.out_dir or default_out_dir()).expanduser().resolve()
+    config = {**cfg.to_flat(), "labels": ",".join(labels)}
+    resumed = None
+    if fed.resume:
+        from fedlora.checkpoint import load_checkpoint
+
+        resumed = load_checkpoint(out_dir, config)
     recorder = RunRecorder(
-        out_dir, {**cfg.to_flat(), "labels": ",".join(labels)}, full_model_bytes=loaded.full_model_bytes
+        out_dir,
+        config,
+        full_model_bytes=loaded.full_model_bytes,
+        rounds=resumed.rounds if resumed else None,
+        wall_s=resumed.wall_s if resumed else 0.0,
     )
     log.info("fedlora: writing results to %s", out_dir)
+    if resumed:
+        recorder.event("resume", from_round=resumed.round, num_rounds=fed.num_server_rounds)
     recorder.event("start", num_rounds=fed.num_server_rounds, out_dir=str(out_dir))
 
     info = strategy_info(fed.strategy)
@@ -105,30 +117,53 @@ def run_federation(grid: Grid, cfg: RunConfig, context: Context) -> dict[str, An
         save(out_dir / GLOBAL_ADAPTER, to_record(final))
         return _finish(grid, cfg, recorder, labels)
 
+    from fedlora.checkpoint import Checkpoint, save_checkpoint
+
+    if resumed is not None:
+        strategy, first_round, arrays = resumed.strategy, resumed.round + 1, to_record(resumed.arrays)
+    else:
+        strategy, first_round = info.builder(cfg), 1
+        arrays = to_record(initial_record(info, loaded.initial_global))
+        if cfg.privacy.client_level:
+            from fedlora.privacy.client_dp import wait_for_nodes, with_client_dp
+
+            strategy = with_client_dp(strategy, cfg, wait_for_nodes(grid, fed.min_clients))
+
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round > 0:
+        server_round += first_round - 1
+        if server_round >= first_round:
             save(out_dir / "rounds" / f"round-{server_round:03d}", arrays)
             recorder.end_round(server_round)
+            state = Checkpoint(
+                server_round, from_record(arrays), strategy, recorder.rounds, config, recorder.elapsed()
+            )
+            save_checkpoint(out_dir, state)
         return None
 
-    strategy = info.builder(cfg)
-    if cfg.privacy.client_level:
-        from fedlora.privacy.client_dp import wait_for_nodes, with_client_dp
-
-        strategy = with_client_dp(strategy, cfg, wait_for_nodes(grid, fed.min_clients))
     from fedlora.validation import UploadCheck
 
     check = UploadCheck.for_run(info, loaded.initial_global, fed.max_update_norm)
-    strategy = Recorded(strategy, recorder, check)
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=to_record(initial_record(info, loaded.initial_global)),
-        num_rounds=fed.num_server_rounds,
-        train_config=ConfigRecord(),
-        evaluate_config=ConfigRecord(),
-        evaluate_fn=end_of_round,
+    recorded = Recorded(
+        strategy,
+        recorder,
+        check,
+        first_round=first_round,
+        min_reply_fraction=fed.min_reply_fraction,
+        seed=fed.seed,
     )
-    save(out_dir / GLOBAL_ADAPTER, result.arrays)
+    remaining = fed.num_server_rounds - first_round + 1
+    if remaining > 0:
+        result = recorded.start(
+            grid=grid,
+            initial_arrays=arrays,
+            num_rounds=remaining,
+            timeout=fed.round_timeout,
+            train_config=ConfigRecord(),
+            evaluate_config=ConfigRecord(),
+            evaluate_fn=end_of_round,
+        )
+        arrays = result.arrays if len(result.arrays) else arrays
+    save(out_dir / GLOBAL_ADAPTER, arrays)
     return _finish(grid, cfg, recorder, labels)
 
 

@@ -15,6 +15,8 @@ SPLITS = ("train", "test")
 def client_folders(data_dir: str | Path) -> list[Path]:
     """Client subfolders of ``data_dir`` in sorted order (partition id ``i`` is the ``i``-th).
 
+    A folder that itself holds ``train.jsonl`` / ``test.jsonl`` is one client (a device's own data).
+
     Raises
     ------
     DataError
@@ -24,7 +26,11 @@ def client_folders(data_dir: str | Path) -> list[Path]:
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise DataError(f"data-dir: folder {str(root)!r} does not exist")
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if any((root / f"{split}.jsonl").is_file() for split in SPLITS):
+        # A device's own folder: one client, the folder itself.
+        folders = [root]
+    else:
+        folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise DataError(
             f"data-dir: {str(root)!r} has no client subfolders; expected "

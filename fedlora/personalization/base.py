@@ -40,7 +40,8 @@ class Personalization(ABC):
     """A personalization method: run on every client after each round's aggregation.
 
     `update` trains whatever the client keeps (the stored state never leaves the client)
-    against the new global adapter; `evaluate` measures the personalized model.
+    against the new global adapter; `prepare` makes the model the personalized one (what
+    `evaluate` measures and ``fedlora export`` writes).
     """
 
     name: ClassVar[str]
@@ -57,8 +58,15 @@ class Personalization(ABC):
         return None, None
 
     @abstractmethod
+    def prepare(self, local: Local, stored: AdapterState | None) -> None:
+        """Set ``local.loaded.model`` up as this client's personalized model."""
+
     def evaluate(self, local: Local, stored: AdapterState | None) -> EvalResult:
         """Held-out metrics of the personalized model."""
+        from fedlora.train import evaluate
+
+        self.prepare(local, stored)
+        return evaluate(local.loaded.model, local.test)
 
 
 PERSONALIZATIONS: dict[str, type[Personalization]] = {}

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 from fedlora.adapters import activate, adapter_state, load_adapter_state, proximal_term
 from fedlora.models import PERSONAL
 from fedlora.personalization.base import Local, Personalization, register
-from fedlora.personalize import evaluate_adapter, train_adapter
+from fedlora.personalize import train_adapter, use_adapter
 
 if TYPE_CHECKING:
     from fedlora.adapters import AdapterState
-    from fedlora.train import EvalResult, TrainResult
+    from fedlora.train import TrainResult
 
 __all__ = ["Ditto"]
 
@@ -43,7 +43,7 @@ class Ditto(Personalization):
         )
         return adapter_state(model, PERSONAL), result
 
-    def evaluate(self, local: Local, stored: AdapterState | None) -> EvalResult:
-        """The personal adapter's metrics."""
+    def prepare(self, local: Local, stored: AdapterState | None) -> None:
+        """The personal adapter."""
         state = stored if stored is not None else local.view.global_state
-        return evaluate_adapter(local.loaded, local.test, state, PERSONAL)
+        use_adapter(local.loaded, state, PERSONAL)

@@ -18,12 +18,11 @@ from fedlora.lora_math import part_of
 from fedlora.models import GLOBAL, PERSONAL
 from fedlora.personalization.base import Local, Personalization, register
 from fedlora.personalize import train_adapter
-from fedlora.train import evaluate
 
 if TYPE_CHECKING:
     from fedlora.adapters import AdapterState
     from fedlora.models import LoadedModel
-    from fedlora.train import EvalResult, TrainResult
+    from fedlora.train import TrainResult
 
 __all__ = ["Dual", "initial_personal"]
 
@@ -72,11 +71,10 @@ class Dual(Personalization):
         )
         return _head_plus(adapter_state(model, PERSONAL), glob, -1.0), result
 
-    def evaluate(self, local: Local, stored: AdapterState | None) -> EvalResult:
-        """Metrics of both adapters together."""
+    def prepare(self, local: Local, stored: AdapterState | None) -> None:
+        """Both adapters together, with the personal head."""
         glob, model = local.view.global_state, local.loaded.model
         stored = stored if stored is not None else initial_personal(local.loaded)
         load_adapter_state(model, GLOBAL, glob)
         load_adapter_state(model, PERSONAL, _head_plus(stored, glob, +1.0))
         activate(model, [GLOBAL, PERSONAL], trainable=[])
-        return evaluate(model, local.test)

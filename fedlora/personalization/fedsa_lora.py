@@ -9,11 +9,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from fedlora.personalization.base import Local, Personalization, register
-from fedlora.personalize import evaluate_adapter
+from fedlora.personalize import use_adapter
 
 if TYPE_CHECKING:
     from fedlora.adapters import AdapterState
-    from fedlora.train import EvalResult
 
 __all__ = ["FedSALoRA"]
 
@@ -29,6 +28,6 @@ class FedSALoRA(Personalization):
     paper = "Guo et al., ICLR 2025"
     summary = "global A and head with the client's own B (strategy fedsa-lora)"
 
-    def evaluate(self, local: Local, stored: AdapterState | None) -> EvalResult:
-        """Metrics of the client's own variant (global A, own B)."""
-        return evaluate_adapter(local.loaded, local.test, local.view.own_state)
+    def prepare(self, local: Local, stored: AdapterState | None) -> None:
+        """The client's own variant (global A, own B)."""
+        use_adapter(local.loaded, local.view.own_state)

@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from fedlora.personalization.base import Local, Personalization, register
-from fedlora.personalize import evaluate_adapter
+from fedlora.personalize import use_adapter
 
 if TYPE_CHECKING:
     from fedlora.adapters import AdapterState
-    from fedlora.train import EvalResult
 
 __all__ = ["NoPersonalization"]
 
@@ -21,6 +20,6 @@ class NoPersonalization(Personalization):
     name = "none"
     summary = "predict with the global adapter; nothing kept"
 
-    def evaluate(self, local: Local, stored: AdapterState | None) -> EvalResult:
-        """The global adapter's metrics."""
-        return evaluate_adapter(local.loaded, local.test, local.view.global_state)
+    def prepare(self, local: Local, stored: AdapterState | None) -> None:
+        """The global adapter alone."""
+        use_adapter(local.loaded, local.view.global_state)

@@ -294,4 +294,3 @@ def run_secure(
     )
     workflow(grid, legacy)
     return strategy.latest if strategy.latest is not None else initial
-

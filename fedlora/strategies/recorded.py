@@ -46,6 +46,12 @@ def _client_id(message: Message) -> str:
     return client_id(_metrics(message), message.metadata.src_node_id)
 
 
+def _client_key(message: Message) -> float:
+    # Sort key: the partition id (errors and unnamed clients last).
+    pid = _metric(message, keys.M_PARTITION_ID) if not message.has_error() else math.nan
+    return math.inf if math.isnan(pid) else pid
+
+
 class Recorded(Strategy):
     """Wrap any strategy: count bytes down/up, and record per-client accuracies each round.
 
@@ -58,10 +64,24 @@ class Recorded(Strategy):
 
     """
 
-    def __init__(self, strategy: Strategy, recorder: RunRecorder, check: UploadCheck | None = None) -> None:
+    def __init__(
+        self,
+        strategy: Strategy,
+        recorder: RunRecorder,
+        check: UploadCheck | None = None,
+        *,
+        first_round: int = 1,
+        min_reply_fraction: float = 0.0,
+        seed: int = 0,
+    ) -> None:
         self.strategy = strategy
         self.recorder = recorder
         self.check = check
+        # A resumed run: Flower counts its rounds from 1, the run goes on from ``first_round``.
+        self.offset = first_round - 1
+        self.min_reply_fraction = min_reply_fraction
+        self.seed = seed
+        self.sampled: dict[int, int] = {}
         self.round_start: AdapterState = {}
         # Client-level DP: rounds the accountant refused (the budget would be exceeded).
         self.refused: set[int] = set()
@@ -88,8 +108,13 @@ class Recorded(Strategy):
         Under client-level DP, a round whose release would exceed the budget is not
         trained: the run goes on evaluating (and personalizing) with the last global arrays.
         """
+        import random
+
         from flwr.serverapp.exception import PrivacyBudgetExhausted
 
+        server_round += self.offset
+        # Flower samples with the global `random`: seed it per round, so a resumed run samples alike.
+        random.seed(self.seed * 1_000_003 + server_round)
         if self.check is not None and self.check.max_norm != math.inf:
             from fedlora.adapters import from_record
 
@@ -100,17 +125,31 @@ class Recorded(Strategy):
             self.refused.add(server_round)
             self.recorder.event("client-dp-budget-exhausted", round=server_round, reason=str(err))
             return []
-        return self._count_down(server_round, messages, train=True)
+        messages = self._count_down(server_round, messages, train=True)
+        self.sampled[server_round] = len(messages)
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Count what each client uploaded, then delegate the aggregation."""
-        replies = self._drop_invalid(server_round, list(replies))
+        """Count what each client uploaded, then delegate the aggregation.
+
+        Replies are aggregated in client order, so that the result does not depend on
+        which client answered first. A client that did not answer within the round's
+        timeout counts as failed; with fewer valid updates than ``min_reply_fraction``
+        of those sampled, the global arrays stay as they were.
+        """
+        server_round += self.offset
+        replies = sorted(list(replies), key=lambda m: (_client_key(m), m.metadata.src_node_id))
+        sampled = self.sampled.get(server_round, len(replies))
+        missing = max(0, sampled - len(replies))
+        replies = self._drop_invalid(server_round, replies)
         record = self.recorder.round(server_round)
         ok = [m for m in replies if not m.has_error()]
         record.clients_trained = len(ok)
-        record.clients_failed = len(replies) - len(ok) + record.clients_rejected
+        record.clients_failed = len(replies) - len(ok) + record.clients_rejected + missing
+        if missing:
+            self.recorder.event("clients-missing", round=server_round, missing=missing, sampled=sampled)
         record.bytes_up = sum(ar.count_bytes() for m in ok for ar in m.content.array_records.values())
         losses = [_metric(m, keys.M_TRAIN_LOSS) for m in ok]
         record.train_loss = sum(losses) / len(losses) if losses else math.nan
@@ -120,6 +159,17 @@ class Recorded(Strategy):
                     "client-error", round=server_round, node=m.metadata.src_node_id, reason=m.error.reason
                 )
         if server_round in self.refused:
+            return None, None
+        if sampled and len(ok) < self.min_reply_fraction * sampled:
+            log.warning(
+                "fedlora: round %d: %d of %d sampled clients sent a valid update, fewer than "
+                "min-reply-fraction %g; the global adapter is kept",
+                server_round,
+                len(ok),
+                sampled,
+                self.min_reply_fraction,
+            )
+            self.recorder.event("round-not-aggregated", round=server_round, valid=len(ok), sampled=sampled)
             return None, None
         result = self.strategy.aggregate_train(server_round, replies)
         spent = getattr(self.strategy, "privacy_spent", lambda: None)()
@@ -165,12 +215,14 @@ class Recorded(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Delegate, and count the bytes sent down for evaluation."""
+        server_round += self.offset
         return self._count_down(
             server_round, self.strategy.configure_evaluate(server_round, arrays, config, grid), train=False
         )
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Record every client's global and personalized accuracy, then delegate."""
+        server_round += self.offset
         replies = list(replies)
         ok = [m for m in replies if not m.has_error()]
         record_evaluation(self.recorder.round(server_round), [(_client_id(m), _metrics(m)) for m in ok])
@@ -184,6 +236,7 @@ def record_evaluation(record: RoundRecord, clients: Sequence[tuple[str, Mapping[
             "global_accuracy": _value(m, keys.M_ACCURACY_GLOBAL),
             "personalized_accuracy": _value(m, keys.M_ACCURACY_PERSONALIZED),
             "num_test_examples": _value(m, keys.M_NUM_EXAMPLES),
+            "personal_rounds": _value(m, keys.M_PERSONAL_ROUNDS),
             # With DP: epsilon spent so far, and whether the next round would break the budget.
             **(
                 {

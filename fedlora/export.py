@@ -1,0 +1,264 @@
+"""Export a client's personalized model as a plain transformers model, and use it.
+
+A client's state file (`fedlora.node_state`) holds everything needed: its effective
+configuration, the server's last global arrays and its personal state. The export
+rebuilds the personalized model exactly as the client evaluates it, merges every active
+LoRA delta (and any base-weight update the strategy sent) into the base weights, and
+saves the result with ``save_pretrained``: it loads with ``AutoModelFor...`` alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedlora.config import RunConfig
+from fedlora.errors import FedloraError
+
+if TYPE_CHECKING:
+    from fedlora.models import LoadedModel
+    from fedlora.train import Tokenized
+
+__all__ = [
+    "ExportResult",
+    "Personalized",
+    "client_state_file",
+    "export_client",
+    "generate",
+    "load_personalized",
+    "logits",
+    "predict",
+]
+
+EXPORT_INFO = "fedlora_export.json"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """Where the model went, and how closely the merged model matches the client's own."""
+
+    out_dir: Path
+    task: str
+    labels: tuple[str, ...]
+    # Largest |logit| difference between the merged model and the client's personalized
+    # model on the client's held-out examples (NaN when the client's data is not at hand).
+    max_logit_difference: float
+    accuracy: float
+
+
+def client_state_file(source: Path, client: int | None = None) -> Path:
+    """The state file of ``client`` in a run directory, or ``source`` itself if it is a file.
+
+    Raises
+    ------
+    FedloraError
+        If there is no such state, naming what was looked for.
+
+    """
+    source = source.expanduser()
+    if source.is_file():
+        return source
+    folder = source / "clients" if (source / "clients").is_dir() else source
+    name = f"client-{client if client is not None else 0}.state"
+    found = sorted(folder.glob(f"federation-*/{name}")) + sorted(folder.glob(name))
+    if not found:
+        raise FedloraError(
+            f"{source}: no client state {name!r} (expected a run directory with clients/, "
+            "a device's state-dir, or a .state file); did the run finish a round?"
+        )
+    if len(found) > 1:
+        listed = ", ".join(str(p.parent.name) for p in found)
+        raise FedloraError(f"{source}: {name} belongs to several federations ({listed}); give the file")
+    return found[0]
+
+
+@dataclass
+class Personalized:
+    """A client's personalized model rebuilt from its state, as the client evaluates it."""
+
+    loaded: LoadedModel
+    cfg: RunConfig
+    partition_id: int
+    num_partitions: int
+    personal_rounds: int
+
+    def held_out(self) -> Tokenized | None:
+        """The client's tokenized held-out examples, or None where its data is not at hand."""
+        from fedlora.data.federated import load_client_data
+        from fedlora.errors import DataError
+        from fedlora.train import tokenize
+
+        cfg = self.cfg
+        try:
+            data = load_client_data(
+                cfg.data, cfg.model.task, self.partition_id, self.num_partitions, cfg.federation.seed
+            )
+        except DataError:
+            return None
+        classify = cfg.model.task == "classification"
+        return tokenize(
+            self.loaded.tokenizer,
+            data.test_texts,
+            data.test_labels if classify else None,
+            cfg.model.max_length,
+        )
+
+
+def load_personalized(state_file: Path) -> Personalized:
+    """Rebuild the personalized model of the client whose state is ``state_file``.
+
+    Raises
+    ------
+    FedloraError
+        If the state lacks what is needed (the client never evaluated a round).
+
+    """
+    import dataclasses
+
+    from fedlora.adapters import from_record
+    from fedlora.client_app import CLIENT_CONFIG_STATE, LAST_GLOBAL_STATE
+    from fedlora.models import build_model
+    from fedlora.node_state import read_state
+    from fedlora.personalization import get_personalization
+    from fedlora.personalization.base import Local
+    from fedlora.protocol import receive
+    from fedlora.strategies import strategy_info
+
+    state = read_state(state_file)
+    if LAST_GLOBAL_STATE not in state.array_records or CLIENT_CONFIG_STATE not in state.config_records:
+        raise FedloraError(f"{state_file}: the client has not evaluated a round yet; nothing to export")
+    flat: dict[str, Any] = dict(state.config_records[CLIENT_CONFIG_STATE])
+    partition_id, num_partitions = int(flat.pop("partition-id")), int(flat.pop("num-partitions"))
+    rank = int(flat.pop("client-rank"))
+    cfg = RunConfig.from_flat(flat)
+    if cfg.model.task == "classification" and not cfg.data.labels:
+        raise FedloraError(f"{state_file}: the run config has no labels; cannot name the classes")
+    model_cfg = dataclasses.replace(cfg.model, lora_rank=rank, client_ranks=())
+    loaded = build_model(model_cfg, len(cfg.data.labels), seed=cfg.federation.seed)
+    kept = state.array_records.get("fedlora-kept-parts")
+    view = receive(
+        strategy_info(cfg.federation.strategy).protocol,
+        from_record(state.array_records[LAST_GLOBAL_STATE]),
+        loaded.initial_global,
+        from_record(kept) if kept is not None else None,
+        alpha=cfg.model.lora_alpha,
+    )
+    loaded.set_base_delta(view.base_delta)
+    personal = state.array_records.get("fedlora-personal-adapter")
+    local = Local(loaded, None, None, view, cfg.train, seed=0)  # type: ignore[arg-type]
+    method = get_personalization(cfg.federation.resolved_personalization())
+    method.prepare(local, from_record(personal) if personal is not None else None)
+    rounds = state.config_records.get("fedlora-personal-rounds")
+    return Personalized(loaded, cfg, partition_id, num_partitions, int(rounds["rounds"]) if rounds else 0)  # type: ignore[arg-type]
+
+
+def export_client(state_file: Path, out_dir: Path, *, verify: bool = True) -> ExportResult:
+    """Write the personalized model of the client whose state is ``state_file``.
+
+    With ``verify``, the client's held-out examples (if its data folder or the bundled
+    corpus is at hand) are run through both the personalized model and the merged one.
+
+    Raises
+    ------
+    FedloraError
+        If the state lacks what the export needs (the client never evaluated a round).
+
+    """
+    personalized = load_personalized(state_file)
+    cfg, loaded = personalized.cfg, personalized.loaded
+    labels = cfg.data.labels
+    test = personalized.held_out() if verify else None
+    before = logits(loaded.model, test) if test is not None else None
+    merged = loaded.model.merge_and_unload()
+    merged.eval()
+    difference, accuracy = math.nan, math.nan
+    if test is not None and before is not None:
+        after = logits(merged, test)
+        difference = float((after - before).abs().max())
+        if test.labels is not None:
+            accuracy = float((after.argmax(-1) == test.labels).float().mean())
+    if labels:
+        merged.config.id2label = dict(enumerate(labels))
+        merged.config.label2id = {label: i for i, label in enumerate(labels)}
+    out_dir = out_dir.expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(out_dir))
+    loaded.tokenizer.save_pretrained(str(out_dir))
+    info = {
+        "task": cfg.model.task,
+        "labels": list(labels),
+        "max_length": cfg.model.max_length,
+        "strategy": cfg.federation.strategy,
+        "personalization": cfg.federation.resolved_personalization(),
+        "client": personalized.partition_id,
+        "personal_rounds": personalized.personal_rounds,
+        "max_logit_difference": difference,
+        "held_out_accuracy": accuracy,
+    }
+    (out_dir / EXPORT_INFO).write_text(json.dumps(info, indent=2))
+    return ExportResult(out_dir, cfg.model.task, labels, difference, accuracy)
+
+
+def logits(model: Any, data: Any, batch_size: int = 32) -> Any:
+    """Logits on every example (causal LM: at every real token), batch by batch."""
+    import torch
+
+    model.eval()
+    outs = []
+    with torch.no_grad():
+        for lo in range(0, len(data), batch_size):
+            batch = data.batch(range(lo, min(lo + batch_size, len(data))))
+            batch.pop("labels", None)
+            logits = model(**batch).logits
+            outs.append(logits[batch["attention_mask"].bool()] if logits.dim() == 3 else logits)
+    return torch.cat(outs)
+
+
+def _info(model_dir: Path) -> dict[str, Any]:
+    path = model_dir.expanduser() / EXPORT_INFO
+    if not path.is_file():
+        raise FedloraError(f"{model_dir}: not a model written by `fedlora export` (no {EXPORT_INFO})")
+    info: dict[str, Any] = json.loads(path.read_text())
+    return info
+
+
+def predict(model_dir: Path, texts: Sequence[str]) -> list[tuple[str, float]]:
+    """(label, probability) of each text under an exported classifier, with transformers alone."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    info = _info(model_dir)
+    if info["task"] != "classification":
+        raise FedloraError(f"{model_dir}: a {info['task']} model; use `fedlora generate`")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
+    enc = tokenizer(
+        list(texts), truncation=True, max_length=info["max_length"], padding="longest", return_tensors="pt"
+    )
+    with torch.no_grad():
+        probs = model(**enc).logits.softmax(-1)
+    best = probs.argmax(-1).tolist()
+    return [(model.config.id2label[i], float(probs[row, i])) for row, i in enumerate(best)]
+
+
+def generate(model_dir: Path, prompt: str, *, max_new_tokens: int = 40, seed: int = 0) -> str:
+    """A continuation of ``prompt`` from an exported causal LM (greedy unless sampling is asked)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    info = _info(model_dir)
+    if info["task"] != "causal-lm":
+        raise FedloraError(f"{model_dir}: a {info['task']} model; use `fedlora predict`")
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    enc = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    return str(tokenizer.decode(out[0][enc["input_ids"].shape[1] :], skip_special_tokens=True))

@@ -1,0 +1,136 @@
+"""A client's own state on its disk: personal adapter, kept LoRA parts, privacy ledger.
+
+Flower keeps ``context.state`` in the SuperNode's memory, so a restarted device would
+lose its personal adapter and, worse, restart its epsilon at zero. `node_state_mod`
+loads fedlora's part of the state from the node's state folder before every message and
+writes it back (atomically) after, so a node that crashes or is restarted rejoins with
+its personal adapter and privacy ledger intact.
+
+The folder is the node config's ``state-dir`` (a deployed device, set by ``fedlora
+client``), else the run config's ``client-state-dir`` (``fedlora simulate`` points it
+into the run directory); with neither, state stays in memory as Flower keeps it. Each
+federation (model, adapter shape, data, strategy, seed) has its own subfolder, so a
+device taking part in several federations keeps them apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
+
+from fedlora.errors import FedloraError
+
+__all__ = ["STATE_PREFIX", "load_state", "node_state_mod", "read_state", "save_state", "state_path"]
+
+log = logging.getLogger(__name__)
+
+# Only fedlora's own records are kept on disk (Flower's mods keep per-round protocol state).
+STATE_PREFIX = "fedlora-"
+# Run-config keys that make two runs the same federation for a client's state.
+_IDENTITY = (
+    "model",
+    "task",
+    "lora-rank",
+    "lora-alpha",
+    "lora-target-modules",
+    "client-ranks",
+    "labels",
+    "dataset",
+    "data-dir",
+    "partitioner",
+    "dirichlet-alpha",
+    "test-fraction",
+    "strategy",
+    "personalization",
+    "seed",
+)
+_NODE_IDENTITY = ("profile", "lora-rank", "data-dir")
+# Error code of a reply from a node whose state file cannot be read.
+STATE_ERROR = 4102
+
+
+def state_path(context: Context) -> Path | None:
+    """The file holding this client's state, or None when state stays in memory."""
+    node, run = context.node_config, context.run_config
+    root = str(node.get("state-dir") or run.get("client-state-dir") or "")
+    if not root:
+        return None
+    identity = {
+        "run": {k: run.get(k) for k in _IDENTITY},
+        "node": {k: node.get(k) for k in _NODE_IDENTITY},
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    client = int(node.get("partition-id", 0))
+    return Path(root).expanduser() / f"federation-{digest}" / f"client-{client}.state"
+
+
+def load_state(context: Context, path: Path) -> None:
+    """Put the records saved at ``path`` (if any) into ``context.state``.
+
+    Raises
+    ------
+    FedloraError
+        If the file exists but cannot be read as a saved state.
+
+    """
+    if not path.exists():
+        return
+    for name, record in read_state(path).items():
+        context.state[name] = record
+
+
+def read_state(path: Path) -> RecordDict:
+    """The records saved at ``path``.
+
+    Raises
+    ------
+    FedloraError
+        If the file cannot be read as a saved state.
+
+    """
+    from flwr.common import serde
+    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+    proto = ProtoRecordDict()
+    try:
+        proto.ParseFromString(Path(path).read_bytes())
+        saved = serde.recorddict_from_proto(proto)
+    except Exception as err:  # protobuf raises DecodeError and friends
+        raise FedloraError(
+            f"state-dir: {str(path)!r} is not a fedlora client state ({type(err).__name__}); "
+            "it was left as it is: move it away to start this client afresh"
+        ) from None
+    return saved
+
+
+def save_state(context: Context, path: Path) -> None:
+    """Write fedlora's records of ``context.state`` to ``path``, atomically."""
+    from flwr.common import serde
+
+    own = RecordDict({n: r for n, r in context.state.items() if n.startswith(STATE_PREFIX)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(serde.recorddict_to_proto(own).SerializeToString())
+    tmp.replace(path)
+
+
+def node_state_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """ClientApp mod: load the client's saved state before the handler, save it after a success."""
+    path = state_path(context)
+    if path is None:
+        return call_next(message, context)
+    try:
+        load_state(context, path)
+    except FedloraError as err:
+        log.error("fedlora client: %s", err)
+        return Message(Error(code=STATE_ERROR, reason=str(err)), reply_to=message)
+    reply = call_next(message, context)
+    if not reply.has_error():
+        save_state(context, path)
+    return reply

@@ -1,0 +1,66 @@
+"""Device profiles: caps on a node's local work so that small devices can take part.
+
+A deployed node names its profile in its node config (``fedlora client --profile pi``).
+The profile caps the batch size and the sequence length, sets the torch threads, and
+caps the LoRA rank where the strategy takes mixed ranks (flora, flexlora, fedex-lora);
+under the other strategies every client must share the run's rank, which is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from fedlora.config import RunConfig
+from fedlora.errors import ConfigError
+
+__all__ = ["PROFILES", "DeviceProfile", "apply_profile"]
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """Upper bounds on one node's training work."""
+
+    name: str
+    summary: str
+    max_rank: int
+    max_batch_size: int
+    max_length: int
+    num_threads: int
+
+
+PROFILES: dict[str, DeviceProfile] = {
+    p.name: p
+    for p in (
+        DeviceProfile("phone", "phone via Termux: 1 thread, small batches", 4, 4, 32, 1),
+        DeviceProfile("pi", "Raspberry Pi 4/5 (4 cores, 2-8 GB)", 4, 8, 64, 4),
+        DeviceProfile("laptop", "laptop: the run's settings, 2 threads", 64, 64, 512, 2),
+    )
+}
+
+
+def apply_profile(cfg: RunConfig, rank: int, name: str, *, heterogeneous: bool) -> tuple[RunConfig, int]:
+    """The run config and LoRA rank for a node with profile ``name`` (empty: no profile).
+
+    Raises
+    ------
+    ConfigError
+        If there is no profile of that name.
+
+    """
+    if not name:
+        return cfg, rank
+    try:
+        profile = PROFILES[name]
+    except KeyError:
+        raise ConfigError(f"profile: must be one of {', '.join(PROFILES)}, got {name!r}") from None
+    train = dataclasses.replace(
+        cfg.train,
+        batch_size=min(cfg.train.batch_size, profile.max_batch_size),
+        num_threads=profile.num_threads,
+    )
+    model = dataclasses.replace(cfg.model, max_length=min(cfg.model.max_length, profile.max_length))
+    return (
+        dataclasses.replace(cfg, train=train, model=model),
+        min(rank, profile.max_rank) if heterogeneous else rank,
+    )
