@@ -21,7 +21,6 @@ from typing import Any
 
 from fedlora.config import RunConfig, Scalar
 from fedlora.errors import ConfigError, FedloraError
-from fedlora.results import CHECKPOINT
 
 __all__ = [
     "FLOWER_ENV",
@@ -242,8 +241,11 @@ def simulate(
         cfg = cfg.replace(client_state_dir=str(out_dir / "clients"))
         if not cfg.federation.resume:
             shutil.rmtree(out_dir / "clients", ignore_errors=True)
-    if cfg.federation.resume and not (out_dir / CHECKPOINT).is_dir():
-        raise ConfigError(f"resume: {out_dir} has no checkpoint to resume from (no {CHECKPOINT}/ folder)")
+    if cfg.federation.resume:
+        from fedlora.checkpoint import load_checkpoint
+
+        # Fail here, before Flower starts, on a missing checkpoint or a changed config.
+        load_checkpoint(out_dir, {**cfg.to_flat(), "labels": ",".join(cfg.data.labels)})
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("summary.json",) if cfg.federation.resume else ("summary.json", "metrics.jsonl"):
         (out_dir / stale).unlink(missing_ok=True)

@@ -54,7 +54,9 @@ def test_exported_model_predicts_in_plain_transformers_as_inside_fedlora(finishe
 
     personalized = load_personalized(state)
     cfg = personalized.cfg
-    data = load_client_data(cfg.data, cfg.model.task, client, personalized.num_partitions, cfg.federation.seed)
+    data = load_client_data(
+        cfg.data, cfg.model.task, client, personalized.num_partitions, cfg.federation.seed
+    )
     inside = logits(personalized.loaded.model, personalized.held_out()).argmax(-1).tolist()
     proc = subprocess.run(
         [sys.executable, "-c", PLAIN_SESSION, str(tmp_path / "model"), str(cfg.model.max_length)],
