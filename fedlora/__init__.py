@@ -1,6 +1,6 @@
 """fedlora: federated personalization with private LoRA adapters on Flower."""
 
-from fedlora.api import Results, Sweep, load_results, run, sweep
+from fedlora.api import Results, Sweep, load_results, resume, run, sweep
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, DataError, FedloraError, ModelError
 
@@ -14,6 +14,7 @@ __all__ = [
     "Sweep",
     "__version__",
     "load_results",
+    "resume",
     "run",
     "sweep",
 ]

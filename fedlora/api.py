@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedlora.config import RunConfig, Scalar
+from fedlora.errors import FedloraError
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from fedlora.launch import FlowerSession
 
-__all__ = ["DEFAULT_CLIENTS", "Results", "Sweep", "load_results", "run", "sweep"]
+__all__ = ["DEFAULT_CLIENTS", "Results", "Sweep", "load_results", "resume", "run", "sweep"]
 
 # The default benchmark: 20 clients with Dirichlet label skew over BBC News.
 DEFAULT_CLIENTS = 20
@@ -161,6 +162,44 @@ def run(
         session=session,
     )
     return Results(summary, out_dir.expanduser().resolve())
+
+
+def resume(
+    out: str | Path,
+    *,
+    rounds: int | None = None,
+    cpus_per_client: float = 1.0,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+) -> Results:
+    """Go on with an interrupted (or finished) run from its last checkpoint.
+
+    The run's own configuration (``config.json``) is used again, with ``rounds`` as the
+    new total if given. Clients find their personal state where the run kept it.
+
+    Raises
+    ------
+    FedloraError
+        If ``out`` holds no run, no checkpoint, or the run fails.
+
+    """
+    from fedlora.launch import simulate
+
+    path = Path(out).expanduser().resolve()
+    if not (path / "config.json").is_file():
+        raise FedloraError(f"{path}: not a fedlora run directory (no config.json)")
+    flat = json.loads((path / "config.json").read_text())
+    flat["resume"] = True
+    if rounds is not None:
+        flat["num-server-rounds"] = rounds
+    cfg = RunConfig.from_flat(flat)
+    summary = simulate(
+        cfg,
+        num_clients=cfg.federation.min_clients,
+        out_dir=path,
+        cpus_per_client=cpus_per_client,
+        on_event=on_event,
+    )
+    return Results(summary, path)
 
 
 def default_clients(cfg: RunConfig) -> int:

@@ -150,6 +150,25 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resume(args: argparse.Namespace) -> int:
+    import json
+
+    from fedlora.api import resume
+    from fedlora.plots import plot_accuracy
+
+    run_dir = Path(args.run_dir)
+    config = run_dir / "config.json"
+    if not config.is_file():
+        raise FedloraError(f"{run_dir}: not a fedlora run directory (no config.json)")
+    rounds = args.rounds or int(json.loads(config.read_text())["num-server-rounds"])
+    progress, on_event = _progress(rounds)
+    with progress:
+        results = resume(run_dir, rounds=args.rounds, cpus_per_client=args.cpus_per_client, on_event=on_event)
+    _table(results.summary, results.out_dir)
+    print(f"accuracy per round: {plot_accuracy(results.summary, results.out_dir / 'accuracy.png')}")
+    return 0
+
+
 def _audit(args: argparse.Namespace) -> int:
     """Print a finished run's privacy figures, and check its wire log."""
     import json
@@ -353,6 +372,14 @@ def _parser() -> argparse.ArgumentParser:
         help="CPU cores per simulated client; cores / this = clients trained at once (default 1)",
     )
     sim.set_defaults(func=_simulate)
+    res = sub.add_parser(
+        "resume",
+        help="go on with an interrupted run from its last checkpoint (same configuration, same clients)",
+    )
+    res.add_argument("run_dir", help="the run directory of the interrupted run")
+    res.add_argument("--rounds", type=int, help="new total number of rounds (default: the run's own)")
+    res.add_argument("--cpus-per-client", type=float, default=1.0, help="as for simulate (default 1)")
+    res.set_defaults(func=_resume)
     audit = sub.add_parser(
         "audit",
         help="print a finished run's privacy figures (epsilon, membership inference, canary, wire log)",

@@ -32,9 +32,9 @@ class DeviceProfile:
 PROFILES: dict[str, DeviceProfile] = {
     p.name: p
     for p in (
-        DeviceProfile("phone", "phone via Termux: 1 thread, small batches", 4, 4, 32, 1),
-        DeviceProfile("pi", "Raspberry Pi 4/5 (4 cores, 2-8 GB)", 4, 8, 64, 4),
-        DeviceProfile("laptop", "laptop: the run's settings, 2 threads", 64, 64, 512, 2),
+        DeviceProfile("phone", "phone via Termux: rank <= 4, batch <= 4, 64 tokens, 1 thread", 4, 4, 64, 1),
+        DeviceProfile("pi", "Raspberry Pi 4/5: rank <= 8, batch <= 8, 128 tokens, 4 threads", 8, 8, 128, 4),
+        DeviceProfile("laptop", "laptop: the run's own settings, 2 threads", 64, 64, 512, 2),
     )
 }
 

@@ -115,7 +115,7 @@ def test_server_killed_mid_run_resumes_to_the_same_global_adapter(tmp_path):
 
     with pytest.raises(ConfigError, match="lora-rank: the resumed run has 4, its checkpoint 8"):
         fedlora.run(**TINY_FEDERATION, rounds=rounds, strategy=strategy, out=run, resume=True, lora_rank=4)
-    resumed = fedlora.run(**TINY_FEDERATION, rounds=rounds, strategy=strategy, out=run, resume=True)
+    resumed = fedlora.resume(run)  # the run's own config.json, as `fedlora resume RUN_DIR` does
 
     assert [r["round"] for r in resumed.summary["rounds"]] == list(range(1, rounds + 1))
     events = _events(run)
