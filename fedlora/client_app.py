@@ -128,7 +128,8 @@ class _Client:
 
         node = context.node_config
         cfg = _parse(tuple(sorted(context.run_config.items())))
-        if node.get("data-dir"):
+        self.device = bool(node.get("data-dir"))
+        if self.device:
             # A deployed device reads its own folder, wherever the server's run config points.
             cfg = cfg.replace(data_dir=str(node["data-dir"]))
         # A device owner's node config: one client per node unless told otherwise.
@@ -179,6 +180,14 @@ class _Client:
                 "client-rank": self.rank,
             }
         )
+
+    def identity(self) -> dict[str, int]:
+        """The client's name in the server's results: its partition id, unless it is a device.
+
+        Devices (a node with its own ``data-dir``) are each partition 0 of their own folder;
+        the server names them by node id instead.
+        """
+        return {} if self.device else {keys.M_PARTITION_ID: self.partition_id}
 
     def personal_rounds(self) -> int:
         """Rounds in which this client's personal state was trained so far."""
@@ -399,7 +408,7 @@ def train(message: Message, context: Context) -> Message:
     client.keep(state)
     metrics = {
         keys.M_NUM_EXAMPLES: client.data.num_train,
-        keys.M_PARTITION_ID: client.partition_id,
+        **client.identity(),
         keys.M_TRAIN_LOSS: result.loss,
         keys.M_TRAIN_STEPS: result.steps,
         keys.M_TRAIN_WALL_S: result.wall_s,
@@ -499,7 +508,7 @@ def evaluate(message: Message, context: Context) -> Message:
     audit = _final_audit(client, local, stored, global_only, personalized) if final else {}
     metrics = {
         keys.M_NUM_EXAMPLES: global_only.num_examples,
-        keys.M_PARTITION_ID: client.partition_id,
+        **client.identity(),
         keys.M_ACCURACY_GLOBAL: global_only.accuracy,
         keys.M_ACCURACY_PERSONALIZED: personalized.accuracy,
         keys.M_LOSS_GLOBAL: global_only.loss,
@@ -531,7 +540,7 @@ def train_local_only(message: Message, context: Context) -> Message:
         message,
         {
             keys.M_NUM_EXAMPLES: ev.num_examples,
-            keys.M_PARTITION_ID: client.partition_id,
+            **client.identity(),
             keys.M_ACCURACY_LOCAL_ONLY: ev.accuracy,
             keys.M_TRAIN_STEPS: result.steps,
             keys.M_TRAIN_WALL_S: result.wall_s,

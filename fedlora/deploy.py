@@ -652,6 +652,8 @@ def submit(
             'labels: a deployed classification run needs them, e.g. --run-config "labels=a,b,c"'
         )
     cfg = cfg.replace(out_dir=str(out_dir), min_clients=clients)
+    summary_path = out_dir / "summary.json"
+    summary_path.unlink(missing_ok=True)  # where the SuperLink's folder is visible from here
     with _home(home) as flwr_home, tempfile.TemporaryDirectory(prefix="fedlora-submit-") as tmp:
         conn = write_flwr_home(flwr_home, superlink, root_cert=root_cert, insecure=insecure)
         app = write_app(Path(tmp) / "app", RunConfig())
@@ -660,7 +662,8 @@ def submit(
         command = [_script("flwr"), "run", str(app), conn, "--stream", "--run-config", str(overrides)]
         env = flower_env({"FLWR_HOME": str(flwr_home), "COLUMNS": "200"})
         proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        run_id, tail = None, deque(maxlen=40)
+        run_id: int | None = None
+        tail: deque[str] = deque(maxlen=40)
         assert proc.stdout is not None
         for line in proc.stdout:
             tail.append(line)
@@ -670,19 +673,22 @@ def submit(
                 run_id = int(found.group(1))
         code = proc.wait()
         status = _run_status(run_id, conn, flwr_home) if run_id is not None else None
-    summary_path = out_dir / "summary.json"
     if code != 0 or run_id is None:
         box = " ".join(line.strip("│ \n") for line in tail if line.startswith("│"))
         raise FedloraError(f"submit: the run did not start: {box or _ANSI.sub('', ''.join(tail))[-300:]}")
     if status is not None and not status.startswith("finished:completed"):
-        raise FedloraError(f"submit: run {run_id} ended {status}; see `flwr log {run_id}` on the server")
+        raise FedloraError(f"submit: run {run_id} ended {status} (its log was streamed above)")
     return json.loads(summary_path.read_text()) if summary_path.exists() else None
 
 
 def _run_status(run_id: int, conn: str, home: Path) -> str | None:
+    """``status`` of a run as `flwr list` reports it, with its details if any."""
     proc = _flwr(["list", "--run-id", str(run_id), conn, "--format", "json"], home)
     runs = _json_tail(proc.stdout).get("runs") or []
-    return str(runs[0].get("status")) if runs else None
+    if not runs:
+        return None
+    details = str(runs[0].get("status-details") or "N/A")
+    return str(runs[0].get("status")) + ("" if details == "N/A" else f": {details}")
 
 
 # ---------------------------------------------------------------------------
@@ -757,16 +763,20 @@ def _client(args: argparse.Namespace) -> int:
 
         if args.profile not in PROFILES:
             raise ConfigError(f"profile: must be one of {', '.join(PROFILES)}, got {args.profile!r}")
+    from fedlora.data.jsonl import client_folders
+
     data = Path(args.data).expanduser().resolve()
-    if not data.is_dir():
-        raise ConfigError(f"data: folder {data} does not exist")
+    folders = client_folders(data)  # the device's data is checked here, not in the first round
+    if args.num_partitions > len(folders):
+        raise ConfigError(
+            f"num-partitions: {data} holds {len(folders)} client folder(s), got {args.num_partitions}"
+        )
     if args.retry_for < 0:
         raise ConfigError(f"retry-for: must be >= 0 seconds, got {args.retry_for}")
     key = Path(args.key).expanduser().resolve() if args.key else None
     if key is not None and not key.is_file():
         raise ConfigError(f"key: {key} is not a file; make one with `fedlora node-key PATH`")
     state = Path(args.state_dir)
-    state.expanduser().mkdir(parents=True, exist_ok=True)
     config = node_config(
         data,
         state_dir=state,
@@ -777,8 +787,11 @@ def _client(args: argparse.Namespace) -> int:
     command = supernode_command(
         args.superlink, root_cert=_tls(args), key=key, config=config, port=args.node_port
     )
+    state.expanduser().mkdir(parents=True, exist_ok=True)
     _say(f"SuperNode for {args.superlink} with node config: {config}")
-    return supervise(command, env=flower_env(), retry_when=node_refused, retry_for=args.retry_for, report=_say)
+    return supervise(
+        command, env=flower_env(), retry_when=node_refused, retry_for=args.retry_for, report=_say
+    )
 
 
 def _submit(args: argparse.Namespace) -> int:

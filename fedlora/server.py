@@ -17,6 +17,7 @@ from fedlora import keys
 from fedlora.adapters import from_record, save_peft_adapter, to_record
 from fedlora.config import RunConfig
 from fedlora.results import GLOBAL_ADAPTER, RunRecorder
+from fedlora.strategies.recorded import client_id
 
 __all__ = ["run_federation", "default_out_dir"]
 
@@ -47,9 +48,9 @@ def _local_only(grid: Grid, cfg: RunConfig, recorder: RunRecorder) -> None:
             )
             continue
         metrics = reply.content.metric_records[keys.METRICS]
-        pid, accuracy = metrics[keys.M_PARTITION_ID], metrics[keys.M_ACCURACY_LOCAL_ONLY]
-        if isinstance(pid, (int, float)) and isinstance(accuracy, (int, float)):
-            recorder.local_only[str(int(pid))] = float(accuracy)
+        accuracy = metrics[keys.M_ACCURACY_LOCAL_ONLY]
+        if isinstance(accuracy, (int, float)):
+            recorder.local_only[client_id(metrics, reply.metadata.src_node_id)] = float(accuracy)
 
 
 def run_federation(grid: Grid, cfg: RunConfig, context: Context) -> dict[str, Any]:

@@ -107,6 +107,7 @@ def test_every_client_message_is_the_shared_adapter_and_scalar_metrics(cfg, tiny
         keys.M_TRAIN_WALL_S,
         keys.M_ACCURACY_GLOBAL,
         keys.M_ACCURACY_PERSONALIZED,
+        keys.M_PERSONAL_ROUNDS,
         keys.M_LOSS_GLOBAL,
         keys.M_LOSS_PERSONALIZED,
         keys.M_ACCURACY_LOCAL_ONLY,

@@ -1,0 +1,364 @@
+"""A real deployment on loopback: TLS, SuperNode authentication, `fedlora client` and `fedlora submit`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+import tomllib
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import write_client
+from helpers import TINY_FEDERATION
+
+from fedlora.deploy import (
+    make_certificates,
+    make_node_key,
+    node_config,
+    node_refused,
+    supernode_command,
+    supervise,
+    write_flwr_home,
+)
+from fedlora.errors import ConfigError, FedloraError
+from fedlora.launch import _free_port
+
+TOPICS = {"sport": "goal match team", "music": "song band guitar", "cooking": "recipe oven salt"}
+
+
+# ---------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------
+
+
+def test_certificates_are_a_ca_and_a_server_certificate_for_the_hosts(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    certs = make_certificates(tmp_path, ("127.0.0.1", "localhost", "fl.example.org"))
+
+    ca = x509.load_pem_x509_certificate(certs.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(certs.server_cert.read_bytes())
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert server.issuer == ca.subject
+    server.verify_directly_issued_by(ca)
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert sans.get_values_for_type(x509.DNSName) == ["localhost", "fl.example.org"]
+    assert isinstance(server.public_key(), ec.EllipticCurvePublicKey)
+    assert stat.S_IMODE(certs.ca_key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(certs.server_key.stat().st_mode) == 0o600
+    # A second CA would orphan every device's ca.crt: refused unless asked for.
+    with pytest.raises(FedloraError, match="ca.crt already exists"):
+        make_certificates(tmp_path)
+
+
+def test_node_key_is_an_openssh_ecdsa_p384_pair(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    private, public = make_node_key(tmp_path / "keys" / "node")
+
+    assert public == tmp_path / "keys" / "node.pub"
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert private.read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    key = serialization.load_ssh_private_key(private.read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    line = public.read_text()
+    assert line.startswith("ecdsa-sha2-nistp384 ")
+    assert (
+        serialization.load_ssh_public_key(line.encode()).public_numbers() == key.public_key().public_numbers()
+    )
+
+
+def test_node_config_quotes_strings_and_checks_the_partition(tmp_path):
+    config = node_config(tmp_path / "data", state_dir=tmp_path / "state", profile="pi")
+    assert config == (
+        f'data-dir="{tmp_path / "data"}" state-dir="{tmp_path / "state"}" profile="pi" '
+        "partition-id=0 num-partitions=1"
+    )
+    # Flower parses it back into the values fedlora's ClientApp reads.
+    from flwr.common.config import parse_config_args
+
+    assert parse_config_args([config]) == {
+        "data-dir": str(tmp_path / "data"),
+        "state-dir": str(tmp_path / "state"),
+        "profile": "pi",
+        "partition-id": 0,
+        "num-partitions": 1,
+    }
+    with pytest.raises(ConfigError, match=r"partition-id: must be in \[0, 2\), got 2"):
+        node_config(tmp_path, partition_id=2, num_partitions=2)
+    with pytest.raises(ConfigError, match="data-dir: must not contain quotes"):
+        node_config(tmp_path / 'a"b')
+
+
+def test_supernode_command_refuses_a_key_without_tls(tmp_path):
+    command = supernode_command(
+        "h:1", root_cert=tmp_path / "ca.crt", key=tmp_path / "k", config="x=1", port=7
+    )
+    assert command[1:] == [
+        "--superlink",
+        "h:1",
+        "--root-certificates",
+        str(tmp_path / "ca.crt"),
+        "--auth-supernode-private-key",
+        str(tmp_path / "k"),
+        "--node-config",
+        "x=1",
+        "--port",
+        "7",
+    ]
+    with pytest.raises(ConfigError, match="key: node authentication needs TLS"):
+        supernode_command("h:1", root_cert=None, key=tmp_path / "k", config="")
+
+
+def test_flwr_home_connection_is_read_by_flwr(tmp_path):
+    from flwr.cli.flower_config import parse_superlink_connection
+
+    ca = tmp_path / "ca.crt"
+    name = write_flwr_home(tmp_path / "home", "10.0.0.1:9092", root_cert=ca)
+    other = write_flwr_home(tmp_path / "home", "localhost:9093", insecure=True)
+
+    config = tomllib.loads((tmp_path / "home" / "config.toml").read_text())["superlink"]
+    assert config["default"] == other
+    first = parse_superlink_connection(config[name], name)
+    assert (first.address, first.root_certificates, first.insecure) == ("10.0.0.1:9092", str(ca), False)
+    second = parse_superlink_connection(config[other], other)
+    assert (second.address, second.insecure) == ("localhost:9093", True)
+
+
+def test_node_refused_reads_flowers_exit_message():
+    lines = ["\x1b[91mERROR \x1b[0m:     Exit Code: 305\n", "[code: 2004] Failed to activate SuperNode.\n"]
+    assert "([code: 2004] Failed to activate SuperNode.)" in (node_refused(1, lines) or "")
+    assert node_refused(1, ["Exit Code: 302"]) is None
+    assert node_refused(0, lines) is None
+
+
+def test_supervise_retries_a_refusal_until_the_deadline_then_returns_its_code(tmp_path):
+    attempts = tmp_path / "attempts"
+    script = f"open({str(attempts)!r}, 'a').write('x'); print('Exit Code: 305'); raise SystemExit(1)"
+    reports: list[str] = []
+
+    code = supervise(
+        [sys.executable, "-c", script],
+        env=os.environ,
+        retry_when=node_refused,
+        retry_for=2.0,
+        retry_every=0.5,
+        echo=lambda line: None,
+        report=reports.append,
+    )
+
+    assert code == 1
+    assert 2 <= len(attempts.read_text()) <= 6
+    assert all("the SuperLink refused this node" in r for r in reports)
+    assert "retrying in" in reports[0] and reports[-1].endswith("giving up after 2 s")
+
+
+def test_supervise_forwards_sigterm_and_returns_the_childs_code(tmp_path):
+    ready = tmp_path / "ready"
+    child = (
+        "import pathlib, signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(7))\n"
+        f"pathlib.Path({str(ready)!r}).touch()\n"
+        "time.sleep(60)\n"
+    )
+    parent = (
+        "import os, sys\n"
+        "from fedlora.deploy import supervise\n"
+        f"sys.exit(supervise([sys.executable, '-c', {child!r}], env=os.environ))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", parent])
+    try:
+        _wait_for(ready.exists, time.monotonic() + 30, "the supervised child to start")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 7
+    finally:
+        proc.kill()
+
+
+# ---------------------------------------------------------------------------
+# A real federation on loopback
+# ---------------------------------------------------------------------------
+
+
+def _wait_for(condition: Callable[[], bool], deadline: float, what: str) -> None:
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+class _Processes:
+    """Processes started for one test, each in its own session, all stopped at teardown."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        # Flower starts some helpers in sessions of their own: they carry this mark in their environment.
+        self.mark = f"FEDLORA_TEST_DEPLOYMENT={uuid.uuid4().hex}"
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, *args: str, home: Path | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+        key, value = self.mark.split("=")
+        env = {**os.environ, key: value, "FLWR_HOME": str(self.root / f"flwr-home-{name}")}
+        if home is not None:
+            env["HOME"] = str(home)
+        log = self.root / f"{name}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "fedlora.cli", *args],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.procs.append(proc)
+        return proc, log
+
+    def run(self, name: str, *args: str, timeout: float, home: Path | None = None) -> tuple[int, str]:
+        """Run a ``fedlora`` command to its end; its exit code and output."""
+        proc, log = self.start(name, *args, home=home)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"fedlora {args[0]} did not finish: {log.read_text()[-3000:]}") from None
+        return code, log.read_text()
+
+    def marked(self) -> list[int]:
+        found = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if self.mark.encode() in (proc / "environ").read_bytes().split(b"\0"):
+                    found.append(int(proc.name))
+            except (OSError, ValueError):
+                continue
+        return found
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+        _wait_for(lambda: not self.marked(), time.monotonic() + 10, "Flower helpers to exit")
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[_Processes]:
+    procs = _Processes(tmp_path)
+    try:
+        yield procs
+    finally:
+        try:
+            procs.stop()
+        finally:
+            for pid in procs.marked():  # whatever outlived its parent
+                _signal_group(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
+
+
+def _line_or_exit(proc: subprocess.Popen[bytes], log: Path, text: str) -> Callable[[], bool]:
+    return lambda: text in log.read_text() or proc.poll() is not None
+
+
+def _tiny_run_config() -> str:
+    flat = {k.replace("_", "-"): v for k, v in TINY_FEDERATION.items() if k != "clients"}
+    return " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in flat.items())
+
+
+@pytest.mark.slow
+def test_fedlora_clients_with_registered_keys_complete_a_tls_federation(tmp_path, processes):
+    # Prepare: a CA, four device keys (three registered), three devices' own data folders.
+    certs = make_certificates(tmp_path / "certs")
+    keys = [make_node_key(tmp_path / "keys" / f"node{i}")[0] for i in range(4)]
+    for i, (topic, words) in enumerate(TOPICS.items()):
+        other = list(TOPICS)[(i + 1) % 3]
+        train = [{"text": f"{words} {n}", "label": topic} for n in range(12)]
+        train += [{"text": f"{TOPICS[other]} {n}", "label": other} for n in range(4)]
+        write_client(
+            tmp_path / f"device{i}", train, [{"text": f"{words} x{n}", "label": topic} for n in range(4)]
+        )
+    port = _free_port()
+    superlink = f"127.0.0.1:{port}"
+    tls = ["--superlink", superlink, "--root-cert", str(certs.ca_cert)]
+    deadline = time.monotonic() + 240
+
+    # Execute: the SuperLink (TLS, node authentication, a database), then registrations.
+    server, server_log = processes.start(
+        "server",
+        *("server", "--certs", str(tmp_path / "certs"), "--host", "127.0.0.1", "--port", str(port)),
+        *("--database", str(tmp_path / "superlink.db")),
+    )
+    _wait_for(_line_or_exit(server, server_log, "Application startup complete"), deadline, "the SuperLink")
+    assert server.poll() is None, server_log.read_text()[-2000:]
+    for i, key in enumerate(keys[:3]):
+        # `fedlora register` keeps its Flower connection in ~/.fedlora/flwr-home.
+        code, output = processes.run(
+            f"register{i}", "register", f"{key}.pub", *tls, timeout=60, home=tmp_path
+        )
+        assert code == 0 and "registered at" in output, output
+
+    def client(i: int, *extra: str) -> tuple[subprocess.Popen[bytes], Path]:
+        return processes.start(
+            f"node{i}",
+            *("client", *tls, "--key", str(keys[i]), "--data", str(tmp_path / f"device{i % 3}")),
+            *("--state-dir", str(tmp_path / f"state{i}"), "--node-port", str(_free_port()), *extra),
+        )
+
+    # The fourth key was never registered: the SuperLink refuses it.
+    intruder, intruder_log = client(3, "--retry-for", "0")
+    nodes = [client(i) for i in range(3)]
+    for i, (proc, log) in enumerate(nodes):
+        _wait_for(_line_or_exit(proc, log, "SuperNode ID:"), deadline, f"node {i} to join")
+        assert proc.poll() is None, log.read_text()[-2000:]
+    assert intruder.wait(timeout=max(1, deadline - time.monotonic())) != 0
+    refusal = [line for line in intruder_log.read_text().splitlines() if line.startswith("fedlora: the")]
+    assert refusal == [
+        "fedlora: the SuperLink refused this node ([code: 2004] Failed to activate SuperNode.): its key "
+        "is not registered (give the .pub file to the server operator), or this node stopped less than "
+        "about a minute ago and the SuperLink still counts it as online; giving up"
+    ]
+    assert "No SuperNode found with the given public key" in server_log.read_text()
+
+    out = tmp_path / "run"
+    code, submitted = processes.run(
+        "submit",
+        *("submit", *tls, "--clients", "3", "--rounds", "2", "--out", str(out)),
+        *("--flwr-home", str(tmp_path / "flwr-home-submit")),
+        *("--run-config", f"labels=cooking,music,sport {_tiny_run_config()}"),
+        timeout=max(1, deadline - time.monotonic()),
+    )
+
+    # Assert: two rounds, every node trained in each, finite accuracies, state on the devices' disks.
+    assert code == 0, submitted[-3000:]
+    assert f"run finished: 2 rounds, results in {out}" in submitted
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert all(r["clients_trained"] == 3 and r["clients_failed"] == 0 for r in summary["rounds"])
+    for name in ("global_accuracy", "personalized_accuracy"):
+        assert math.isfinite(summary["final"][name]) and 0.0 <= summary["final"][name] <= 1.0
+    assert (out / "global_adapter" / "adapter_model.safetensors").exists()
+    for i in range(3):
+        assert list((tmp_path / f"state{i}").glob("*/*.state")), f"node {i} kept no state on disk"
+    assert all(proc.poll() is None for proc, _ in nodes) and server.poll() is None
