@@ -30,6 +30,7 @@ from fedlora.deploy import (
 )
 from fedlora.errors import ConfigError, FedloraError
 from fedlora.launch import _free_port
+from fedlora.node_state import read_state
 
 TOPICS = {"sport": "goal match team", "music": "song band guitar", "cooking": "recipe oven salt"}
 
@@ -210,6 +211,8 @@ class _Processes:
     def start(self, name: str, *args: str, home: Path | None = None) -> tuple[subprocess.Popen[bytes], Path]:
         key, value = self.mark.split("=")
         env = {**os.environ, key: value, "FLWR_HOME": str(self.root / f"flwr-home-{name}")}
+        # Each process and whatever it starts (SuperNode, SuperExec, ClientApps) carries its name.
+        env["FEDLORA_TEST_PROCESS"] = name
         if home is not None:
             env["HOME"] = str(home)
         log = self.root / f"{name}.log"
@@ -242,6 +245,19 @@ class _Processes:
             except (OSError, ValueError):
                 continue
         return found
+
+    def crash(self, name: str) -> int:
+        """SIGKILL process ``name`` and everything it started: a device losing power."""
+        mark = f"FEDLORA_TEST_PROCESS={name}".encode()
+        killed = 0
+        for pid in self.marked():
+            try:
+                if mark in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                    os.kill(pid, signal.SIGKILL)
+                    killed += 1
+            except OSError:
+                continue
+        return killed
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -341,24 +357,53 @@ def test_fedlora_clients_with_registered_keys_complete_a_tls_federation(tmp_path
     ]
     assert "No SuperNode found with the given public key" in server_log.read_text()
 
+    # A 4-round run; node 2 loses power at the start of round 2 and comes back at once.
     out = tmp_path / "run"
-    code, submitted = processes.run(
+    run_config = f"labels=cooking,music,sport round-timeout=20 min-reply-fraction=0.5 {_tiny_run_config()}"
+    submit, submit_log = processes.start(
         "submit",
-        *("submit", *tls, "--clients", "3", "--rounds", "2", "--out", str(out)),
-        *("--flwr-home", str(tmp_path / "flwr-home-submit")),
-        *("--run-config", f"labels=cooking,music,sport {_tiny_run_config()}"),
-        timeout=max(1, deadline - time.monotonic()),
+        *("submit", *tls, "--clients", "3", "--rounds", "4", "--out", str(out)),
+        *("--flwr-home", str(tmp_path / "flwr-home-submit"), "--run-config", run_config),
     )
 
-    # Assert: two rounds, every node trained in each, finite accuracies, state on the devices' disks.
-    assert code == 0, submitted[-3000:]
-    assert f"run finished: 2 rounds, results in {out}" in submitted
+    def round_done(n: int) -> Callable[[], bool]:
+        def done() -> bool:
+            path = out / "metrics.jsonl"
+            events = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+            return submit.poll() is not None or any(e == {**e, "event": "round", "round": n} for e in events)
+
+        return done
+
+    _wait_for(round_done(1), deadline, "round 1")
+    assert submit.poll() is None, submit_log.read_text()[-3000:]
+    state = next((tmp_path / "state2").glob("*/*.state"))
+    before = read_state(state).config_records["fedlora-personal-rounds"]["rounds"]
+    assert before == 1
+    assert processes.crash("node2") >= 2  # `fedlora client`, its SuperNode and their children
+    rejoined, rejoined_log = client(2, "--retry-for", "200")
+    assert submit.wait(timeout=max(1, deadline + 240 - time.monotonic())) == 0, submit_log.read_text()[-3000:]
+    submitted = submit_log.read_text()
+
+    # Assert: every round completed; the one node 2 missed with the others; it rejoined with its state.
+    assert f"run finished: 4 rounds, results in {out}" in submitted
     summary = json.loads((out / "summary.json").read_text())
-    assert [r["round"] for r in summary["rounds"]] == [1, 2]
-    assert all(r["clients_trained"] == 3 and r["clients_failed"] == 0 for r in summary["rounds"])
+    rounds = summary["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    assert rounds[0]["clients_trained"] == 3
+    assert rounds[1]["clients_trained"] == 2 and rounds[1]["clients_failed"] == 1
+    assert rounds[-1]["clients_trained"] == 3, "node 2 did not take part again"
+    evaluations = rejoined_log.read_text().count("Sending: evaluate message")
+    after = read_state(state).config_records["fedlora-personal-rounds"]["rounds"]
+    # Its personal adapter went on from round 1's: trained once before the crash, then in every
+    # round it evaluated after rejoining (a node that had lost its state would count from 0).
+    assert evaluations >= 1 and after == before + evaluations
+    per_client = summary["per_client"]["final_round"]
+    assert len(per_client) == 3 and all(k.startswith("node-") for k in per_client)
+    assert sorted(c["personal_rounds"] for c in per_client.values())[0] == after
     for name in ("global_accuracy", "personalized_accuracy"):
         assert math.isfinite(summary["final"][name]) and 0.0 <= summary["final"][name] <= 1.0
     assert (out / "global_adapter" / "adapter_model.safetensors").exists()
     for i in range(3):
         assert list((tmp_path / f"state{i}").glob("*/*.state")), f"node {i} kept no state on disk"
-    assert all(proc.poll() is None for proc, _ in nodes) and server.poll() is None
+    assert all(proc.poll() is None for proc, _ in nodes[:2]) and rejoined.poll() is None
+    assert server.poll() is None
