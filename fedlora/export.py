@@ -256,7 +256,7 @@ def generate(model_dir: Path, prompt: str, *, max_new_tokens: int = 40, seed: in
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
-    enc = tokenizer(prompt, return_tensors="pt")
+    enc = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False)
     with torch.no_grad():
         out = model.generate(
             **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id

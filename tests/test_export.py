@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from helpers import TINY_FEDERATION
 
-import fedlora
 from fedlora.cli import main
 from fedlora.errors import FedloraError
 from fedlora.export import client_state_file, export_client, load_personalized, logits
 
+LABELS = "business,entertainment,politics,sports,tech"  # the bundled corpus's topics
 # Only transformers: fedlora (and PEFT) are made unimportable in the child interpreter.
 PLAIN_SESSION = """
 import json, sys
@@ -36,18 +36,66 @@ print(json.dumps([model.config.id2label[p] for p in preds]))
 """
 
 
+def _round_trip(context, arrays, server_round: int) -> tuple:
+    """One round of a client through fedlora's ClientApp: its upload and its evaluation metrics."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from helpers import as_server
+
+    from fedlora import keys
+    from fedlora.client_app import app
+
+    replies = []
+    for kind in ("train", "evaluate"):
+        as_server()
+        content = RecordDict(
+            {keys.ARRAYS: arrays, keys.CONFIG: ConfigRecord({keys.C_SERVER_ROUND: server_round})}
+        )
+        reply = app(Message(content=content, dst_node_id=1, message_type=kind), context)
+        assert not reply.has_error(), reply.error
+        replies.append(reply)
+    return replies[0].content[keys.ARRAYS], replies[1].content.metric_records[keys.METRICS]
+
+
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("export") / "run"
-    fedlora.run(**TINY_FEDERATION, rounds=2, out=out)
-    return out
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[float]]:
+    """Three clients, two rounds through fedlora's ClientApp with their state on disk (a client
+    folder as `fedlora simulate` keeps it); each round's global adapter is client 0's upload.
+
+    Returns the state folder and every client's personalized accuracy in the last round.
+    """
+    from flwr.app import Context, RecordDict
+
+    from fedlora import keys
+    from fedlora.adapters import to_record
+    from fedlora.config import RunConfig
+    from fedlora.models import build_model
+
+    root = tmp_path_factory.mktemp("export")
+    flat = {k.replace("_", "-"): v for k, v in TINY_FEDERATION.items() if k != "clients"}
+    cfg = RunConfig.from_flat({**flat, "labels": LABELS, "client-state-dir": str(root / "clients")})
+    contexts = [
+        Context(
+            run_id=1,
+            node_id=pid + 1,
+            state=RecordDict(),
+            run_config=cfg.to_flat(),
+            node_config={"partition-id": pid, "num-partitions": 3},
+        )
+        for pid in range(3)
+    ]
+    arrays = to_record(build_model(cfg.model, len(cfg.data.labels), seed=0).initial_global)
+    for server_round in (1, 2):
+        results = [_round_trip(context, arrays, server_round) for context in contexts]
+        arrays = results[0][0]
+    return root, [float(metrics[keys.M_ACCURACY_PERSONALIZED]) for _, metrics in results]
 
 
 def test_exported_model_predicts_in_plain_transformers_as_inside_fedlora(finished_run, tmp_path):
     from fedlora.data.federated import load_client_data
 
+    root, scored = finished_run
     client = 1
-    state = client_state_file(finished_run, client)
+    state = client_state_file(root, client)
     result = export_client(state, tmp_path / "model")
     # Merging the adapters into the base weights changes the logits only by rounding.
     assert result.max_logit_difference < 1e-4
@@ -68,24 +116,63 @@ def test_exported_model_predicts_in_plain_transformers_as_inside_fedlora(finishe
     assert proc.returncode == 0, proc.stderr[-2000:]
     plain = json.loads(proc.stdout.strip().splitlines()[-1])
     assert plain == [cfg.data.labels[i] for i in inside]
-    # ... and they are the predictions the federation scored for this client.
-    summary = json.loads((finished_run / "summary.json").read_text())
-    scored = summary["per_client"]["final_round"][str(client)]["personalized_accuracy"]
+    # ... and they are the predictions the client scored (and reported to the server) in its last round.
     truth = [cfg.data.labels[i] for i in data.test_labels]
-    assert sum(p == t for p, t in zip(plain, truth, strict=True)) / len(truth) == pytest.approx(scored)
+    assert sum(p == t for p, t in zip(plain, truth, strict=True)) / len(truth) == pytest.approx(
+        scored[client]
+    )
 
 
 def test_predict_command_reads_texts_and_a_file(finished_run, tmp_path, capsys):
-    assert main(["export", str(finished_run), "--client", "0", "--out", str(tmp_path / "m")]) == 0
+    root, _ = finished_run
+    assert main(["export", str(root), "--client", "0", "--out", str(tmp_path / "m")]) == 0
     assert "largest logit difference" in capsys.readouterr().out
     texts = tmp_path / "texts.txt"
     texts.write_text("Shares fell sharply\n\nThe band's new album\n")
     assert main(["predict", str(tmp_path / "m"), "A late goal won the cup", "--file", str(texts)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    labels = json.loads((finished_run / "config.json").read_text())["labels"].split(",")
-    assert len(lines) == 3 and all(line.split("\t")[0] in labels for line in lines)
+    assert len(lines) == 3 and all(line.split("\t")[0] in LABELS.split(",") for line in lines)
     # A classifier cannot generate, and a missing client is named.
     assert main(["generate", str(tmp_path / "m"), "Once"]) == 2
     assert "fedlora predict" in capsys.readouterr().err
     with pytest.raises(FedloraError, match="client-7.state"):
-        client_state_file(finished_run, 7)
+        client_state_file(root, 7)
+
+
+def test_a_devices_causal_lm_exports_and_generates(tmp_path, capsys):
+    # A deployed device: its own folder, its state on its disk, one round through the ClientApp.
+    from conftest import write_client
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from helpers import as_server
+
+    from fedlora import keys
+    from fedlora.adapters import to_record
+    from fedlora.client_app import app
+    from fedlora.config import RunConfig
+    from fedlora.models import build_model
+
+    write_client(
+        tmp_path / "device",
+        [{"text": f"the song band guitar {n} is good"} for n in range(16)],
+        [{"text": f"the song band guitar x{n} is good"} for n in range(4)],
+    )
+    cfg = RunConfig.from_flat(
+        {"model": "tiny-llama", "task": "causal-lm", "max-length": 16, "local-steps": 2, "personal-steps": 2}
+    )
+    node = {"data-dir": str(tmp_path / "device"), "state-dir": str(tmp_path / "state")}
+    context = Context(run_id=1, node_id=7, state=RecordDict(), run_config=cfg.to_flat(), node_config=node)
+    arrays = to_record(build_model(cfg.model, 0, seed=0).initial_global)
+    for kind in ("train", "evaluate"):
+        as_server()
+        content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: ConfigRecord({keys.C_SERVER_ROUND: 1})})
+        reply = app(Message(content=content, dst_node_id=7, message_type=kind), context)
+        assert not reply.has_error(), reply.error
+        # A device is named by its node id on the server, not by a partition id of its own folder.
+        assert keys.M_PARTITION_ID not in reply.content.metric_records[keys.METRICS]
+
+    result = export_client(client_state_file(tmp_path / "state"), tmp_path / "lm")
+    assert result.task == "causal-lm" and result.max_logit_difference < 1e-4
+    assert main(["generate", str(tmp_path / "lm"), "the song", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("the song")
+    assert main(["predict", str(tmp_path / "lm"), "the song"]) == 2
+    assert "fedlora generate" in capsys.readouterr().err
