@@ -30,6 +30,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python simulations/bench_upload.py
 	$(BIN)/python simulations/bench_overhead.py
 	$(BIN)/python simulations/bench_dp.py
+	$(BIN)/python simulations/bench_profiles.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
