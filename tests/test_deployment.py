@@ -359,7 +359,7 @@ def test_fedlora_clients_with_registered_keys_complete_a_tls_federation(tmp_path
 
     # A 4-round run; node 2 loses power at the start of round 2 and comes back at once.
     out = tmp_path / "run"
-    run_config = f"labels=cooking,music,sport round-timeout=20 min-reply-fraction=0.5 {_tiny_run_config()}"
+    run_config = f"labels=cooking,music,sport round-timeout=30 min-reply-fraction=0.5 {_tiny_run_config()}"
     submit, submit_log = processes.start(
         "submit",
         *("submit", *tls, "--clients", "3", "--rounds", "4", "--out", str(out)),
