@@ -145,6 +145,7 @@ class FederationConfig:
 
     num_server_rounds: int = 5
     fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
     min_clients: int = 2
     strategy: str = "fedavg"
     personalization: str = "auto"
@@ -167,6 +168,8 @@ class FederationConfig:
             raise _fail("num-server-rounds", "a positive integer", self.num_server_rounds)
         if not 0.0 < self.fraction_train <= 1.0:
             raise _fail("fraction-train", "a number in (0, 1]", self.fraction_train)
+        if not 0.0 < self.fraction_evaluate <= 1.0:
+            raise _fail("fraction-evaluate", "a number in (0, 1]", self.fraction_evaluate)
         if self.min_clients <= 0:
             raise _fail("min-clients", "a positive integer", self.min_clients)
         if self.proximal_mu < 0:

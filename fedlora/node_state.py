@@ -121,7 +121,11 @@ def save_state(context: Context, path: Path) -> None:
 
 
 def node_state_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """ClientApp mod: load the client's saved state before the handler, save it after a success."""
+    """ClientApp mod: load the client's saved state before the handler, save it after.
+
+    Between messages the state is only on disk (not in ``context.state``), so that memory
+    does not grow with the number of clients a simulation has seen.
+    """
     path = state_path(context)
     if path is None:
         return call_next(message, context)
@@ -131,6 +135,9 @@ def node_state_mod(message: Message, context: Context, call_next: ClientAppCalla
         log.error("fedlora client: %s", err)
         return Message(Error(code=STATE_ERROR, reason=str(err)), reply_to=message)
     reply = call_next(message, context)
-    if not reply.has_error():
-        save_state(context, path)
+    # Also after an error reply: declining a round for the privacy budget is remembered.
+    save_state(context, path)
+    # The disk holds it now: a simulation of many clients keeps none of it in memory.
+    for name in [n for n in context.state if n.startswith(STATE_PREFIX)]:
+        del context.state[name]
     return reply

@@ -2,7 +2,8 @@
 
 Each strategy runs once, paired with a personalization method so that every method runs
 several times; every fourth case goes through the ``fedlora simulate`` command, the others
-through the Python API on one shared SuperLink (both call `fedlora.api.run`). ``flora`` and ``flexlora`` run with mixed client ranks.
+through the Python API on one shared SuperLink (both call `fedlora.api.run`). ``flora``
+and ``flexlora`` run with mixed client ranks.
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ def legacy_strategy(cfg: RunConfig, initial: AdapterState, **callbacks: Any) -> 
     class_name, extra = LEGACY_STRATEGIES[fed.strategy](cfg)
     return getattr(legacy, class_name)(
         fraction_fit=fed.fraction_train,
-        fraction_evaluate=1.0,
+        fraction_evaluate=fed.fraction_evaluate,
         min_fit_clients=1,
         min_evaluate_clients=1,
         min_available_clients=fed.min_clients,

@@ -30,7 +30,7 @@ def flower_kwargs(cfg: RunConfig) -> dict[str, Any]:
     fed = cfg.federation
     return {
         "fraction_train": fed.fraction_train,
-        "fraction_evaluate": 1.0,
+        "fraction_evaluate": fed.fraction_evaluate,
         "min_train_nodes": 1,
         "min_evaluate_nodes": 1,
         "min_available_nodes": fed.min_clients,
