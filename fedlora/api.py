@@ -116,6 +116,7 @@ def run(
     cpus_per_client: float = 1.0,
     on_event: Callable[[dict[str, Any]], None] | None = None,
     session: FlowerSession | None = None,
+    preset: str | None = None,
     **overrides: Scalar,
 ) -> Results:
     """Run one simulated federation through Flower and return its results.
@@ -139,6 +140,9 @@ def run(
     session : FlowerSession, optional
         Run on the SuperLink of a `fedlora.launch.flower_session` (several runs in turn
         skip its start-up); by default the run starts and stops its own.
+    preset : str, optional
+        A workload from ``fedlora.presets.PRESETS`` (e.g. ``shakespeare``): its run config
+        and client count are the starting point that the other arguments override.
     **overrides
         Any run-config key, with underscores for dashes (``lora_rank=4``, ``seed=1``).
 
@@ -150,6 +154,12 @@ def run(
     """
     from fedlora.launch import simulate
 
+    if preset is not None:
+        from fedlora.presets import get_preset
+
+        chosen = get_preset(preset)
+        overrides = {**{k.replace("-", "_"): v for k, v in chosen.config.items()}, **overrides}
+        clients = chosen.clients if clients is None else clients
     cfg = _config_of({**overrides, "rounds": rounds, "data": data}, strategy, personalization)
     num_clients = clients if clients is not None else default_clients(cfg)
     out_dir = Path(out) if out is not None else Path("runs") / time.strftime("%Y%m%d-%H%M%S")

@@ -542,6 +542,7 @@ def train_local_only(message: Message, context: Context) -> Message:
             keys.M_NUM_EXAMPLES: ev.num_examples,
             **client.identity(),
             keys.M_ACCURACY_LOCAL_ONLY: ev.accuracy,
+            keys.M_LOSS_LOCAL_ONLY: ev.loss,
             keys.M_TRAIN_STEPS: result.steps,
             keys.M_TRAIN_WALL_S: result.wall_s,
         },

@@ -96,6 +96,7 @@ class DataConfig:
     dirichlet_alpha: float = 0.3
     test_fraction: float = 0.5
     labels: tuple[str, ...] = ()
+    min_lines: int = 40
 
     def __post_init__(self) -> None:
         from fedlora.data.partition import PARTITIONERS
@@ -109,6 +110,8 @@ class DataConfig:
             raise _fail("dirichlet-alpha", "a positive number", self.dirichlet_alpha)
         if not 0.0 < self.test_fraction < 1.0:
             raise _fail("test-fraction", "a number in (0, 1)", self.test_fraction)
+        if self.min_lines < 2:
+            raise _fail("min-lines", "an integer >= 2 (a train and a test line)", self.min_lines)
         if len(set(self.labels)) != len(self.labels):
             raise _fail("labels", "a comma-separated list without repeats", ",".join(self.labels))
 

@@ -9,6 +9,7 @@ __all__ = [
     "METRICS",
     "M_ACCURACY_GLOBAL",
     "M_ACCURACY_LOCAL_ONLY",
+    "M_LOSS_LOCAL_ONLY",
     "M_ACCURACY_PERSONALIZED",
     "M_LOSS_GLOBAL",
     "M_LOSS_PERSONALIZED",
@@ -58,6 +59,7 @@ M_PERSONAL_ROUNDS = "personal-rounds"
 M_ACCURACY_GLOBAL = "accuracy-global"
 M_ACCURACY_PERSONALIZED = "accuracy-personalized"
 M_ACCURACY_LOCAL_ONLY = "accuracy-local-only"
+M_LOSS_LOCAL_ONLY = "loss-local-only"
 M_LOSS_GLOBAL = "loss-global"
 M_LOSS_PERSONALIZED = "loss-personalized"
 M_EPSILON = "epsilon"  # DP: epsilon this client has spent so far, at the run's delta

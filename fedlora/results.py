@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CHECKPOINT", "GLOBAL_ADAPTER", "RoundRecord", "RunRecorder", "worst_fraction_mean"]
+__all__ = ["CHECKPOINT", "GLOBAL_ADAPTER", "RoundRecord", "RunRecorder", "perplexity", "worst_fraction_mean"]
 
 SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
@@ -30,6 +30,12 @@ def worst_fraction_mean(values: Sequence[float], fraction: float = 0.1) -> float
         return math.nan
     k = max(1, math.ceil(fraction * len(finite)))
     return sum(finite[:k]) / k
+
+
+def perplexity(losses: Sequence[float]) -> float:
+    """Mean over clients of each client's perplexity, ``exp(mean token loss)``."""
+    finite = [math.exp(v) for v in losses if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -53,6 +59,9 @@ class RoundRecord:
     personalized_accuracy: float = math.nan
     personalized_accuracy_worst10: float = math.nan
     global_accuracy_worst10: float = math.nan
+    # Causal LMs: mean over clients of each client's held-out perplexity (exp of its token loss).
+    global_perplexity: float = math.nan
+    personalized_perplexity: float = math.nan
     per_client: dict[str, dict[str, float]] = field(default_factory=dict)
     epsilon_max: float = math.nan
     clients_rejected: int = 0
@@ -89,9 +98,11 @@ class RunRecorder:
         self.out_dir = out_dir
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.full_model_bytes = full_model_bytes
+        self.task = str(config.get("task", "classification"))
         # A resumed run goes on from the rounds (and wall time) of its checkpoint.
         self.rounds: dict[int, RoundRecord] = dict(rounds or {})
         self.local_only: dict[str, float] = {}
+        self.local_only_loss: dict[str, float] = {}
         self.started = time.perf_counter() - wall_s
         (out_dir / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
         if rounds is None or not (out_dir / METRICS).exists():
@@ -134,6 +145,9 @@ class RunRecorder:
             "local_only_accuracy_worst10": worst_fraction_mean(list(self.local_only.values()))
             if self.local_only
             else None,
+            "global_perplexity": last.global_perplexity,
+            "personalized_perplexity": last.personalized_perplexity,
+            "local_only_perplexity": perplexity(list(self.local_only_loss.values())),
             "bytes_up_per_client_round": per_client,
             "bytes_down_per_client_round": down_per_client,
             "epsilon_max": last.epsilon_max,
@@ -159,6 +173,8 @@ class RunRecorder:
                     "global_accuracy_worst10": r.global_accuracy_worst10,
                     "personalized_accuracy": r.personalized_accuracy,
                     "personalized_accuracy_worst10": r.personalized_accuracy_worst10,
+                    "global_perplexity": r.global_perplexity,
+                    "personalized_perplexity": r.personalized_perplexity,
                     "train_loss": r.train_loss,
                     "bytes_up": r.bytes_up,
                     "bytes_down": r.bytes_down,

@@ -48,9 +48,12 @@ def _local_only(grid: Grid, cfg: RunConfig, recorder: RunRecorder) -> None:
             )
             continue
         metrics = reply.content.metric_records[keys.METRICS]
-        accuracy = metrics[keys.M_ACCURACY_LOCAL_ONLY]
+        accuracy, loss = metrics[keys.M_ACCURACY_LOCAL_ONLY], metrics.get(keys.M_LOSS_LOCAL_ONLY)
+        client = client_id(metrics, reply.metadata.src_node_id)
         if isinstance(accuracy, (int, float)):
-            recorder.local_only[client_id(metrics, reply.metadata.src_node_id)] = float(accuracy)
+            recorder.local_only[client] = float(accuracy)
+        if isinstance(loss, (int, float)):
+            recorder.local_only_loss[client] = float(loss)
 
 
 def run_federation(grid: Grid, cfg: RunConfig, context: Context) -> dict[str, Any]:

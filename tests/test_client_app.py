@@ -111,6 +111,7 @@ def test_every_client_message_is_the_shared_adapter_and_scalar_metrics(cfg, tiny
         keys.M_LOSS_GLOBAL,
         keys.M_LOSS_PERSONALIZED,
         keys.M_ACCURACY_LOCAL_ONLY,
+        keys.M_LOSS_LOCAL_ONLY,
         keys.M_PERSONAL_STEPS,
         keys.M_PERSONAL_LOSS,
     }

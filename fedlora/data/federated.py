@@ -120,6 +120,11 @@ def load_client_data(
         raise DataError(f"partition-id: must be in [0, {num_partitions}), got {partition_id}")
     if cfg.data_dir:
         return _from_folder(cfg, task, partition_id, num_partitions)
+    if cfg.dataset == "shakespeare":
+        # Natural clients (one per play and role), split in time: no partitioner.
+        from fedlora.data.shakespeare import load_role_client
+
+        return load_role_client(cfg, task, partition_id, num_partitions, min_lines=cfg.min_lines)
     corpus = load_corpus(cfg.dataset)
     parts = _bundled_partitions(cfg, num_partitions, seed)
     train_idx, test_idx = _split_indices(list(parts[partition_id]), cfg.test_fraction, seed + partition_id)

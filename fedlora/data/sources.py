@@ -61,8 +61,21 @@ def _bbc_news() -> Corpus:
     return Corpus("bbc-news", tuple(texts), tuple(labels), label_names)
 
 
+def _shakespeare() -> Corpus:
+    """Shakespeare by role (LEAF, Caldas et al. 2018): lines of roles with >= 40 lines in 38 plays.
+
+    ``groups`` is the natural client (``play/ROLE``).
+    `fedlora.data.shakespeare.load_role_client` gives one role its lines with the later ones
+    held out, without a partitioner.
+    """
+    from fedlora.data.shakespeare import role_corpus
+
+    return role_corpus()
+
+
 DATASETS: dict[str, Callable[[], Corpus]] = {
     "bbc-news": _bbc_news,
+    "shakespeare": _shakespeare,
 }
 
 

@@ -210,7 +210,9 @@ class SeesOnlyAggregate(LegacyStrategy):
 
         record = self.recorder.round(server_round)
         record_evaluation(
-            record, [(client_id(_metrics(res), proxy.cid), _metrics(res)) for proxy, res in results]
+            record,
+            [(client_id(_metrics(res), proxy.cid), _metrics(res)) for proxy, res in results],
+            self.recorder.task,
         )
         for failure in failures:
             self.recorder.event("client-error", round=server_round, reason=str(failure))

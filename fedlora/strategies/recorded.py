@@ -12,7 +12,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedlora import keys
-from fedlora.results import RoundRecord, RunRecorder, worst_fraction_mean
+from fedlora.results import RoundRecord, RunRecorder, perplexity, worst_fraction_mean
 
 if TYPE_CHECKING:
     from fedlora.adapters import AdapterState
@@ -225,18 +225,29 @@ class Recorded(Strategy):
         server_round += self.offset
         replies = list(replies)
         ok = [m for m in replies if not m.has_error()]
-        record_evaluation(self.recorder.round(server_round), [(_client_id(m), _metrics(m)) for m in ok])
+        record_evaluation(
+            self.recorder.round(server_round),
+            [(_client_id(m), _metrics(m)) for m in ok],
+            self.recorder.task,
+        )
         return self.strategy.aggregate_evaluate(server_round, replies)
 
 
-def record_evaluation(record: RoundRecord, clients: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
-    """Fill ``record`` from each client's evaluation metrics: ``(client id, metrics)`` pairs."""
+def record_evaluation(
+    record: RoundRecord, clients: Sequence[tuple[str, Mapping[str, Any]]], task: str = "classification"
+) -> None:
+    """Fill ``record`` from each client's evaluation metrics: ``(client id, metrics)`` pairs.
+
+    For causal LMs the round's perplexities are recorded too.
+    """
     record.per_client = {
         cid: {
             "global_accuracy": _value(m, keys.M_ACCURACY_GLOBAL),
             "personalized_accuracy": _value(m, keys.M_ACCURACY_PERSONALIZED),
             "num_test_examples": _value(m, keys.M_NUM_EXAMPLES),
             "personal_rounds": _value(m, keys.M_PERSONAL_ROUNDS),
+            "global_loss": _value(m, keys.M_LOSS_GLOBAL),
+            "personalized_loss": _value(m, keys.M_LOSS_PERSONALIZED),
             # With DP: epsilon spent so far, and whether the next round would break the budget.
             **(
                 {
@@ -284,4 +295,9 @@ def record_evaluation(record: RoundRecord, clients: Sequence[tuple[str, Mapping[
     record.global_accuracy = sum(glob) / len(glob) if glob else math.nan
     record.personalized_accuracy = sum(pers) / len(pers) if pers else math.nan
     record.global_accuracy_worst10 = worst_fraction_mean(glob)
+    if task == "causal-lm":
+        record.global_perplexity = perplexity([c["global_loss"] for c in record.per_client.values()])
+        record.personalized_perplexity = perplexity(
+            [c["personalized_loss"] for c in record.per_client.values()]
+        )
     record.personalized_accuracy_worst10 = worst_fraction_mean(pers)
