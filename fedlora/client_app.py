@@ -41,9 +41,9 @@ log = logging.getLogger(__name__)
 # then the node's state is loaded from and saved to its disk around every message.
 app = ClientApp(mods=[wire_log_mod, node_state_mod])
 
-_PERSONAL_STATE = "fedlora-personal-adapter"
+PERSONAL_STATE = "fedlora-personal-adapter"
 # Adapter parts a strategy keeps on the client between rounds (FedSA-LoRA's B).
-_KEPT_STATE = "fedlora-kept-parts"
+KEPT_STATE = "fedlora-kept-parts"
 # Error code of a reply that reports bad local input (config, data, model) instead of crashing.
 CLIENT_INPUT_ERROR = 4100
 # Error code of a training reply declined because the client's epsilon budget would be exceeded.
@@ -51,7 +51,7 @@ CLIENT_BUDGET_EXHAUSTED = 4101
 _LEDGER_STATE = "fedlora-privacy-ledger"
 _DECLINED_STATE = "fedlora-budget-declined"
 # How many rounds the personal state has been trained: survives a restart with the state.
-_PERSONAL_ROUNDS = "fedlora-personal-rounds"
+PERSONAL_ROUNDS_STATE = "fedlora-personal-rounds"
 # What `fedlora export` rebuilds the personalized model from: the server's last arrays and
 # this client's effective configuration (run config, node's data, profile and rank).
 LAST_GLOBAL_STATE = "fedlora-last-global"
@@ -166,7 +166,7 @@ class _Client:
 
     def personal(self) -> AdapterState | None:
         """The personalization method's stored state, if any."""
-        return self._stored(_PERSONAL_STATE)
+        return self._stored(PERSONAL_STATE)
 
     def remember(self, incoming: _Incoming) -> None:
         """Keep the server's latest arrays and this client's configuration, for `fedlora export`."""
@@ -191,7 +191,7 @@ class _Client:
 
     def personal_rounds(self) -> int:
         """Rounds in which this client's personal state was trained so far."""
-        record = self.state.config_records.get(_PERSONAL_ROUNDS)
+        record = self.state.config_records.get(PERSONAL_ROUNDS_STATE)
         return int(record["rounds"]) if record else 0  # type: ignore[arg-type]
 
     def keep(self, state: AdapterState) -> None:
@@ -201,7 +201,7 @@ class _Client:
 
         kept = {k: v for k, v in state.items() if part_of(k) in self.protocol.kept}
         if kept:
-            self.state[_KEPT_STATE] = to_record(kept)
+            self.state[KEPT_STATE] = to_record(kept)
 
     def incoming(self, message: Message) -> _Incoming:
         """The server's arrays and config in this message."""
@@ -218,7 +218,7 @@ class _Client:
             self.protocol,
             incoming.adapter(),
             self.loaded.initial_global,
-            self._stored(_KEPT_STATE),
+            self._stored(KEPT_STATE),
             alpha=self.cfg.model.lora_alpha,
         )
         self.loaded.set_base_delta(view.base_delta)
@@ -499,9 +499,9 @@ def evaluate(message: Message, context: Context) -> Message:
         stored, result = client.method.update(local, stored)
         client.spend(result.steps if result else 0, personal_dp)
     if stored is not None:
-        client.state[_PERSONAL_STATE] = to_record(stored)
+        client.state[PERSONAL_STATE] = to_record(stored)
     personal_rounds = client.personal_rounds() + (result is not None)
-    client.state[_PERSONAL_ROUNDS] = ConfigRecord({"rounds": personal_rounds})
+    client.state[PERSONAL_ROUNDS_STATE] = ConfigRecord({"rounds": personal_rounds})
     global_only = evaluate_adapter(client.loaded, client.test, view.global_state)
     personalized = client.method.evaluate(local, stored)
     final = server_round == client.cfg.federation.num_server_rounds

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from typing import Any
 
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, FedloraError
-from fedlora.launch import FLOWER_ENV, _toml_value, parse_overrides, write_app
+from fedlora.launch import flower_env, flower_script, parse_overrides, toml_value, write_app, write_run_config
 
 __all__ = [
     "DEFAULT_FLWR_HOME",
@@ -260,21 +259,6 @@ def make_node_key(path: Path, *, overwrite: bool = False) -> tuple[Path, Path]:
 # ---------------------------------------------------------------------------
 
 
-def _script(name: str) -> str:
-    """A console script of this interpreter's environment (works without activating it)."""
-    beside = Path(sys.executable).with_name(name)
-    return str(beside) if beside.exists() else shutil.which(name) or name
-
-
-def flower_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of every Flower process: offline settings, this environment's scripts first.
-
-    Flower starts ``flower-superexec`` and ``flwr-clientapp`` / ``flwr-serverapp`` from PATH.
-    """
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return {**os.environ, **FLOWER_ENV, "PATH": path, **(extra or {})}
-
-
 def superlink_command(
     *,
     certs: Certificates | None,
@@ -288,7 +272,7 @@ def superlink_command(
     authentication, only registered node keys are let in; ``database`` keeps the
     registrations (and runs) across restarts.
     """
-    command = [_script("flower-superlink"), "--host", host, "--port", str(port)]
+    command = [flower_script("flower-superlink"), "--host", host, "--port", str(port)]
     if certs is None:
         command.append("--insecure")
     else:
@@ -338,7 +322,7 @@ def node_config(
         # Flower splits the string on quotes: a value cannot contain one.
         if isinstance(value, str) and ('"' in value or "'" in value):
             raise ConfigError(f"{key}: must not contain quotes, got {value!r}")
-    return " ".join(f"{key}={_toml_value(value)}" for key, value in pairs.items())
+    return " ".join(f"{key}={toml_value(value)}" for key, value in pairs.items())
 
 
 def supernode_command(
@@ -360,7 +344,7 @@ def supernode_command(
         If a key is given without TLS (Flower refuses authentication in the clear).
 
     """
-    command = [_script("flower-supernode"), "--superlink", superlink]
+    command = [flower_script("flower-supernode"), "--superlink", superlink]
     if root_cert is None:
         if key is not None:
             raise ConfigError("key: node authentication needs TLS; drop --insecure or --key")
@@ -512,16 +496,16 @@ def write_flwr_home(
         if isinstance(v, dict) and all(not isinstance(x, dict) for x in v.values())
     }
     connections[name] = entry
-    lines = ["[superlink]", f"default = {_toml_value(name)}"]
+    lines = ["[superlink]", f"default = {toml_value(name)}"]
     for conn, values in connections.items():
-        lines += ["", f"[superlink.{conn}]", *(f"{k} = {_toml_value(v)}" for k, v in values.items())]
+        lines += ["", f"[superlink.{conn}]", *(f"{k} = {toml_value(v)}" for k, v in values.items())]
     path.write_text("\n".join(lines) + "\n")
     return name
 
 
 def _flwr(args: Sequence[str], home: Path, *, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [_script("flwr"), *args],
+        [flower_script("flwr"), *args],
         env=flower_env({"FLWR_HOME": str(home.expanduser().resolve()), "COLUMNS": "200"}),
         capture_output=True,
         text=True,
@@ -657,9 +641,8 @@ def submit(
     with _home(home) as flwr_home, tempfile.TemporaryDirectory(prefix="fedlora-submit-") as tmp:
         conn = write_flwr_home(flwr_home, superlink, root_cert=root_cert, insecure=insecure)
         app = write_app(Path(tmp) / "app", RunConfig())
-        overrides = Path(tmp) / "run-config.toml"
-        overrides.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in cfg.to_flat().items()))
-        command = [_script("flwr"), "run", str(app), conn, "--stream", "--run-config", str(overrides)]
+        overrides = write_run_config(Path(tmp) / "run-config.toml", cfg)
+        command = [flower_script("flwr"), "run", str(app), conn, "--stream", "--run-config", str(overrides)]
         env = flower_env({"FLWR_HOME": str(flwr_home), "COLUMNS": "200"})
         proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         run_id: int | None = None

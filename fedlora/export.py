@@ -120,7 +120,13 @@ def load_personalized(state_file: Path) -> Personalized:
     import dataclasses
 
     from fedlora.adapters import from_record
-    from fedlora.client_app import CLIENT_CONFIG_STATE, LAST_GLOBAL_STATE
+    from fedlora.client_app import (
+        CLIENT_CONFIG_STATE,
+        KEPT_STATE,
+        LAST_GLOBAL_STATE,
+        PERSONAL_ROUNDS_STATE,
+        PERSONAL_STATE,
+    )
     from fedlora.models import build_model
     from fedlora.node_state import read_state
     from fedlora.personalization import get_personalization
@@ -139,7 +145,7 @@ def load_personalized(state_file: Path) -> Personalized:
         raise FedloraError(f"{state_file}: the run config has no labels; cannot name the classes")
     model_cfg = dataclasses.replace(cfg.model, lora_rank=rank, client_ranks=())
     loaded = build_model(model_cfg, len(cfg.data.labels), seed=cfg.federation.seed)
-    kept = state.array_records.get("fedlora-kept-parts")
+    kept = state.array_records.get(KEPT_STATE)
     view = receive(
         strategy_info(cfg.federation.strategy).protocol,
         from_record(state.array_records[LAST_GLOBAL_STATE]),
@@ -148,11 +154,11 @@ def load_personalized(state_file: Path) -> Personalized:
         alpha=cfg.model.lora_alpha,
     )
     loaded.set_base_delta(view.base_delta)
-    personal = state.array_records.get("fedlora-personal-adapter")
+    personal = state.array_records.get(PERSONAL_STATE)
     local = Local(loaded, None, None, view, cfg.train, seed=0)  # type: ignore[arg-type]
     method = get_personalization(cfg.federation.resolved_personalization())
     method.prepare(local, from_record(personal) if personal is not None else None)
-    rounds = state.config_records.get("fedlora-personal-rounds")
+    rounds = state.config_records.get(PERSONAL_ROUNDS_STATE)
     return Personalized(loaded, cfg, partition_id, num_partitions, int(rounds["rounds"]) if rounds else 0)  # type: ignore[arg-type]
 
 

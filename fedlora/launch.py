@@ -25,11 +25,15 @@ from fedlora.errors import ConfigError, FedloraError
 __all__ = [
     "FLOWER_ENV",
     "FlowerSession",
+    "flower_env",
+    "flower_script",
     "flower_session",
     "parse_overrides",
     "preflight",
     "simulate",
+    "toml_value",
     "write_app",
+    "write_run_config",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,7 +70,8 @@ def parse_overrides(text: str) -> dict[str, Scalar]:
     return flat
 
 
-def _toml_value(value: Scalar) -> str:
+def toml_value(value: Scalar) -> str:
+    """``value`` as a TOML value (strings quoted)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -77,6 +82,28 @@ def _toml_value(value: Scalar) -> str:
 def _whole(value: float) -> float | int:
     # Flower wants an integer where the value is whole (num-cpus=1, not 1.0).
     return int(value) if float(value).is_integer() else value
+
+
+def flower_script(name: str) -> str:
+    """A console script of this interpreter's environment (works without activating it)."""
+    beside = Path(sys.executable).with_name(name)
+    return str(beside) if beside.exists() else shutil.which(name) or name
+
+
+def flower_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of every Flower process: offline settings, this environment's scripts first.
+
+    Flower starts ``flower-superlink``, ``flower-superexec`` and the app processes from PATH,
+    so an unactivated virtual environment must come first on it.
+    """
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, **FLOWER_ENV, "PATH": path, **(extra or {})}
+
+
+def write_run_config(path: Path, cfg: RunConfig) -> Path:
+    """Write ``cfg`` as a TOML file for ``flwr run --run-config``."""
+    path.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in cfg.to_flat().items()))
+    return path
 
 
 def write_app(directory: Path, cfg: RunConfig) -> Path:
@@ -106,7 +133,7 @@ def write_app(directory: Path, cfg: RunConfig) -> Path:
         'clientapp = "fedlora.client_app:app"',
         "",
         "[tool.flwr.app.config]",
-        *(f"{key} = {_toml_value(value)}" for key, value in cfg.to_flat().items()),
+        *(f"{key} = {toml_value(value)}" for key, value in cfg.to_flat().items()),
     ]
     (directory / "pyproject.toml").write_text("\n".join(lines) + "\n")
     return directory
@@ -249,29 +276,22 @@ def simulate(
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("summary.json",) if cfg.federation.resume else ("summary.json", "metrics.jsonl"):
         (out_dir / stale).unlink(missing_ok=True)
-    flwr = Path(sys.executable).with_name("flwr")
-    if not flwr.exists():
-        flwr = Path(shutil.which("flwr") or "flwr")
     with contextlib.ExitStack() as stack:
         if session is None:
             session = stack.enter_context(flower_session())
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="run-", dir=session.root)))
         app = app_dir.resolve() if app_dir is not None else write_app(tmp / "app", RunConfig())
-        overrides = tmp / "run-config.toml"
-        overrides.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in cfg.to_flat().items()))
-        # `flwr run` starts `flower-superlink` from PATH: put this interpreter's scripts first,
-        # so that an unactivated virtual environment works.
-        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-        env = {**os.environ, **FLOWER_ENV, **session.env(), "PATH": path, **(extra_env or {})}
+        overrides = write_run_config(tmp / "run-config.toml", cfg)
+        env = flower_env({**session.env(), **(extra_env or {})})
         command = [
-            str(flwr),
+            flower_script("flwr"),
             "run",
             str(app),
             "--stream",
             "--run-config",
             str(overrides),
             "--federation-config",
-            f"num-supernodes={num_clients} client-resources-num-cpus={_toml_value(_whole(cpus_per_client))}",
+            f"num-supernodes={num_clients} client-resources-num-cpus={toml_value(_whole(cpus_per_client))}",
         ]
         seen = 0
         with (out_dir / "flwr.log").open("w") as logfile:
