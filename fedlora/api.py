@@ -80,23 +80,41 @@ class Results:
         return frame
 
     def per_client(self) -> pd.DataFrame:
-        """Final-round accuracy of every client: global, personalized and local-only."""
+        """Final-round metrics of every client: global, personalized and local-only.
+
+        Accuracy always; for causal LMs also held-out perplexity (``exp`` of the client's
+        mean token loss). Rows are in client order.
+        """
         import pandas as pd
 
         clients = self.summary["per_client"]
-        rows = [
-            {
+        causal = self.config.get("task") == "causal-lm"
+        rows = []
+        for cid, values in sorted(clients["final_round"].items(), key=lambda item: _client_order(item[0])):
+            row = {
                 "client": cid,
                 "global_accuracy": values.get("global_accuracy", math.nan),
                 "personalized_accuracy": values.get("personalized_accuracy", math.nan),
                 "local_only_accuracy": clients.get("local_only_accuracy", {}).get(cid, math.nan),
             }
-            for cid, values in clients["final_round"].items()
-        ]
+            if causal:
+                losses = (
+                    values.get("global_loss", math.nan),
+                    values.get("personalized_loss", math.nan),
+                    clients.get("local_only_loss", {}).get(cid, math.nan),
+                )
+                for name, loss in zip(("global", "personalized", "local_only"), losses, strict=True):
+                    row[f"{name}_perplexity"] = math.exp(loss) if not math.isnan(loss) else math.nan
+            rows.append(row)
         frame = pd.DataFrame(rows)
         frame.insert(0, "personalization", self.personalization)
         frame.insert(0, "strategy", self.strategy)
         return frame
+
+
+def _client_order(cid: str) -> tuple[int, int | str]:
+    # Simulated clients are numbered ("0", "1", ...); deployed ones are "node-<id>".
+    return (0, int(cid)) if cid.isdigit() else (1, cid)
 
 
 def load_results(out_dir: str | Path) -> Results:
@@ -117,6 +135,7 @@ def run(
     on_event: Callable[[dict[str, Any]], None] | None = None,
     session: FlowerSession | None = None,
     preset: str | None = None,
+    reuse: bool = False,
     **overrides: Scalar,
 ) -> Results:
     """Run one simulated federation through Flower and return its results.
@@ -143,6 +162,9 @@ def run(
     preset : str, optional
         A workload from ``fedlora.presets.PRESETS`` (e.g. ``shakespeare``): its run config
         and client count are the starting point that the other arguments override.
+    reuse : bool
+        If ``out`` already holds a finished run of exactly this configuration and client
+        count, load it instead of running again (notebooks re-executed for their plots).
     **overrides
         Any run-config key, with underscores for dashes (``lora_rank=4``, ``seed=1``).
 
@@ -163,6 +185,8 @@ def run(
     cfg = _config_of({**overrides, "rounds": rounds, "data": data}, strategy, personalization)
     num_clients = clients if clients is not None else default_clients(cfg)
     out_dir = Path(out) if out is not None else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if reuse and _finished_run_of(out_dir, cfg, num_clients):
+        return load_results(out_dir)
     summary = simulate(
         cfg,
         num_clients=num_clients,
@@ -237,7 +261,7 @@ def _config_of(flat: Mapping[str, Any], strategy: str, personalization: str) -> 
     return RunConfig.from_flat({**cfg, "strategy": strategy, "personalization": personalization})
 
 
-def _finished_run_of(run_dir: Path, cfg: RunConfig, clients: int | None) -> bool:
+def _finished_run_of(run_dir: Path, cfg: RunConfig, clients: int) -> bool:
     if not (run_dir / "summary.json").exists() or not (run_dir / "config.json").exists():
         return False
     saved = json.loads((run_dir / "config.json").read_text())
@@ -246,7 +270,7 @@ def _finished_run_of(run_dir: Path, cfg: RunConfig, clients: int | None) -> bool
     defaults = RunConfig().to_flat()
     ignored = {"out-dir", "min-clients", "labels"}
     same = all(saved.get(k, defaults[k]) == v for k, v in wanted.items() if k not in ignored)
-    return same and saved.get("min-clients") == (clients if clients is not None else default_clients(cfg))
+    return same and saved.get("min-clients") == clients
 
 
 class Sweep(list[Results]):
@@ -358,15 +382,14 @@ def _sweep(
                 flat = {**common, **extra, "seed": seed}
                 flat.setdefault("local_only_baseline", seed not in measured)
                 try:
-                    cfg = _config_of(flat, strategy, personalization)
+                    _config_of(flat, strategy, personalization)
                 except ConfigError:
                     continue
                 measured.add(seed)
                 run_dir = out / f"{strategy}__{personalization}__seed{seed}"
-                if reuse and _finished_run_of(run_dir, cfg, flat.get("clients")):
-                    result = load_results(run_dir)
-                else:
-                    result = run(strategy=strategy, personalization=personalization, out=run_dir, **flat)
+                result = run(
+                    strategy=strategy, personalization=personalization, out=run_dir, reuse=reuse, **flat
+                )
                 results.append(result)
                 if on_run is not None:
                     on_run(result)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ __all__ = [
     "ExportResult",
     "Personalized",
     "client_state_file",
+    "continuation",
     "export_client",
     "generate",
     "load_personalized",
@@ -85,6 +86,30 @@ class Personalized:
     partition_id: int
     num_partitions: int
     personal_rounds: int
+    # The global adapter the client last received, and how to go back to its personalized model.
+    global_state: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    _prepare: Callable[[], None] | None = field(default=None, repr=False)
+
+    def use_global(self) -> None:
+        """Make the model the global one, as the client evaluated it (its ``global`` metrics)."""
+        from fedlora.personalize import use_adapter
+
+        use_adapter(self.loaded, self.global_state)
+
+    def use_personalized(self) -> None:
+        """Make the model the client's personalized one again (as it is when loaded)."""
+        if self._prepare is not None:
+            self._prepare()
+
+    def generate(self, prompt: str, *, personalized: bool = True, max_new_tokens: int = 40) -> str:
+        """A greedy continuation of ``prompt`` by the personalized (or the global) model."""
+        if self.cfg.model.task != "causal-lm":
+            raise FedloraError(f"generate: client {self.partition_id} has a {self.cfg.model.task} model")
+        if personalized:
+            self.use_personalized()
+        else:
+            self.use_global()
+        return continuation(self.loaded.model, self.loaded.tokenizer, prompt, max_new_tokens=max_new_tokens)
 
     def held_out(self) -> Tokenized | None:
         """The client's tokenized held-out examples, or None where its data is not at hand."""
@@ -157,9 +182,18 @@ def load_personalized(state_file: Path) -> Personalized:
     personal = state.array_records.get(PERSONAL_STATE)
     local = Local(loaded, None, None, view, cfg.train, seed=0)  # type: ignore[arg-type]
     method = get_personalization(cfg.federation.resolved_personalization())
-    method.prepare(local, from_record(personal) if personal is not None else None)
+    stored = from_record(personal) if personal is not None else None
+    method.prepare(local, stored)
     rounds = state.config_records.get(PERSONAL_ROUNDS_STATE)
-    return Personalized(loaded, cfg, partition_id, num_partitions, int(rounds["rounds"]) if rounds else 0)  # type: ignore[arg-type]
+    return Personalized(
+        loaded,
+        cfg,
+        partition_id,
+        num_partitions,
+        int(rounds["rounds"]) if rounds else 0,  # type: ignore[arg-type]
+        global_state=view.global_state,
+        _prepare=lambda: method.prepare(local, stored),
+    )
 
 
 def export_client(state_file: Path, out_dir: Path, *, verify: bool = True) -> ExportResult:
@@ -261,7 +295,15 @@ def generate(model_dir: Path, prompt: str, *, max_new_tokens: int = 40, seed: in
         raise FedloraError(f"{model_dir}: a {info['task']} model; use `fedlora predict`")
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    return continuation(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
+
+
+def continuation(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 40) -> str:
+    """The greedy continuation of ``prompt`` (without the prompt) by a causal LM, PEFT or plain."""
+    import torch
+
+    model.eval()
     enc = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False)
     with torch.no_grad():
         out = model.generate(

@@ -191,6 +191,7 @@ class RunRecorder:
             "per_client": {
                 "final_round": last.per_client,
                 "local_only_accuracy": self.local_only,
+                "local_only_loss": self.local_only_loss,
             },
             **extra,
         }

@@ -1,20 +1,32 @@
 """Benchmark: round time and peak memory against the number of clients, 10 sampled per round.
 
-The same federation (same 10 clients sampled for training and evaluation each round) is
+The same federation, with 10 clients sampled for training and evaluation each round, is
 run with 10, 100 and 1,000 clients in total. Clients keep their state on disk and load
 their data lazily, so the clients that are never sampled should cost neither memory nor
 time. Memory is the peak, over the run, of the summed resident set size of every process
 of the run (Flower's SuperLink, the simulation with its Ray workers), sampled every 0.5 s;
 round time is the mean wall time of rounds 2 and later (round 1 includes model loading).
+
+Two workloads (``--workload``):
+
+* ``tiny``: a tiny random Llama learns Shakespeare by role (``dataset=shakespeare``,
+  roles with at least 5 lines: 1,090 clients of very different sizes, so the sampled
+  clients' work differs between rows);
+* ``minilm``: all-MiniLM-L6-v2 classifies BBC News topics from 24-word passages, written
+  as a JSONL data folder with 1,000 clients of 16 training and 8 test passages each (a
+  client holds the passages of one to three articles), so every client costs the same.
+
 Usage:
 
-    python simulations/bench_scale.py [--totals 10 100 1000] [--sampled 10] [--rounds 4]
-        [--run-config "model=tiny-llama task=causal-lm dataset=..."]
+    python simulations/bench_scale.py [--workload tiny minilm] [--totals 10 100 1000]
+        [--sampled 10] [--rounds 4]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import random
 import tempfile
 import threading
 import uuid
@@ -22,6 +34,13 @@ from pathlib import Path
 
 from fedlora.config import RunConfig
 from fedlora.launch import parse_overrides, simulate
+
+WORKLOADS = {
+    "tiny": "model=tiny-llama task=causal-lm dataset=shakespeare min-lines=5 max-length=32",
+    "minilm": "model=minilm task=classification max-length=32",
+}
+PASSAGE_WORDS = 24
+TRAIN, TEST = 16, 8
 
 
 def _rss_of_marked(marker: bytes) -> int:
@@ -61,6 +80,38 @@ class PeakMemory:
         self._thread.join()
 
 
+def write_passage_clients(root: Path, clients: int, seed: int = 0) -> tuple[Path, tuple[str, ...]]:
+    """``clients`` JSONL client folders of BBC News passages; returns the folder and the labels.
+
+    Articles are shuffled, cut into passages of ``PASSAGE_WORDS`` words (each keeps its
+    article's topic) and dealt out in order, ``TRAIN + TEST`` to a client: the first
+    ``TRAIN`` for training, the rest held out.
+    """
+    from fedlora.data.sources import load_corpus
+
+    corpus = load_corpus("bbc-news")
+    order = list(range(len(corpus.texts)))
+    random.Random(seed).shuffle(order)
+    passages = []
+    for i in order:
+        words = corpus.texts[i].split()
+        label = corpus.label_names[corpus.labels[i]]
+        passages += [
+            {"text": " ".join(words[k : k + PASSAGE_WORDS]), "label": label}
+            for k in range(0, len(words) - PASSAGE_WORDS + 1, PASSAGE_WORDS)
+        ]
+    per_client = TRAIN + TEST
+    if len(passages) < clients * per_client:
+        raise SystemExit(f"BBC News has {len(passages)} passages, {clients * per_client} needed")
+    for c in range(clients):
+        folder = root / f"client-{c:04d}"
+        folder.mkdir(parents=True)
+        mine = passages[c * per_client : (c + 1) * per_client]
+        for split, records in (("train", mine[:TRAIN]), ("test", mine[TRAIN:])):
+            (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root, corpus.label_names
+
+
 def one_run(flat: dict, total: int, sampled: int, out: Path) -> tuple[float, float, int]:
     """(mean seconds of rounds 2+, peak MB, clients trained per round) with ``total`` clients."""
     fraction = sampled / total
@@ -77,30 +128,39 @@ def one_run(flat: dict, total: int, sampled: int, out: Path) -> tuple[float, flo
     return sum(later) / len(later), memory.peak / 2**20, trained
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--totals", type=int, nargs="+", default=[10, 100, 1000])
-    parser.add_argument("--sampled", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--run-config", default="model=tiny-bert max-length=32")
-    args = parser.parse_args()
-    flat = {**parse_overrides(args.run_config), "num-server-rounds": args.rounds}
-    print(f"{args.sampled} clients sampled per round, {args.rounds} rounds, run config: {args.run_config}")
+def bench(name: str, totals: list[int], sampled: int, rounds: int, tmp: Path) -> None:
+    """Print one workload's rows and the ratios of the larger federations to the first."""
+    flat = {**parse_overrides(WORKLOADS[name]), "num-server-rounds": rounds}
+    if name == "minilm":
+        data, labels = write_passage_clients(tmp / "bbc-passages", max(totals))
+        flat.update({"data-dir": str(data), "labels": ",".join(labels)})
+    print(f"\n{name}: {sampled} clients sampled per round, {rounds} rounds, run config: {WORKLOADS[name]}")
     print(f"{'clients':>8} {'round s (2+)':>13} {'peak RSS MB':>12} {'trained/round':>14}")
     rows = []
-    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
-        for total in args.totals:
-            seconds, peak, trained = one_run(flat, total, args.sampled, Path(tmp) / f"n{total}")
-            rows.append((total, seconds, peak))
-            print(f"{total:>8} {seconds:>13.2f} {peak:>12.0f} {trained:>14}")
+    for total in totals:
+        seconds, peak, trained = one_run(flat, total, sampled, tmp / f"{name}-{total}")
+        rows.append((total, seconds, peak))
+        print(f"{total:>8} {seconds:>13.2f} {peak:>12.0f} {trained:>14}", flush=True)
     base = rows[0]
     for total, seconds, peak in rows[1:]:
         print(
             f"{total} vs {base[0]} clients: round time x{seconds / base[1]:.2f}, "
             f"peak memory x{peak / base[2]:.2f}"
         )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workload", nargs="+", choices=sorted(WORKLOADS), default=["tiny", "minilm"])
+    parser.add_argument("--totals", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--sampled", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=4)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        for name in args.workload:
+            bench(name, args.totals, args.sampled, args.rounds, Path(tmp))
 
 
 if __name__ == "__main__":

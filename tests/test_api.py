@@ -40,11 +40,22 @@ def _finished(run_dir, *, strategy="fedavg", seed=0, clients=3, local=0.5, glob=
     (run_dir / "summary.json").write_text(json.dumps(summary))
 
 
+def _fake_simulate(monkeypatch, finished):
+    """Replace the federation: record (config, clients) and return ``finished``'s summary."""
+    calls = []
+
+    def simulate(cfg, *, num_clients, out_dir, **_):
+        calls.append((cfg, num_clients))
+        return json.loads((finished / "summary.json").read_text())
+
+    monkeypatch.setattr("fedlora.launch.simulate", simulate)
+    return calls
+
+
 def test_sweep_reuses_finished_runs_of_the_same_configuration(tmp_path, monkeypatch):
     _finished(tmp_path / "fedavg__auto__seed0", local_only_baseline=True)
     _finished(tmp_path / "ffa-lora__auto__seed0", strategy="ffa-lora", local=None, local_only_baseline=False)
-    calls = []
-    monkeypatch.setattr("fedlora.api.run", lambda **kw: calls.append(kw))
+    calls = _fake_simulate(monkeypatch, tmp_path / "fedavg__auto__seed0")
     grid = fedlora.sweep(strategies=["fedavg", "ffa-lora"], out=tmp_path, reuse=True, clients=3)
     assert calls == [] and [r.strategy for r in grid] == ["fedavg", "ffa-lora"]
     table = grid.to_dataframe()
@@ -58,26 +69,19 @@ def test_sweep_reuses_finished_runs_of_the_same_configuration(tmp_path, monkeypa
 @pytest.mark.parametrize("change", [{"clients": 4}, {"lora_rank": 4}, {"rounds": 9}])
 def test_sweep_runs_again_when_the_configuration_differs(tmp_path, monkeypatch, change):
     _finished(tmp_path / "fedavg__auto__seed0", local_only_baseline=True)
-    calls = []
-
-    def fake_run(**kw):
-        calls.append(kw)
-        return load_results(tmp_path / "fedavg__auto__seed0")
-
-    monkeypatch.setattr("fedlora.api.run", fake_run)
+    calls = _fake_simulate(monkeypatch, tmp_path / "fedavg__auto__seed0")
     fedlora.sweep(strategies=["fedavg"], out=tmp_path, reuse=True, **{"clients": 3, **change})
-    assert len(calls) == 1 and calls[0]["strategy"] == "fedavg"
+    assert len(calls) == 1 and calls[0][0].federation.strategy == "fedavg"
 
 
 def test_sweep_skips_combinations_the_configuration_rejects(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr("fedlora.api.run", lambda **kw: calls.append(kw) or load_results(tmp_path / "r"))
     _finished(tmp_path / "r")
+    calls = _fake_simulate(monkeypatch, tmp_path / "r")
     fedlora.sweep(
         strategies=["fedsa-lora", "fedavg"], personalizations=["ditto"], out=tmp_path / "s", clients=3
     )
-    assert [(c["strategy"], c["personalization"]) for c in calls] == [("fedavg", "ditto")]
-    assert calls[0]["local_only_baseline"] is True
+    assert [(c.federation.strategy, c.federation.personalization) for c, _ in calls] == [("fedavg", "ditto")]
+    assert calls[0][0].federation.local_only_baseline is True
 
 
 def test_a_run_saved_before_a_config_key_existed_counts_as_that_key_at_its_default(tmp_path, monkeypatch):
@@ -85,11 +89,44 @@ def test_a_run_saved_before_a_config_key_existed_counts_as_that_key_at_its_defau
     saved = json.loads((tmp_path / "fedavg__auto__seed0" / "config.json").read_text())
     saved.pop("audit-wire-log")  # as written by an older fedlora
     (tmp_path / "fedavg__auto__seed0" / "config.json").write_text(json.dumps(saved))
-    calls = []
-    monkeypatch.setattr("fedlora.api.run", lambda **kw: calls.append(kw) or load_results(tmp_path / "x"))
+    _finished(tmp_path / "x")
+    calls = _fake_simulate(monkeypatch, tmp_path / "x")
     fedlora.sweep(strategies=["fedavg"], out=tmp_path, reuse=True, clients=3)
     assert calls == []
     # ... but asking for something other than that default runs again.
-    _finished(tmp_path / "x")
     fedlora.sweep(strategies=["fedavg"], out=tmp_path, reuse=True, clients=3, audit_wire_log="/tmp/w")
     assert len(calls) == 1
+
+
+def test_per_client_gives_causal_lm_perplexities_in_client_order(tmp_path):
+    import math
+
+    _finished(tmp_path / "lm", task="causal-lm", dataset="shakespeare")
+    summary = json.loads((tmp_path / "lm" / "summary.json").read_text())
+    summary["per_client"] = {
+        "final_round": {
+            str(c): {"global_accuracy": 0.1, "personalized_accuracy": 0.2, "global_loss": 5.0, "personalized_loss": 4.0}
+            for c in (10, 2, 0)
+        },
+        "local_only_accuracy": {"0": 0.1, "2": 0.1, "10": 0.1},
+        "local_only_loss": {"0": 4.5, "2": 4.5},  # client 10's baseline missing
+    }
+    (tmp_path / "lm" / "summary.json").write_text(json.dumps(summary))
+    table = load_results(tmp_path / "lm").per_client()
+    assert list(table["client"]) == ["0", "2", "10"]
+    assert table["global_perplexity"].tolist() == pytest.approx([math.exp(5.0)] * 3)
+    assert table["personalized_perplexity"].tolist() == pytest.approx([math.exp(4.0)] * 3)
+    assert table["local_only_perplexity"].tolist()[:2] == pytest.approx([math.exp(4.5)] * 2)
+    assert math.isnan(table["local_only_perplexity"].iloc[2])
+    # A classifier's table has no perplexity columns.
+    _finished(tmp_path / "cls")
+    assert "global_perplexity" not in load_results(tmp_path / "cls").per_client()
+
+
+def test_run_with_reuse_loads_a_finished_run_of_the_same_configuration(tmp_path, monkeypatch):
+    _finished(tmp_path / "r", local_only_baseline=True)
+    calls = _fake_simulate(monkeypatch, tmp_path / "r")
+    assert fedlora.run(out=tmp_path / "r", clients=3, reuse=True).final["personalized_accuracy"] == 0.8
+    assert calls == []
+    fedlora.run(out=tmp_path / "r", clients=4, reuse=True)  # another client count: runs
+    assert len(calls) == 1 and calls[0][1] == 4

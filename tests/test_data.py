@@ -110,3 +110,23 @@ def test_more_clients_than_folders(jsonl_dir):
         DataError, match=r"^clients: 5 clients asked, but data-dir .* has only 3 client folders$"
     ):
         validate_data(DataConfig(data_dir=str(jsonl_dir)), "classification", 5)
+
+
+def test_a_client_folder_added_or_broken_later_is_seen(tmp_path):
+    from conftest import write_client
+
+    from fedlora.data.jsonl import client_folders
+
+    rows = [{"text": "a", "label": "x"}]
+    for name in ("a", "c"):
+        write_client(tmp_path / name, rows, rows)
+    assert [p.name for p in client_folders(tmp_path)] == ["a", "c"]
+    write_client(tmp_path / "b", rows, rows)  # the listing is cached, but not past a change
+    assert [p.name for p in client_folders(tmp_path)] == ["a", "b", "c"]
+    (tmp_path / "c" / "test.jsonl").unlink()
+    with pytest.raises(DataError, match=r"'.*/c' has no test\.jsonl"):
+        client_folders(tmp_path)
+    cfg = DataConfig(data_dir=str(tmp_path), labels=("x",))
+    assert load_client_data(cfg, "classification", 0, 3).train_texts == ("a",)
+    with pytest.raises(DataError, match=r"'.*/c' has no test\.jsonl"):
+        load_client_data(cfg, "classification", 2, 3)

@@ -12,7 +12,7 @@ from helpers import TINY_FEDERATION
 
 from fedlora.cli import main
 from fedlora.errors import FedloraError
-from fedlora.export import client_state_file, export_client, load_personalized, logits
+from fedlora.export import client_state_file, export_client, generate, load_personalized, logits
 
 LABELS = "business,entertainment,politics,sports,tech"  # the bundled corpus's topics
 # Only transformers: fedlora (and PEFT) are made unimportable in the child interpreter.
@@ -170,8 +170,19 @@ def test_a_devices_causal_lm_exports_and_generates(tmp_path, capsys):
         # A device is named by its node id on the server, not by a partition id of its own folder.
         assert keys.M_PARTITION_ID not in reply.content.metric_records[keys.METRICS]
 
-    result = export_client(client_state_file(tmp_path / "state"), tmp_path / "lm")
+    state_file = client_state_file(tmp_path / "state")
+    # In fedlora: the personalized model, the global one it was evaluated against, and back.
+    personalized = load_personalized(state_file)
+    held_out = personalized.held_out()
+    mine = logits(personalized.loaded.model, held_out)
+    personalized.use_global()
+    assert (logits(personalized.loaded.model, held_out) - mine).abs().max() > 1e-4
+    continued = personalized.generate("the song", max_new_tokens=5)
+    assert (logits(personalized.loaded.model, held_out) - mine).abs().max() == 0
+
+    result = export_client(state_file, tmp_path / "lm")
     assert result.task == "causal-lm" and result.max_logit_difference < 1e-4
+    assert generate(tmp_path / "lm", "the song", max_new_tokens=5) == continued
     assert main(["generate", str(tmp_path / "lm"), "the song", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith("the song")
     assert main(["predict", str(tmp_path / "lm"), "the song"]) == 2

@@ -63,3 +63,14 @@ def test_privacy_utility_notebook_runs_and_shows_its_table_and_plot(tmp_path, mo
         "no-DP",
         "personal15-DP-SGD-everything",
     ]
+
+
+def test_personal_language_models_notebook_runs_and_shows_perplexity_and_generations(tmp_path, monkeypatch):
+    outputs = _execute_small("personal_language_models", tmp_path, monkeypatch)
+    html = [o.data["text/html"] for o in outputs if "text/html" in o.get("data", {})]
+    per_role = [h for h in html if "personalized_perplexity" in h and "held-out lines" in h]
+    assert len(per_role) == 1 and per_role[0].count("/") >= 3  # play/ROLE names
+    generations = [h for h in html if "personalized model" in h and "My lord," in h]
+    assert len(generations) == 1
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 1
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["personal-lm"]

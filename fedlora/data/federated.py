@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from fedlora.config import DataConfig
-from fedlora.data.jsonl import client_folders, read_jsonl
+from fedlora.data.jsonl import check_client_folder, client_folders, read_jsonl
 from fedlora.data.partition import partition
 from fedlora.data.sources import load_corpus
 from fedlora.errors import DataError
@@ -70,13 +70,14 @@ def _bundled_partitions(cfg: DataConfig, num_partitions: int, seed: int) -> tupl
 
 
 def _from_folder(cfg: DataConfig, task: str, partition_id: int, num_partitions: int) -> ClientData:
-    folders = client_folders(cfg.data_dir)
+    folders = client_folders(cfg.data_dir, check=False)
     if num_partitions > len(folders):
         raise DataError(
             f"clients: {num_partitions} clients asked, but data-dir {cfg.data_dir!r} "
             f"has only {len(folders)} client folders"
         )
     folder = folders[partition_id]
+    check_client_folder(folder)
     labels = resolve_labels(cfg, task)
     index = {name: i for i, name in enumerate(labels)}
     splits: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {}

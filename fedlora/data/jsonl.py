@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 from fedlora.errors import DataError
 
-__all__ = ["SPLITS", "client_folders", "read_jsonl"]
+__all__ = ["SPLITS", "check_client_folder", "client_folders", "read_jsonl"]
 
 SPLITS = ("train", "test")
 
 
-def client_folders(data_dir: str | Path) -> list[Path]:
+def client_folders(data_dir: str | Path, *, check: bool = True) -> list[Path]:
     """Client subfolders of ``data_dir`` in sorted order (partition id ``i`` is the ``i``-th).
 
     A folder that itself holds ``train.jsonl`` / ``test.jsonl`` is one client (a device's own data).
+    With ``check``, every folder must hold both splits; without it (a client loading only
+    its own folder, which `check_client_folder` then checks) the listing costs no file
+    lookups per folder, so that loading one client of thousands stays cheap.
 
     Raises
     ------
     DataError
-        If the folder is missing, has no client subfolders, or a client lacks a split.
+        If the folder is missing, has no client subfolders, or (with ``check``) a client
+        lacks a split.
 
     """
     root = Path(data_dir).expanduser()
@@ -30,17 +35,31 @@ def client_folders(data_dir: str | Path) -> list[Path]:
         # A device's own folder: one client, the folder itself.
         folders = [root]
     else:
-        folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        stat = root.stat()
+        folders = list(_subfolders(root, stat.st_mtime_ns, stat.st_nlink))
     if not folders:
         raise DataError(
             f"data-dir: {str(root)!r} has no client subfolders; expected "
             "DIR/<client>/train.jsonl and DIR/<client>/test.jsonl"
         )
-    for folder in folders:
-        for split in SPLITS:
-            if not (folder / f"{split}.jsonl").is_file():
-                raise DataError(f"data-dir: client folder {str(folder)!r} has no {split}.jsonl")
+    if check:
+        for folder in folders:
+            check_client_folder(folder)
     return folders
+
+
+@lru_cache(maxsize=8)
+def _subfolders(root: Path, mtime_ns: int, links: int) -> tuple[Path, ...]:
+    # Keyed on the folder's modification time and link count, which adding or removing a
+    # client folder changes.
+    return tuple(sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")))
+
+
+def check_client_folder(folder: Path) -> None:
+    """Raise `DataError` if the client folder lacks a split."""
+    for split in SPLITS:
+        if not (folder / f"{split}.jsonl").is_file():
+            raise DataError(f"data-dir: client folder {str(folder)!r} has no {split}.jsonl")
 
 
 def read_jsonl(path: Path, *, task: str) -> list[dict[str, str]]:
