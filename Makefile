@@ -34,6 +34,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python simulations/bench_overhead.py
 	$(BIN)/python simulations/bench_dp.py
 	$(BIN)/python simulations/bench_profiles.py
+	$(BIN)/python simulations/bench_scale.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

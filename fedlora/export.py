@@ -36,6 +36,8 @@ __all__ = [
 ]
 
 EXPORT_INFO = "fedlora_export.json"
+# Generation never repeats an n-gram of this length.
+NO_REPEAT_NGRAM = 3
 
 
 @dataclass(frozen=True)
@@ -286,7 +288,7 @@ def predict(model_dir: Path, texts: Sequence[str]) -> list[tuple[str, float]]:
 
 
 def generate(model_dir: Path, prompt: str, *, max_new_tokens: int = 40, seed: int = 0) -> str:
-    """A continuation of ``prompt`` from an exported causal LM (greedy unless sampling is asked)."""
+    """A continuation of ``prompt`` from an exported causal LM (greedy, see `continuation`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -300,13 +302,21 @@ def generate(model_dir: Path, prompt: str, *, max_new_tokens: int = 40, seed: in
 
 
 def continuation(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 40) -> str:
-    """The greedy continuation of ``prompt`` (without the prompt) by a causal LM, PEFT or plain."""
+    """The greedy continuation of ``prompt`` (without the prompt) by a causal LM, PEFT or plain.
+
+    Greedy decoding that never repeats a 3-gram (small models otherwise loop on one
+    phrase): deterministic, so a model always gives the same continuation.
+    """
     import torch
 
     model.eval()
     enc = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False)
     with torch.no_grad():
         out = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            no_repeat_ngram_size=NO_REPEAT_NGRAM,
+            pad_token_id=tokenizer.pad_token_id,
         )
     return str(tokenizer.decode(out[0][enc["input_ids"].shape[1] :], skip_special_tokens=True))
