@@ -268,7 +268,8 @@ def _finished_run_of(run_dir: Path, cfg: RunConfig, clients: int) -> bool:
     wanted = cfg.to_flat()
     # A key newer than the saved run was at its default there.
     defaults = RunConfig().to_flat()
-    ignored = {"out-dir", "min-clients", "labels"}
+    # Where a run keeps things, and what `simulate` fills in, are not what was run.
+    ignored = {"out-dir", "client-state-dir", "resume", "min-clients", "labels"}
     same = all(saved.get(k, defaults[k]) == v for k, v in wanted.items() if k not in ignored)
     return same and saved.get("min-clients") == clients
 

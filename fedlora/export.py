@@ -53,7 +53,7 @@ class ExportResult:
     accuracy: float
 
 
-def client_state_file(source: Path, client: int | None = None) -> Path:
+def client_state_file(source: str | Path, client: int | None = None) -> Path:
     """The state file of ``client`` in a run directory, or ``source`` itself if it is a file.
 
     Raises
@@ -62,7 +62,7 @@ def client_state_file(source: Path, client: int | None = None) -> Path:
         If there is no such state, naming what was looked for.
 
     """
-    source = source.expanduser()
+    source = Path(source).expanduser()
     if source.is_file():
         return source
     folder = source / "clients" if (source / "clients").is_dir() else source
@@ -135,7 +135,7 @@ class Personalized:
         )
 
 
-def load_personalized(state_file: Path) -> Personalized:
+def load_personalized(state_file: str | Path) -> Personalized:
     """Rebuild the personalized model of the client whose state is ``state_file``.
 
     Raises
@@ -161,7 +161,7 @@ def load_personalized(state_file: Path) -> Personalized:
     from fedlora.protocol import receive
     from fedlora.strategies import strategy_info
 
-    state = read_state(state_file)
+    state = read_state(Path(state_file).expanduser())
     if LAST_GLOBAL_STATE not in state.array_records or CLIENT_CONFIG_STATE not in state.config_records:
         raise FedloraError(f"{state_file}: the client has not evaluated a round yet; nothing to export")
     flat: dict[str, Any] = dict(state.config_records[CLIENT_CONFIG_STATE])

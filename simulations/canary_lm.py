@@ -10,7 +10,7 @@ the model has not memorised and 19.9 bits for one it ranks first (Carlini et al.
 Secret Sharer", USENIX Security 2019). Runs already finished under ``--out`` with the
 same configuration are read back, not repeated.
 
-Usage: python simulations/canary_lm.py [--repeats 20] [--epsilon 8] [--rounds 3]
+Usage: python simulations/canary_lm.py [--repeats 50] [--epsilon 8] [--rounds 3]
     [--out runs/canary-lm] [--run-config "model=tiny-llama ..."]
 """
 
@@ -26,7 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--repeats", type=int, default=20, help="copies of the canary in client 0's lines")
+    parser.add_argument("--repeats", type=int, default=50, help="copies of the canary in client 0's lines")
     parser.add_argument("--epsilon", type=float, default=8.0, help="DP-SGD target epsilon of the DP run")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=10)

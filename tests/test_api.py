@@ -129,3 +129,11 @@ def test_run_with_reuse_loads_a_finished_run_of_the_same_configuration(tmp_path,
     assert calls == []
     fedlora.run(out=tmp_path / "r", clients=4, reuse=True)  # another client count: runs
     assert len(calls) == 1 and calls[0][1] == 4
+
+
+def test_reuse_ignores_where_a_finished_run_kept_its_client_state(tmp_path, monkeypatch):
+    # `fedlora simulate` records the client-state folder it chose; asking again without one is the same run.
+    _finished(tmp_path / "r", local_only_baseline=True, client_state_dir=str(tmp_path / "r" / "clients"))
+    calls = _fake_simulate(monkeypatch, tmp_path / "r")
+    fedlora.run(out=tmp_path / "r", clients=3, reuse=True)
+    assert calls == []
