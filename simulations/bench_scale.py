@@ -7,14 +7,16 @@ time. Memory is the peak, over the run, of the summed resident set size of every
 of the run (Flower's SuperLink, the simulation with its Ray workers), sampled every 0.5 s;
 round time is the mean wall time of rounds 2 and later (round 1 includes model loading).
 
-Two workloads (``--workload``):
+Every client holds the same amount of data, so that which 10 are sampled does not change
+the work of a round (with Shakespeare's natural roles, from 5 to 1,000+ lines, it does:
+the sampled roles' size, not the federation's, sets the round time). Both workloads are
+written as JSONL data folders (the layout a deployed device uses) with as many clients as
+the largest federation, each with 16 training and 8 held-out examples:
 
-* ``tiny``: a tiny random Llama learns Shakespeare by role (``dataset=shakespeare``,
-  roles with at least 5 lines: 1,090 clients of very different sizes, so the sampled
-  clients' work differs between rows);
-* ``minilm``: all-MiniLM-L6-v2 classifies BBC News topics from 24-word passages, written
-  as a JSONL data folder with 1,000 clients of 16 training and 8 test passages each (a
-  client holds the passages of one to three articles), so every client costs the same.
+* ``tiny``: a tiny random Llama learns Shakespeare by role: a client is 24 consecutive
+  lines of one role (plays' roles cut into blocks, in order), its last 8 held out;
+* ``minilm``: all-MiniLM-L6-v2 classifies BBC News topics from 24-word passages (a
+  client holds the passages of one to three articles).
 
 Usage:
 
@@ -36,7 +38,7 @@ from fedlora.config import RunConfig
 from fedlora.launch import parse_overrides, simulate
 
 WORKLOADS = {
-    "tiny": "model=tiny-llama task=causal-lm dataset=shakespeare min-lines=5 max-length=32",
+    "tiny": "model=tiny-llama task=causal-lm max-length=32",
     "minilm": "model=minilm task=classification max-length=32",
 }
 PASSAGE_WORDS = 24
@@ -80,6 +82,32 @@ class PeakMemory:
         self._thread.join()
 
 
+def _write_clients(root: Path, examples: list[dict[str, str]], clients: int, source: str) -> Path:
+    per_client = TRAIN + TEST
+    if len(examples) < clients * per_client:
+        raise SystemExit(f"{source} has {len(examples)} examples, {clients * per_client} needed")
+    for c in range(clients):
+        folder = root / f"client-{c:04d}"
+        folder.mkdir(parents=True)
+        mine = examples[c * per_client : (c + 1) * per_client]
+        for split, records in (("train", mine[:TRAIN]), ("test", mine[TRAIN:])):
+            (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+def write_role_clients(root: Path, clients: int) -> Path:
+    """``clients`` JSONL client folders, each ``TRAIN + TEST`` consecutive lines of one Shakespeare role."""
+    from fedlora.data.shakespeare import role_lines, roles
+
+    per_client = TRAIN + TEST
+    lines: list[dict[str, str]] = []
+    for role in roles(per_client):
+        spoken = role_lines(role.play, role.name)
+        whole = len(spoken) // per_client * per_client
+        lines += [{"text": line} for line in spoken[:whole]]
+    return _write_clients(root, lines, clients, "Shakespeare")
+
+
 def write_passage_clients(root: Path, clients: int, seed: int = 0) -> tuple[Path, tuple[str, ...]]:
     """``clients`` JSONL client folders of BBC News passages; returns the folder and the labels.
 
@@ -100,16 +128,7 @@ def write_passage_clients(root: Path, clients: int, seed: int = 0) -> tuple[Path
             {"text": " ".join(words[k : k + PASSAGE_WORDS]), "label": label}
             for k in range(0, len(words) - PASSAGE_WORDS + 1, PASSAGE_WORDS)
         ]
-    per_client = TRAIN + TEST
-    if len(passages) < clients * per_client:
-        raise SystemExit(f"BBC News has {len(passages)} passages, {clients * per_client} needed")
-    for c in range(clients):
-        folder = root / f"client-{c:04d}"
-        folder.mkdir(parents=True)
-        mine = passages[c * per_client : (c + 1) * per_client]
-        for split, records in (("train", mine[:TRAIN]), ("test", mine[TRAIN:])):
-            (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return root, corpus.label_names
+    return _write_clients(root, passages, clients, "BBC News"), corpus.label_names
 
 
 def one_run(flat: dict, total: int, sampled: int, out: Path) -> tuple[float, float, int]:
@@ -134,6 +153,8 @@ def bench(name: str, totals: list[int], sampled: int, rounds: int, tmp: Path) ->
     if name == "minilm":
         data, labels = write_passage_clients(tmp / "bbc-passages", max(totals))
         flat.update({"data-dir": str(data), "labels": ",".join(labels)})
+    else:
+        flat["data-dir"] = str(write_role_clients(tmp / "role-lines", max(totals)))
     print(f"\n{name}: {sampled} clients sampled per round, {rounds} rounds, run config: {WORKLOADS[name]}")
     print(f"{'clients':>8} {'round s (2+)':>13} {'peak RSS MB':>12} {'trained/round':>14}")
     rows = []
