@@ -84,19 +84,16 @@ def test_client_data_is_deterministic_and_tests_on_later_lines():
     assert a.train_labels == (0,) * a.num_train and a.label_names == ()
 
 
-def test_test_fraction_and_lines_per_example():
-    role = roles()[0]  # BOTTOM, 203 lines
+def test_test_fraction_and_min_lines_come_from_the_config():
     client = load_role_client(DataConfig(dataset="shakespeare", test_fraction=0.1), "causal-lm", 0, 1)
-    assert (client.num_train, len(client.test_texts)) == (183, 20)
-    grouped = load_role_client(
-        DataConfig(dataset="shakespeare", test_fraction=0.1), "causal-lm", 0, 1, lines_per_example=8
-    )
-    lines = role_lines(role.play, role.name)
-    # Examples never straddle the train/test boundary: 183 = 22 * 8 + 7, 20 = 2 * 8 + 4.
-    assert (grouped.num_train, len(grouped.test_texts)) == (23, 3)
-    assert grouped.train_texts[0] == "\n".join(lines[:8])
-    assert grouped.train_texts[-1] == "\n".join(lines[176:183])
-    assert grouped.test_texts[0] == "\n".join(lines[183:191])
+    assert (client.num_train, len(client.test_texts)) == (183, 20)  # BOTTOM, 203 lines
+    few = DataConfig(dataset="shakespeare", min_lines=5)
+    assert len(roles(5)) == 1090
+    last = load_role_client(few, "causal-lm", 1089, 1090)
+    role = roles(5)[1089]
+    assert last.train_texts + last.test_texts == role_lines(role.play, role.name)
+    with pytest.raises(DataError, match=r"^clients: 1091 clients asked, but shakespeare has only 1090 roles"):
+        load_role_client(few, "causal-lm", 0, 1091)
 
 
 def test_bad_requests_fail_with_one_line():
@@ -107,8 +104,6 @@ def test_bad_requests_fail_with_one_line():
         load_role_client(CFG, "classification", 0, 2)
     with pytest.raises(DataError, match=r"^min-lines: must be an integer >= 2"):
         roles(1)
-    with pytest.raises(DataError, match=r"^lines-per-example: must be a positive integer, got 0$"):
-        load_role_client(CFG, "causal-lm", 0, 2, lines_per_example=0)
     with pytest.raises(DataError, match=r"^role: hamlet has no speaker 'YORICK'$"):
         role_lines("hamlet", "YORICK")
 
@@ -125,7 +120,7 @@ def test_registered_as_a_bundled_dataset_with_natural_groups():
 def test_one_client_trains_a_tiny_causal_lm():
     cfg = RunConfig.from_flat({"model": "tiny-llama", "task": "causal-lm", "max-length": 32})
     loaded = build_model(cfg.model, 0, seed=0)
-    client = load_role_client(CFG, "causal-lm", 0, 4, lines_per_example=2)
+    client = load_role_client(CFG, "causal-lm", 0, 4)
     train = tokenize(loaded.tokenizer, client.train_texts, None, cfg.model.max_length)
     test = tokenize(loaded.tokenizer, client.test_texts[:8], None, cfg.model.max_length)
     assert train.labels is None and len(train) == client.num_train

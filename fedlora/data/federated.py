@@ -125,7 +125,7 @@ def load_client_data(
         # Natural clients (one per play and role), split in time: no partitioner.
         from fedlora.data.shakespeare import load_role_client
 
-        return load_role_client(cfg, task, partition_id, num_partitions, min_lines=cfg.min_lines)
+        return load_role_client(cfg, task, partition_id, num_partitions)
     corpus = load_corpus(cfg.dataset)
     parts = _bundled_partitions(cfg, num_partitions, seed)
     train_idx, test_idx = _split_indices(list(parts[partition_id]), cfg.test_fraction, seed + partition_id)

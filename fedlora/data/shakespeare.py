@@ -153,50 +153,34 @@ def role_lines(play: str, name: str) -> tuple[str, ...]:
     return lines
 
 
-def _examples(lines: tuple[str, ...], lines_per_example: int) -> tuple[str, ...]:
-    return tuple("\n".join(lines[i : i + lines_per_example]) for i in range(0, len(lines), lines_per_example))
+def load_role_client(cfg: DataConfig, task: str, partition_id: int, num_partitions: int) -> ClientData:
+    """Client ``partition_id``: one role's lines (one example each), its later lines held out.
 
-
-def load_role_client(
-    cfg: DataConfig,
-    task: str,
-    partition_id: int,
-    num_partitions: int,
-    *,
-    min_lines: int = MIN_LINES,
-    lines_per_example: int = 1,
-) -> ClientData:
-    """Client ``partition_id``: one role's lines, its later lines held out as the test split.
-
-    The natural partition replaces the partitioner: client ``i`` is ``roles(min_lines)[i]``.
-    As in LEAF's Shakespeare (Caldas et al., 2018, "LEAF: A Benchmark for Federated
-    Settings"), the split is in time, not at random: the last
+    The natural partition replaces the partitioner: client ``i`` is
+    ``roles(cfg.min_lines)[i]``. As in LEAF's Shakespeare (Caldas et al., 2018, "LEAF: A
+    Benchmark for Federated Settings"), the split is in time, not at random: the last
     ``max(1, round(n * cfg.test_fraction))`` of the role's ``n`` lines (at most ``n - 1``) are
     the test split, so a model is tested on what the role says later in the play.
 
     Parameters
     ----------
     cfg : DataConfig
-        Its ``test_fraction`` sets the held-out share of each role's lines.
+        Its ``min_lines`` sets the smallest role kept as a client, its ``test_fraction``
+        the held-out share of each role's lines.
     task : str
         Must be ``causal-lm``: the records are text only.
     partition_id, num_partitions : int
-        This client, and how many clients the run has (at most ``len(roles(min_lines))``).
-    min_lines : int
-        Smallest role kept as a client.
-    lines_per_example : int
-        Consecutive lines joined (by newlines) into one example, within each split.
+        This client, and how many clients the run has (at most ``len(roles(cfg.min_lines))``).
 
     Raises
     ------
     DataError
-        On another task, more clients than roles, or a bad ``min_lines`` / ``lines_per_example``.
+        On another task, more clients than roles, or a bad ``min_lines``.
 
     """
     if task != "causal-lm":
         raise DataError(f"task: dataset 'shakespeare' is text only and needs causal-lm, got {task!r}")
-    if isinstance(lines_per_example, bool) or not isinstance(lines_per_example, int) or lines_per_example < 1:
-        raise DataError(f"lines-per-example: must be a positive integer, got {lines_per_example!r}")
+    min_lines = cfg.min_lines
     clients = roles(min_lines)
     if num_partitions > len(clients):
         raise DataError(
@@ -208,8 +192,7 @@ def load_role_client(
     role = clients[partition_id]
     lines = role_lines(role.play, role.name)
     n_test = min(len(lines) - 1, max(1, round(len(lines) * cfg.test_fraction)))
-    train = _examples(lines[: len(lines) - n_test], lines_per_example)
-    test = _examples(lines[len(lines) - n_test :], lines_per_example)
+    train, test = lines[: len(lines) - n_test], lines[len(lines) - n_test :]
     return ClientData(partition_id, train, (0,) * len(train), test, (0,) * len(test), ())
 
 
