@@ -2,7 +2,7 @@
 
 from fedlora.api import Results, Sweep, load_results, resume, run, sweep
 from fedlora.config import RunConfig
-from fedlora.errors import ConfigError, DataError, FedloraError, ModelError
+from fedlora.core.errors import ConfigError, DataError, FedloraError, ModelError
 
 __all__ = [
     "ConfigError",

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedlora.config import RunConfig, Scalar
-from fedlora.errors import FedloraError
+from fedlora.config import RunConfig, Scalar, keys_where
+from fedlora.core.errors import FedloraError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -258,7 +258,9 @@ def _config_of(flat: Mapping[str, Any], strategy: str, personalization: str) -> 
     if cfg.get("audit-wire-log"):
         # Clients run in other working directories: give them an absolute path.
         cfg["audit-wire-log"] = str(Path(str(cfg["audit-wire-log"])).expanduser().resolve())
-    return RunConfig.from_flat({**cfg, "strategy": strategy, "personalization": personalization})
+    from fedlora import plan  # heavy: the method registries import torch
+
+    return plan.load({**cfg, "strategy": strategy, "personalization": personalization}).cfg
 
 
 def _finished_run_of(run_dir: Path, cfg: RunConfig, clients: int) -> bool:
@@ -268,8 +270,8 @@ def _finished_run_of(run_dir: Path, cfg: RunConfig, clients: int) -> bool:
     wanted = cfg.to_flat()
     # A key newer than the saved run was at its default there.
     defaults = RunConfig().to_flat()
-    # Where a run keeps things, and what `simulate` fills in, are not what was run.
-    ignored = {"out-dir", "client-state-dir", "resume", "min-clients", "labels"}
+    # Where a run keeps things, what `simulate` fills in, and values saved resolved are not what was run.
+    ignored = keys_where("placement") | keys_where("resolved")
     same = all(saved.get(k, defaults[k]) == v for k, v in wanted.items() if k not in ignored)
     return same and saved.get("min-clients") == clients
 
@@ -370,7 +372,7 @@ def _sweep(
     on_run: Callable[[Results], None] | None,
     common: dict[str, Any],
 ) -> Sweep:
-    from fedlora.errors import ConfigError
+    from fedlora.core.errors import ConfigError
 
     results = Sweep()
     measured: set[int] = set()

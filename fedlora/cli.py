@@ -11,7 +11,7 @@ from typing import Any
 
 from fedlora.api import DEFAULT_CLIENTS
 from fedlora.config import RunConfig
-from fedlora.errors import FedloraError
+from fedlora.core.errors import FedloraError
 
 __all__ = ["main"]
 

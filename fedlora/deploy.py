@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.config import RunConfig
-from fedlora.errors import ConfigError, FedloraError
+from fedlora.core.errors import ConfigError, FedloraError
 from fedlora.launch import flower_env, flower_script, parse_overrides, toml_value, write_app, write_run_config
 
 __all__ = [
@@ -67,7 +67,7 @@ DEFAULT_DATABASE = Path("~/.fedlora/superlink.db")
 # before its last heartbeat expired.
 NODE_REFUSED = 305
 
-# Node-config keys that `fedlora client` sends (read by fedlora.client_app and fedlora.node_state).
+# Node-config keys that `fedlora client` sends (read by fedlora.client_app and fedlora.client.state).
 NODE_DATA_DIR = "data-dir"
 NODE_STATE_DIR = "state-dir"
 NODE_PROFILE = "profile"
@@ -742,7 +742,7 @@ def _register(args: argparse.Namespace) -> int:
 
 def _client(args: argparse.Namespace) -> int:
     if args.profile:
-        from fedlora.profiles import PROFILES
+        from fedlora.client.profiles import PROFILES
 
         if args.profile not in PROFILES:
             raise ConfigError(f"profile: must be one of {', '.join(PROFILES)}, got {args.profile!r}")

@@ -1,6 +1,6 @@
 """Export a client's personalized model as a plain transformers model, and use it.
 
-A client's state file (`fedlora.node_state`) holds everything needed: its effective
+A client's state file (`fedlora.client.state`) holds everything needed: its effective
 configuration, the server's last global arrays and its personal state. The export
 rebuilds the personalized model exactly as the client evaluates it, merges every active
 LoRA delta (and any base-weight update the strategy sent) into the base weights, and
@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedlora.config import RunConfig
-from fedlora.errors import FedloraError
+from fedlora.core import keys
+from fedlora.core.errors import FedloraError
+from fedlora.plan import load as load_plan
+from fedlora.plan import resolved_personalization
 
 if TYPE_CHECKING:
     from fedlora.models import LoadedModel
@@ -94,7 +97,7 @@ class Personalized:
 
     def use_global(self) -> None:
         """Make the model the global one, as the client evaluated it (its ``global`` metrics)."""
-        from fedlora.personalize import use_adapter
+        from fedlora.train.local import use_adapter
 
         use_adapter(self.loaded, self.global_state)
 
@@ -115,8 +118,8 @@ class Personalized:
 
     def held_out(self) -> Tokenized | None:
         """The client's tokenized held-out examples, or None where its data is not at hand."""
+        from fedlora.core.errors import DataError
         from fedlora.data.federated import load_client_data
-        from fedlora.errors import DataError
         from fedlora.train import tokenize
 
         cfg = self.cfg
@@ -146,47 +149,41 @@ def load_personalized(state_file: str | Path) -> Personalized:
     """
     import dataclasses
 
-    from fedlora.adapters import from_record
-    from fedlora.client_app import (
-        CLIENT_CONFIG_STATE,
-        KEPT_STATE,
-        LAST_GLOBAL_STATE,
-        PERSONAL_ROUNDS_STATE,
-        PERSONAL_STATE,
-    )
+    from fedlora.client.state import read_state
+    from fedlora.lora.adapters import from_record
+    from fedlora.lora.protocol import receive
     from fedlora.models import build_model
-    from fedlora.node_state import read_state
     from fedlora.personalization import get_personalization
     from fedlora.personalization.base import Local
-    from fedlora.protocol import receive
-    from fedlora.strategies import strategy_info
 
     state = read_state(Path(state_file).expanduser())
-    if LAST_GLOBAL_STATE not in state.array_records or CLIENT_CONFIG_STATE not in state.config_records:
+    if keys.S_LAST_GLOBAL not in state.array_records or keys.S_CLIENT_CONFIG not in state.config_records:
         raise FedloraError(f"{state_file}: the client has not evaluated a round yet; nothing to export")
-    flat: dict[str, Any] = dict(state.config_records[CLIENT_CONFIG_STATE])
-    partition_id, num_partitions = int(flat.pop("partition-id")), int(flat.pop("num-partitions"))
+    flat: dict[str, Any] = dict(state.config_records[keys.S_CLIENT_CONFIG])
+    partition_id = int(flat.pop(keys.NODE_PARTITION_ID))
+    num_partitions = int(flat.pop(keys.NODE_NUM_PARTITIONS))
     rank = int(flat.pop("client-rank"))
-    cfg = RunConfig.from_flat(flat)
+    planned = load_plan(flat)
+    cfg = planned.cfg
     if cfg.model.task == "classification" and not cfg.data.labels:
         raise FedloraError(f"{state_file}: the run config has no labels; cannot name the classes")
     model_cfg = dataclasses.replace(cfg.model, lora_rank=rank, client_ranks=())
     loaded = build_model(model_cfg, len(cfg.data.labels), seed=cfg.federation.seed)
-    kept = state.array_records.get(KEPT_STATE)
+    kept = state.array_records.get(keys.S_KEPT)
     view = receive(
-        strategy_info(cfg.federation.strategy).protocol,
-        from_record(state.array_records[LAST_GLOBAL_STATE]),
+        planned.strategy.protocol,
+        from_record(state.array_records[keys.S_LAST_GLOBAL]),
         loaded.initial_global,
         from_record(kept) if kept is not None else None,
         alpha=cfg.model.lora_alpha,
     )
     loaded.set_base_delta(view.base_delta)
-    personal = state.array_records.get(PERSONAL_STATE)
+    personal = state.array_records.get(keys.S_PERSONAL)
     local = Local(loaded, None, None, view, cfg.train, seed=0)  # type: ignore[arg-type]
-    method = get_personalization(cfg.federation.resolved_personalization())
+    method = get_personalization(planned.personalization_name)
     stored = from_record(personal) if personal is not None else None
     method.prepare(local, stored)
-    rounds = state.config_records.get(PERSONAL_ROUNDS_STATE)
+    rounds = state.config_records.get(keys.S_PERSONAL_ROUNDS)
     return Personalized(
         loaded,
         cfg,
@@ -235,7 +232,7 @@ def export_client(state_file: Path, out_dir: Path, *, verify: bool = True) -> Ex
         "labels": list(labels),
         "max_length": cfg.model.max_length,
         "strategy": cfg.federation.strategy,
-        "personalization": cfg.federation.resolved_personalization(),
+        "personalization": resolved_personalization(cfg),
         "client": personalized.partition_id,
         "personal_rounds": personalized.personal_rounds,
         "max_logit_difference": difference,

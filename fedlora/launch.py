@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.config import RunConfig, Scalar
-from fedlora.errors import ConfigError, FedloraError
+from fedlora.core.errors import ConfigError, FedloraError
 
 __all__ = [
     "FLOWER_ENV",
@@ -148,9 +148,11 @@ def preflight(cfg: RunConfig, num_clients: int) -> RunConfig:
         The first problem found, in one line naming the field or path.
 
     """
+    from fedlora import plan  # heavy: the method registries import torch
     from fedlora.data.federated import validate_data
     from fedlora.models import check_model
 
+    plan.resolve(cfg)
     if num_clients <= 0:
         raise ConfigError(f"clients: must be a positive integer, got {num_clients}")
     check_model(cfg.model)
@@ -269,7 +271,7 @@ def simulate(
         if not cfg.federation.resume:
             shutil.rmtree(out_dir / "clients", ignore_errors=True)
     if cfg.federation.resume:
-        from fedlora.checkpoint import load_checkpoint
+        from fedlora.server.checkpoint import load_checkpoint
 
         # Fail here, before Flower starts, on a missing checkpoint or a changed config.
         load_checkpoint(out_dir, {**cfg.to_flat(), "labels": ",".join(cfg.data.labels)})

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from fedlora.config import Scalar
-from fedlora.errors import ConfigError
+from fedlora.core.errors import ConfigError
 
 __all__ = ["PRESETS", "Preset", "get_preset"]
 

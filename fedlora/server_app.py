@@ -1,4 +1,4 @@
-"""Flower ServerApp: parse the run config once and hand over to `fedlora.server`."""
+"""Flower ServerApp: parse the run config once and hand over to `fedlora.server.loop`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,6 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run one fedlora federation with the run's configuration."""
-    from fedlora.server import run_federation
+    from fedlora.server.loop import run_federation
 
     run_federation(grid, RunConfig.from_flat(context.run_config), context)

@@ -13,13 +13,13 @@ import statistics
 
 import torch
 
-from fedlora.adapters import activate, load_adapter_state
 from fedlora.config import RunConfig
 from fedlora.data.federated import load_client_data, resolve_labels
 from fedlora.launch import parse_overrides
+from fedlora.lora.adapters import activate, load_adapter_state
 from fedlora.models import GLOBAL, build_model
-from fedlora.privacy.dpsgd import DPSettings, dp_train_steps
 from fedlora.train import tokenize, train_steps
+from fedlora.train.dpsgd import DPSettings, dp_train_steps
 
 
 def main() -> None:

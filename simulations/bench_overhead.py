@@ -25,12 +25,12 @@ import torch
 from fedlora.config import RunConfig
 from fedlora.data.federated import load_client_data, resolve_labels
 from fedlora.launch import parse_overrides, simulate
+from fedlora.lora.protocol import ClientView
 from fedlora.models import build_model
 from fedlora.personalization.base import Local
 from fedlora.personalization.dual import Dual
-from fedlora.personalize import evaluate_adapter, train_shared
-from fedlora.protocol import ClientView
 from fedlora.train import tokenize
+from fedlora.train.local import evaluate_adapter, train_shared
 
 
 def plain_loop(cfg: RunConfig, clients: int) -> list[float]:

@@ -21,17 +21,18 @@ import json
 import subprocess
 import sys
 
+from fedlora.client.profiles import PROFILES
 from fedlora.launch import parse_overrides
-from fedlora.profiles import PROFILES
 
 ONE_ROUND = r"""
 import json, resource, sys, time
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from fedlora import keys
-from fedlora.adapters import to_record
-from fedlora.client_app import _Client, app
+from fedlora.core import keys
+from fedlora.lora.adapters import to_record
+from fedlora.client.setup import Client
+from fedlora.client_app import app
 from fedlora.config import RunConfig
 from fedlora.strategies import strategy_info
 from fedlora.strategies.base import initial_record
@@ -41,7 +42,7 @@ cfg = RunConfig.from_flat(flat)
 node = {"partition-id": 0, "num-partitions": clients, **({"profile": profile} if profile else {})}
 context = Context(run_id=1, node_id=1, state=RecordDict(), run_config=cfg.to_flat(), node_config=node)
 TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-client = _Client(context)  # loads the model and the client's data, as the first message would
+client = Client(context)  # loads the model and the client's data, as the first message would
 loaded_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 arrays = to_record(initial_record(strategy_info(cfg.federation.strategy), client.loaded.initial_global))
 times = {}

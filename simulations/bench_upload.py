@@ -11,10 +11,10 @@ from collections import OrderedDict
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fedlora.adapters import to_record
 from fedlora.config import RunConfig
 from fedlora.data.federated import resolve_labels
 from fedlora.launch import parse_overrides
+from fedlora.lora.adapters import to_record
 from fedlora.models import build_model, load_base
 
 

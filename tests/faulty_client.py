@@ -11,8 +11,9 @@ from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
-from fedlora import client_app, keys
-from fedlora.node_state import node_state_mod
+from fedlora import client_app
+from fedlora.client.state import node_state_mod
+from fedlora.core import keys
 
 FAULTS = {1: "nan", 2: "missing", 3: "extra", 4: "rank", 5: "norm"}
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fedlora.adapters import (
+from fedlora.core.errors import FedloraError
+from fedlora.lora.adapters import (
     activate,
     adapter_state,
     from_record,
@@ -10,7 +11,6 @@ from fedlora.adapters import (
     save_peft_adapter,
     to_record,
 )
-from fedlora.errors import FedloraError
 from fedlora.models import GLOBAL, PERSONAL, load_base, lora_config, target_modules
 from fedlora.train import tokenize
 

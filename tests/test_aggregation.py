@@ -9,8 +9,9 @@ from flwr.app import Array, ArrayRecord, RecordDict
 from helpers import metrics, reply
 
 from fedlora.config import RunConfig
-from fedlora.results import RunRecorder, worst_fraction_mean
-from fedlora.strategies import Recorded, build_strategy
+from fedlora.server.recorder import RunRecorder, worst_fraction_mean
+from fedlora.server.recording import Recorded
+from fedlora.strategies import build_strategy
 
 
 def _train_reply(node: int, a: list[float], b: list[list[float]], n: int, loss: float):
@@ -142,7 +143,7 @@ GOOD = {"x.lora_A.weight": [[1.0, 2.0]], "x.lora_B.weight": [[1.0], [3.0]]}  # r
     ],
 )
 def test_a_bad_upload_is_rejected_with_its_reason_and_the_rest_are_aggregated(tmp_path, bad, reason):
-    from fedlora.validation import UploadCheck
+    from fedlora.server.validation import UploadCheck
 
     cfg = RunConfig()
     check = UploadCheck({"x.lora_A.weight": (1, 2), "x.lora_B.weight": (2, 1)}, max_norm=10.0)
@@ -166,7 +167,7 @@ def test_a_bad_upload_is_rejected_with_its_reason_and_the_rest_are_aggregated(tm
 
 
 def test_heterogeneous_ranks_pass_the_shape_check_only_on_the_rank_dimension():
-    from fedlora.validation import UploadCheck
+    from fedlora.server.validation import UploadCheck
 
     check = UploadCheck({"x.lora_A.weight": (8, 4), "x.lora_B.weight": (6, 8)}, any_rank=True)
     ok = {"x.lora_A.weight": torch.zeros(4, 4), "x.lora_B.weight": torch.zeros(6, 4)}

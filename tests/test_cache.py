@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.cache import CACHE_ENV, build_once, cache_dir
+from fedlora.models.cache import CACHE_ENV, build_once, cache_dir
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
@@ -42,7 +42,7 @@ def test_build_once_builds_once_and_a_failure_leaves_nothing(tmp_path):
 RACER = """
 import sys, time
 from pathlib import Path
-from fedlora.cache import build_once
+from fedlora.models.cache import build_once
 
 def build(folder):
     with open(sys.argv[2], "a") as log:

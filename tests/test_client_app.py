@@ -6,9 +6,9 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from helpers import as_server
 
-from fedlora import keys
-from fedlora.adapters import from_record, to_record
 from fedlora.client_app import app
+from fedlora.core import keys
+from fedlora.lora.adapters import from_record, to_record
 from fedlora.models import load_base
 
 
@@ -163,7 +163,7 @@ def test_a_client_with_bad_data_replies_with_an_error_naming_the_file(cfg, jsonl
     ],
 )
 def test_each_strategy_uploads_only_the_parts_it_shares(cfg, strategy, parts):
-    from fedlora.lora_math import part_of
+    from fedlora.lora.maths import part_of
     from fedlora.models import build_model
     from fedlora.strategies import strategy_info
     from fedlora.strategies.base import initial_record

@@ -3,8 +3,9 @@ from pathlib import Path
 
 import pytest
 
+from fedlora import plan
 from fedlora.config import RunConfig
-from fedlora.errors import ConfigError, ModelError
+from fedlora.core.errors import ConfigError, ModelError
 from fedlora.launch import parse_overrides
 from fedlora.models import check_model
 
@@ -69,8 +70,30 @@ def test_flat_round_trip_and_coercion():
 )
 def test_bad_values_name_the_field_and_what_is_accepted(flat, message):
     with pytest.raises(ConfigError) as err:
-        RunConfig.from_flat(flat)
+        plan.load(flat)
     assert str(err.value) == message
+
+
+@pytest.mark.parametrize(
+    "flat",
+    [
+        {"strategy": "fedwhat"},
+        {"personalization": "fedsa-lora"},
+        {"dataset": "imagenet"},
+        {"client-ranks": "4,8"},
+    ],
+)
+def test_config_is_a_leaf_and_the_plan_applies_the_rules_between_methods(flat):
+    # RunConfig knows no method registry: names and rules between methods are the plan's.
+    cfg = RunConfig.from_flat(flat)
+    with pytest.raises(ConfigError):
+        plan.resolve(cfg)
+
+
+def test_auto_resolves_to_the_strategy_s_own_method_else_dual():
+    assert plan.load({"strategy": "fedsa-lora"}).personalization_name == "fedsa-lora"
+    assert plan.load({"strategy": "flora"}).personalization_name == "dual"
+    assert plan.load({"strategy": "fedavg", "personalization": "ditto"}).personalization_name == "ditto"
 
 
 def test_unknown_key_lists_accepted_keys():

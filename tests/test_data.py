@@ -4,9 +4,9 @@ from collections import Counter
 import pytest
 
 from fedlora.config import DataConfig
+from fedlora.core.errors import DataError
 from fedlora.data import load_client_data, load_corpus, partition
 from fedlora.data.federated import validate_data
-from fedlora.errors import DataError
 
 
 def test_bbc_news_is_real_and_complete():

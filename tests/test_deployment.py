@@ -19,7 +19,8 @@ import pytest
 from conftest import write_client
 from helpers import TINY_FEDERATION
 
-from fedlora.client_app import PERSONAL_ROUNDS_STATE
+from fedlora.client.state import read_state
+from fedlora.core.errors import ConfigError, FedloraError
 from fedlora.deploy import (
     make_certificates,
     make_node_key,
@@ -29,9 +30,7 @@ from fedlora.deploy import (
     supervise,
     write_flwr_home,
 )
-from fedlora.errors import ConfigError, FedloraError
 from fedlora.launch import _free_port
-from fedlora.node_state import read_state
 
 TOPICS = {"sport": "goal match team", "music": "song band guitar", "cooking": "recipe oven salt"}
 
@@ -378,7 +377,7 @@ def test_fedlora_clients_with_registered_keys_complete_a_tls_federation(tmp_path
     _wait_for(round_done(1), deadline, "round 1")
     assert submit.poll() is None, submit_log.read_text()[-3000:]
     state = next((tmp_path / "state2").glob("*/*.state"))
-    before = read_state(state).config_records[PERSONAL_ROUNDS_STATE]["rounds"]
+    before = read_state(state).config_records[keys.S_PERSONAL_ROUNDS]["rounds"]
     assert before == 1
     assert processes.crash("node2") >= 2  # `fedlora client`, its SuperNode and their children
     rejoined, rejoined_log = client(2, "--retry-for", "200")
@@ -394,7 +393,7 @@ def test_fedlora_clients_with_registered_keys_complete_a_tls_federation(tmp_path
     assert rounds[1]["clients_trained"] == 2 and rounds[1]["clients_failed"] == 1
     assert rounds[-1]["clients_trained"] == 3, "node 2 did not take part again"
     evaluations = rejoined_log.read_text().count("Sending: evaluate message")
-    after = read_state(state).config_records[PERSONAL_ROUNDS_STATE]["rounds"]
+    after = read_state(state).config_records[keys.S_PERSONAL_ROUNDS]["rounds"]
     # Its personal adapter went on from round 1's: trained once before the crash, then in every
     # round it evaluated after rejoining (a node that had lost its state would count from 0).
     assert evaluations >= 1 and after == before + evaluations

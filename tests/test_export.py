@@ -11,7 +11,7 @@ import pytest
 from helpers import TINY_FEDERATION
 
 from fedlora.cli import main
-from fedlora.errors import FedloraError
+from fedlora.core.errors import FedloraError
 from fedlora.export import client_state_file, export_client, generate, load_personalized, logits
 
 LABELS = "business,entertainment,politics,sports,tech"  # the bundled corpus's topics
@@ -41,8 +41,8 @@ def _round_trip(context, arrays, server_round: int) -> tuple:
     from flwr.app import ConfigRecord, Message, RecordDict
     from helpers import as_server
 
-    from fedlora import keys
     from fedlora.client_app import app
+    from fedlora.core import keys
 
     replies = []
     for kind in ("train", "evaluate"):
@@ -65,9 +65,9 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[f
     """
     from flwr.app import Context, RecordDict
 
-    from fedlora import keys
-    from fedlora.adapters import to_record
     from fedlora.config import RunConfig
+    from fedlora.core import keys
+    from fedlora.lora.adapters import to_record
     from fedlora.models import build_model
 
     root = tmp_path_factory.mktemp("export")
@@ -145,10 +145,10 @@ def test_a_devices_causal_lm_exports_and_generates(tmp_path, capsys):
     from flwr.app import ConfigRecord, Context, Message, RecordDict
     from helpers import as_server
 
-    from fedlora import keys
-    from fedlora.adapters import to_record
     from fedlora.client_app import app
     from fedlora.config import RunConfig
+    from fedlora.core import keys
+    from fedlora.lora.adapters import to_record
     from fedlora.models import build_model
 
     write_client(

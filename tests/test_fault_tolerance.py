@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 
 import fedlora
 from fedlora.config import RunConfig
-from fedlora.errors import ConfigError
+from fedlora.core.errors import ConfigError
 from fedlora.launch import simulate, write_app
 
 TESTS = Path(__file__).parent

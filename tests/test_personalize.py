@@ -1,13 +1,13 @@
 import torch
 
-from fedlora.adapters import adapter_state
 from fedlora.config import TrainConfig
+from fedlora.lora.adapters import adapter_state
+from fedlora.lora.protocol import ClientView
 from fedlora.models import GLOBAL, PERSONAL
 from fedlora.personalization.base import Local
 from fedlora.personalization.dual import Dual, initial_personal
-from fedlora.personalize import evaluate_adapter, local_only, train_shared
-from fedlora.protocol import ClientView
 from fedlora.train import sample_batches, tokenize
+from fedlora.train.local import evaluate_adapter, local_only, train_shared
 
 
 def _local(loaded, data, global_state, cfg=None, seed=0, own=None):

@@ -8,7 +8,7 @@ import math
 import pytest
 from helpers import simulate_cli
 
-from fedlora.errors import ConfigError
+from fedlora.core.errors import ConfigError
 from fedlora.presets import PRESETS, get_preset
 
 

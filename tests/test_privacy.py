@@ -10,15 +10,16 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from helpers import TINY_FEDERATION, as_server
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from fedlora import keys
-from fedlora.adapters import to_record
-from fedlora.client_app import CLIENT_BUDGET_EXHAUSTED, app
+from fedlora import plan
+from fedlora.client_app import app
 from fedlora.config import RunConfig
-from fedlora.errors import ConfigError
+from fedlora.core import keys
+from fedlora.core.errors import ConfigError
+from fedlora.lora.adapters import to_record
 from fedlora.models import build_model
-from fedlora.privacy import PrivacyLedger
-from fedlora.privacy.dpsgd import DPSettings, dp_train_steps
+from fedlora.privacy import PrivacyLedger, noise_multiplier
 from fedlora.train import tokenize
+from fedlora.train.dpsgd import DPSettings, dp_train_steps
 
 NOISE, DELTA = 1.1, 1e-5
 
@@ -99,7 +100,7 @@ def test_a_client_stops_training_exactly_when_its_next_round_would_exceed_the_bu
     replies = [_round(cfg, context, r) for r in (1, 2, 3, 4)]
     assert [t.has_error() for t, _ in replies] == [False, False, True, True]
     declined = replies[2][0].error
-    assert declined.code == CLIENT_BUDGET_EXHAUSTED
+    assert declined.code == keys.E_BUDGET_EXHAUSTED
     assert "client 0:" in declined.reason and f"over its budget {budget:g}" in declined.reason
     metrics = [e.content.metric_records[keys.METRICS] for _, e in replies]
     assert [m[keys.M_BUDGET_EXHAUSTED] for m in metrics] == [0, 1, 1, 1]
@@ -112,11 +113,11 @@ def test_dp_sgd_clips_and_noises_per_example_and_leaves_the_model_reusable(tiny_
     data = tokenize(
         tiny_model.tokenizer, [f"goal match {i}" for i in range(16)], [i % 2 for i in range(16)], 16
     )
-    from fedlora.adapters import activate, adapter_state
+    from fedlora.lora.adapters import activate, adapter_state
     from fedlora.models import GLOBAL
 
     def run(noise):
-        from fedlora.adapters import load_adapter_state
+        from fedlora.lora.adapters import load_adapter_state
 
         load_adapter_state(tiny_model.model, GLOBAL, tiny_model.initial_global)
         activate(tiny_model.model, [GLOBAL], trainable=[GLOBAL])
@@ -172,13 +173,13 @@ def test_dp_sgd_clips_and_noises_per_example_and_leaves_the_model_reusable(tiny_
 )
 def test_bad_privacy_settings_name_the_field(flat, message):
     with pytest.raises(ConfigError) as err:
-        RunConfig.from_flat(flat)
+        plan.load(flat)
     assert str(err.value).startswith(message)
 
 
 def test_target_epsilon_calibrates_the_noise():
     privacy = RunConfig.from_flat({"dp-target-epsilon": 8.0}).privacy
-    noise = privacy.noise_for(0.25, 30)
+    noise = noise_multiplier(privacy, 0.25, 30)
     ledger = PrivacyLedger()
     ledger.record(30, noise_multiplier=noise, sample_rate=0.25)
     assert privacy.enabled and 0 < noise and ledger.epsilon(privacy.dp_delta) == pytest.approx(8.0, rel=0.02)

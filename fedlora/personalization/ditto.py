@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fedlora.adapters import activate, adapter_state, load_adapter_state, proximal_term
+from fedlora.lora.adapters import activate, adapter_state, load_adapter_state, proximal_term
 from fedlora.models import PERSONAL
 from fedlora.personalization.base import Local, Personalization, register
-from fedlora.personalize import train_adapter, use_adapter
+from fedlora.train.local import train_adapter, use_adapter
 
 if TYPE_CHECKING:
-    from fedlora.adapters import AdapterState
+    from fedlora.lora.adapters import AdapterState
     from fedlora.train import TrainResult
 
 __all__ = ["Ditto"]
@@ -27,6 +27,7 @@ class Ditto(Personalization):
     name = "ditto"
     paper = "Li et al., ICML 2021"
     summary = "persistent personal adapter trained with lambda/2 ||v - w_global||^2 (ditto-lambda)"
+    regularized = True
 
     def update(
         self, local: Local, stored: AdapterState | None

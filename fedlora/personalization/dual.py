@@ -13,14 +13,14 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-from fedlora.adapters import activate, adapter_state, load_adapter_state
-from fedlora.lora_math import part_of
+from fedlora.lora.adapters import activate, adapter_state, load_adapter_state
+from fedlora.lora.maths import part_of
 from fedlora.models import GLOBAL, PERSONAL
 from fedlora.personalization.base import Local, Personalization, register
-from fedlora.personalize import train_adapter
+from fedlora.train.local import train_adapter
 
 if TYPE_CHECKING:
-    from fedlora.adapters import AdapterState
+    from fedlora.lora.adapters import AdapterState
     from fedlora.models import LoadedModel
     from fedlora.train import TrainResult
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from fedlora.personalization.base import Local, Personalization, register
-from fedlora.personalize import use_adapter
+from fedlora.train.local import use_adapter
 
 if TYPE_CHECKING:
-    from fedlora.adapters import AdapterState
+    from fedlora.lora.adapters import AdapterState
 
 __all__ = ["FedSALoRA"]
 
@@ -27,6 +27,7 @@ class FedSALoRA(Personalization):
     name = "fedsa-lora"
     paper = "Guo et al., ICLR 2025"
     summary = "global A and head with the client's own B (strategy fedsa-lora)"
+    strategy = "fedsa-lora"
 
     def prepare(self, local: Local, stored: AdapterState | None) -> None:
         """The client's own variant (global A, own B)."""

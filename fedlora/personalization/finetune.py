@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fedlora.adapters import adapter_state, load_adapter_state
+from fedlora.lora.adapters import adapter_state, load_adapter_state
 from fedlora.models import PERSONAL
 from fedlora.personalization.base import Local, Personalization, register
-from fedlora.personalize import train_adapter, use_adapter
+from fedlora.train.local import train_adapter, use_adapter
 
 if TYPE_CHECKING:
-    from fedlora.adapters import AdapterState
+    from fedlora.lora.adapters import AdapterState
     from fedlora.train import TrainResult
 
 __all__ = ["FineTune"]

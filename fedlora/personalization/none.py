@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from fedlora.personalization.base import Local, Personalization, register
-from fedlora.personalize import use_adapter
+from fedlora.train.local import use_adapter
 
 if TYPE_CHECKING:
-    from fedlora.adapters import AdapterState
+    from fedlora.lora.adapters import AdapterState
 
 __all__ = ["NoPersonalization"]
 

@@ -1,5 +1,5 @@
 """Differential privacy: DP-SGD with Opacus on the adapters, and a per-client epsilon ledger."""
 
-from fedlora.privacy.ledger import ACCOUNTANTS, PrivacyLedger
+from fedlora.privacy.ledger import ACCOUNTANTS, PrivacyLedger, noise_multiplier
 
-__all__ = ["ACCOUNTANTS", "PrivacyLedger"]
+__all__ = ["ACCOUNTANTS", "PrivacyLedger", "noise_multiplier"]

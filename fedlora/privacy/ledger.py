@@ -14,9 +14,32 @@ if TYPE_CHECKING:
     from flwr.app import ConfigRecord
     from opacus.accountants import IAccountant
 
-__all__ = ["ACCOUNTANTS", "PrivacyLedger"]
+from fedlora.config import DP_ACCOUNTANTS, PrivacyConfig
 
-ACCOUNTANTS = ("rdp", "prv")
+__all__ = ["ACCOUNTANTS", "PrivacyLedger", "noise_multiplier"]
+
+ACCOUNTANTS = DP_ACCOUNTANTS
+
+
+def noise_multiplier(privacy: PrivacyConfig, sample_rate: float, total_steps: int) -> float:
+    """The noise multiplier of a client with this sample rate and number of DP-SGD steps in the run.
+
+    ``dp-target-epsilon`` > 0: calibrated with the configured accountant so that the whole
+    run spends that epsilon at ``dp-delta``; otherwise ``dp-noise-multiplier`` as given.
+    """
+    if privacy.dp_target_epsilon <= 0:
+        return privacy.dp_noise_multiplier
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(
+        get_noise_multiplier(
+            target_epsilon=privacy.dp_target_epsilon,
+            target_delta=privacy.dp_delta,
+            sample_rate=sample_rate,
+            steps=total_steps,
+            accountant=privacy.dp_accountant,
+        )
+    )
 
 
 @dataclass

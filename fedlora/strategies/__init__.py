@@ -1,27 +1,29 @@
-"""Aggregation strategies over the shared adapter: one module per strategy, all in one registry."""
+"""Aggregation strategies over the shared adapter: one module per strategy, all in one registry.
 
-from fedlora.strategies import (  # noqa: F401  (each module registers its strategy)
-    fedadam,
-    fedavg,
-    fedavgm,
-    fedex_lora,
-    fedmedian,
-    fedprox,
-    fedsa_lora,
-    fedyogi,
-    ffa_lora,
-    flexlora,
-    flora,
-    krum,
-    trimmed_mean,
-)
-from fedlora.strategies.recorded import Recorded
+Every module in this folder is imported here, so that a new strategy is one file that
+registers itself (`fedlora.strategies.registry.register`).
+"""
+
+import importlib
+import pkgutil
+
 from fedlora.strategies.registry import (
     STRATEGIES,
+    LegacyBuilder,
     StrategyBuilder,
     StrategyInfo,
     build_strategy,
     strategy_info,
 )
 
-__all__ = ["STRATEGIES", "Recorded", "StrategyBuilder", "StrategyInfo", "build_strategy", "strategy_info"]
+__all__ = [
+    "STRATEGIES",
+    "LegacyBuilder",
+    "StrategyBuilder",
+    "StrategyInfo",
+    "build_strategy",
+    "strategy_info",
+]
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

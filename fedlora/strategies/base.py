@@ -12,17 +12,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedlora import keys
-from fedlora.lora_math import base_deltas, lora_modules, part_of
+from fedlora.core import keys
+from fedlora.lora.maths import base_deltas, lora_modules, part_of
 
 if TYPE_CHECKING:
     import torch
 
-    from fedlora.adapters import AdapterState
     from fedlora.config import RunConfig
+    from fedlora.lora.adapters import AdapterState
     from fedlora.strategies.registry import StrategyInfo
 
-__all__ = ["LoraAggregation", "checkpoint_state", "flower_kwargs", "initial_record"]
+__all__ = ["LoraAggregation", "checkpoint_state", "flower_kwargs", "initial_record", "legacy_fedavg"]
 
 
 def flower_kwargs(cfg: RunConfig) -> dict[str, Any]:
@@ -39,6 +39,11 @@ def flower_kwargs(cfg: RunConfig) -> dict[str, Any]:
         "arrayrecord_key": keys.ARRAYS,
         "configrecord_key": keys.CONFIG,
     }
+
+
+def legacy_fedavg(cfg: RunConfig) -> tuple[str, dict[str, Any]]:
+    """The SecAgg+ counterpart of every strategy that is FedAvg on the server: legacy FedAvg."""
+    return "FedAvg", {}
 
 
 class LoraAggregation(FedAvg):
@@ -64,7 +69,7 @@ class LoraAggregation(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Remember the global arrays this round starts from, then sample as FedAvg does."""
-        from fedlora.adapters import from_record
+        from fedlora.lora.adapters import from_record
 
         self.current = from_record(arrays)
         return super().configure_train(server_round, arrays, config, grid)
@@ -73,7 +78,7 @@ class LoraAggregation(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Decode every valid upload and `combine` them, weighted by training examples."""
-        from fedlora.adapters import from_record, to_record
+        from fedlora.lora.adapters import from_record, to_record
 
         valid, _ = self._check_and_log_replies(replies, is_train=True)
         if not valid:

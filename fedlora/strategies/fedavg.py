@@ -9,7 +9,7 @@ from __future__ import annotations
 from flwr.serverapp.strategy import FedAvg
 
 from fedlora.config import RunConfig
-from fedlora.strategies.base import flower_kwargs
+from fedlora.strategies.base import flower_kwargs, legacy_fedavg
 from fedlora.strategies.registry import register
 
 __all__ = ["build_fedavg"]
@@ -19,6 +19,7 @@ __all__ = ["build_fedavg"]
     "fedavg",
     paper="FedIT: Zhang et al., ICASSP 2024 (FedAvg: McMahan et al., AISTATS 2017)",
     plain_mean=True,
+    legacy=legacy_fedavg,
     summary="average A, B and the head, weighted by training examples",
 )
 def build_fedavg(cfg: RunConfig) -> FedAvg:

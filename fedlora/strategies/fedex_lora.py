@@ -15,12 +15,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from fedlora.config import RunConfig
-from fedlora.lora_math import BASE_DELTA, base_deltas, part_of, products, weighted_mean
+from fedlora.lora.maths import BASE_DELTA, base_deltas, part_of, products, weighted_mean
 from fedlora.strategies.base import LoraAggregation
 from fedlora.strategies.registry import register
 
 if TYPE_CHECKING:
-    from fedlora.adapters import AdapterState
+    from fedlora.lora.adapters import AdapterState
 
 __all__ = ["FedExLoRA", "build_fedex_lora"]
 
@@ -49,7 +49,6 @@ class FedExLoRA(LoraAggregation):
     "fedex-lora",
     paper="Singhal et al., ACL 2025",
     exact=True,
-    sum_only=False,
     summary="FedAvg of A and B plus the residual mean(BA) - mean(B)mean(A) folded into the base (exact)",
 )
 def build_fedex_lora(cfg: RunConfig) -> FedExLoRA:

@@ -14,7 +14,6 @@ __all__ = ["build_fedmedian"]
 @register(
     "fedmedian",
     paper="Yin et al., ICML 2018",
-    sum_only=False,
     summary="coordinate-wise median of A, B and the head (robust to a minority of bad clients)",
 )
 def build_fedmedian(cfg: RunConfig) -> FedMedian:

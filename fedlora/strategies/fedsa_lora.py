@@ -9,8 +9,8 @@ from __future__ import annotations
 from flwr.serverapp.strategy import FedAvg
 
 from fedlora.config import RunConfig
-from fedlora.protocol import ClientProtocol
-from fedlora.strategies.base import flower_kwargs
+from fedlora.lora.protocol import ClientProtocol
+from fedlora.strategies.base import flower_kwargs, legacy_fedavg
 from fedlora.strategies.registry import register
 
 __all__ = ["build_fedsa_lora"]
@@ -21,6 +21,8 @@ __all__ = ["build_fedsa_lora"]
     protocol=ClientProtocol(sent=frozenset({"lora_A", "head"}), kept=frozenset({"lora_B"})),
     paper="Guo et al., ICLR 2025",
     plain_mean=True,
+    legacy=legacy_fedavg,
+    personalization="fedsa-lora",
     summary="A and the head are averaged; each client keeps its own B (personalization fedsa-lora)",
 )
 def build_fedsa_lora(cfg: RunConfig) -> FedAvg:

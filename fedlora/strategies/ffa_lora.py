@@ -9,8 +9,8 @@ from __future__ import annotations
 from flwr.serverapp.strategy import FedAvg
 
 from fedlora.config import RunConfig
-from fedlora.protocol import ClientProtocol
-from fedlora.strategies.base import flower_kwargs
+from fedlora.lora.protocol import ClientProtocol
+from fedlora.strategies.base import flower_kwargs, legacy_fedavg
 from fedlora.strategies.registry import register
 
 __all__ = ["build_ffa_lora"]
@@ -22,6 +22,7 @@ __all__ = ["build_ffa_lora"]
     paper="Sun et al., ICLR 2024",
     exact=True,
     plain_mean=True,
+    legacy=legacy_fedavg,
     summary="A frozen at the shared seeded init; B and the head are trained and averaged (exact)",
 )
 def build_ffa_lora(cfg: RunConfig) -> FedAvg:

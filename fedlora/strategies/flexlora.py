@@ -14,13 +14,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from fedlora.config import RunConfig
-from fedlora.lora_math import part_of, products, svd_factors, weighted_mean
-from fedlora.protocol import ClientProtocol
+from fedlora.lora.maths import part_of, products, svd_factors, weighted_mean
+from fedlora.lora.protocol import ClientProtocol
 from fedlora.strategies.base import LoraAggregation
 from fedlora.strategies.registry import register
 
 if TYPE_CHECKING:
-    from fedlora.adapters import AdapterState
+    from fedlora.lora.adapters import AdapterState
 
 __all__ = ["FlexLoRA", "build_flexlora"]
 
@@ -50,7 +50,6 @@ class FlexLoRA(LoraAggregation):
     "flexlora",
     protocol=ClientProtocol(factored=True, heterogeneous_ranks=True),
     paper="Bai et al., NeurIPS 2024",
-    sum_only=False,
     summary="mean of the clients' full updates, truncated by SVD to each client's rank (any ranks)",
 )
 def build_flexlora(cfg: RunConfig) -> FlexLoRA:

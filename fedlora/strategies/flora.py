@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fedlora.config import RunConfig
-from fedlora.lora_math import (
+from fedlora.lora.maths import (
     BASE_DELTA,
     BASE_DELTA_A,
     BASE_DELTA_B,
@@ -25,12 +25,12 @@ from fedlora.lora_math import (
     part_of,
     weighted_mean,
 )
-from fedlora.protocol import ClientProtocol
+from fedlora.lora.protocol import ClientProtocol
 from fedlora.strategies.base import LoraAggregation
 from fedlora.strategies.registry import register
 
 if TYPE_CHECKING:
-    from fedlora.adapters import AdapterState
+    from fedlora.lora.adapters import AdapterState
 
 __all__ = ["FLoRA", "build_flora"]
 
@@ -76,7 +76,6 @@ class FLoRA(LoraAggregation):
     protocol=ClientProtocol(fresh=True, heterogeneous_ranks=True),
     paper="Wang et al., NeurIPS 2024",
     exact=True,
-    sum_only=False,
     summary="stack client adapters (any ranks) into an exact update folded into the base; fresh adapters",
 )
 def build_flora(cfg: RunConfig) -> FLoRA:

@@ -14,7 +14,6 @@ __all__ = ["build_krum"]
 @register(
     "krum",
     paper="Blanchard et al., NeurIPS 2017",
-    sum_only=False,
     summary="the one client adapter closest to its n - f - 2 nearest (f = byzantine-clients)",
 )
 def build_krum(cfg: RunConfig) -> Krum:

@@ -4,19 +4,30 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flwr.serverapp.strategy import Strategy
 
-from fedlora.errors import ConfigError
-from fedlora.protocol import ClientProtocol
+from fedlora.core.registry import Registry
+from fedlora.lora.protocol import ClientProtocol
 
 if TYPE_CHECKING:
     from fedlora.config import RunConfig
 
-__all__ = ["STRATEGIES", "StrategyBuilder", "StrategyInfo", "build_strategy", "register", "strategy_info"]
+__all__ = [
+    "STRATEGIES",
+    "LegacyBuilder",
+    "StrategyBuilder",
+    "StrategyInfo",
+    "build_strategy",
+    "register",
+    "strategy_info",
+]
 
 StrategyBuilder = Callable[["RunConfig"], Strategy]
+# Secure aggregation runs on Flower's legacy strategies: the class name in
+# ``flwr.server.strategy`` and the keyword arguments that give it this run's hyperparameters.
+LegacyBuilder = Callable[["RunConfig"], tuple[str, dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -36,14 +47,17 @@ class StrategyInfo:
     exact : bool
         Whether the aggregated weight update equals the example-weighted mean of the
         clients' ``B_i A_i``.
-    sum_only : bool
-        Whether the server only needs a weighted sum of the uploads, so that secure
-        aggregation can hide individual updates.
     plain_mean : bool
         Whether the server's new global arrays are exactly Flower FedAvg's mean of the
         uploads, which Flower's client-level DP wrappers can account for.
     summary : str
         One line for ``--help`` and the README.
+    legacy : LegacyBuilder or None
+        The strategy's SecAgg+ counterpart, for strategies whose server needs nothing but
+        the weighted sum of the uploads (see `sum_only`).
+    personalization : str or None
+        A personalization method this strategy is made for: ``auto`` resolves to it, and
+        no other method may be combined with the strategy.
 
     """
 
@@ -52,12 +66,18 @@ class StrategyInfo:
     protocol: ClientProtocol = field(default_factory=ClientProtocol)
     paper: str = ""
     exact: bool = False
-    sum_only: bool = True
     plain_mean: bool = False
     summary: str = ""
+    legacy: LegacyBuilder | None = None
+    personalization: str | None = None
+
+    @property
+    def sum_only(self) -> bool:
+        """Whether the server only needs a weighted sum of the uploads (so SecAgg+ can hide them)."""
+        return self.legacy is not None
 
 
-STRATEGIES: dict[str, StrategyInfo] = {}
+STRATEGIES: Registry[StrategyInfo] = Registry("strategy")
 
 
 def register(
@@ -66,16 +86,33 @@ def register(
     protocol: ClientProtocol | None = None,
     paper: str = "",
     exact: bool = False,
-    sum_only: bool = True,
     plain_mean: bool = False,
     summary: str = "",
+    legacy: LegacyBuilder | None = None,
+    personalization: str | None = None,
 ) -> Callable[[StrategyBuilder], StrategyBuilder]:
-    """Decorator: make a builder available as ``strategy=<name>``."""
+    """Decorator: make a builder available as ``strategy=<name>``.
+
+    Raises
+    ------
+    RegistryError
+        If another strategy already has that name.
+
+    """
 
     def wrap(builder: StrategyBuilder) -> StrategyBuilder:
-        STRATEGIES[name] = StrategyInfo(
-            name, builder, protocol or ClientProtocol(), paper, exact, sum_only, plain_mean, summary
+        info = StrategyInfo(
+            name,
+            builder,
+            protocol or ClientProtocol(),
+            paper,
+            exact,
+            plain_mean,
+            summary,
+            legacy,
+            personalization,
         )
+        STRATEGIES.add(name, info)
         return builder
 
     return wrap
@@ -90,10 +127,7 @@ def strategy_info(name: str) -> StrategyInfo:
         If no strategy has that name.
 
     """
-    try:
-        return STRATEGIES[name]
-    except KeyError:
-        raise ConfigError(f"strategy: must be one of {', '.join(sorted(STRATEGIES))}, got {name!r}") from None
+    return STRATEGIES.get(name)
 
 
 def build_strategy(name: str, cfg: RunConfig) -> Strategy:

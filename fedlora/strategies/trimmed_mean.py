@@ -14,7 +14,6 @@ __all__ = ["build_trimmed_mean"]
 @register(
     "trimmed-mean",
     paper="Yin et al., ICML 2018",
-    sum_only=False,
     summary="per coordinate, drop the trim-fraction lowest and highest values and average the rest",
 )
 def build_trimmed_mean(cfg: RunConfig) -> FedTrimmedAvg:

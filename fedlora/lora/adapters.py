@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedlora.errors import FedloraError
+from fedlora.core.errors import FedloraError
 
 if TYPE_CHECKING:
     import torch

@@ -5,15 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING
 
-from fedlora.adapters import AdapterState, activate, adapter_state, load_adapter_state, proximal_term
 from fedlora.config import TrainConfig
+from fedlora.lora.adapters import AdapterState, activate, adapter_state, load_adapter_state, proximal_term
 from fedlora.models import GLOBAL, LoadedModel
 from fedlora.train import EvalResult, Tokenized, TrainResult, evaluate, train_steps
 
 if TYPE_CHECKING:
     import torch
 
-    from fedlora.privacy.dpsgd import DPSettings
+    from fedlora.train.dpsgd import DPSettings
 
 __all__ = ["evaluate_adapter", "local_only", "train_adapter", "train_shared", "use_adapter"]
 
@@ -32,13 +32,13 @@ def train_adapter(
 ) -> TrainResult:
     """Train the last adapter in ``names`` (all of them compute) for ``steps`` steps.
 
-    With ``dp``, the steps are DP-SGD steps (`fedlora.privacy.dpsgd`).
+    With ``dp``, the steps are DP-SGD steps (`fedlora.train.dpsgd`).
     """
     activate(loaded.model, names, trainable=names[-1:], frozen=frozen)
     if dp is not None:
         if regularizer is not None:
             raise ValueError("train_adapter: DP-SGD with a regulariser is not supported")
-        from fedlora.privacy.dpsgd import dp_train_steps
+        from fedlora.train.dpsgd import dp_train_steps
 
         return dp_train_steps(
             loaded.model, train, steps=steps, learning_rate=cfg.learning_rate, seed=seed, dp=dp

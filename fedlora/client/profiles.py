@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from fedlora.config import RunConfig
-from fedlora.errors import ConfigError
+from fedlora.core.errors import ConfigError
 
 __all__ = ["PROFILES", "DeviceProfile", "apply_profile"]
 

@@ -14,12 +14,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from fedlora.lora_math import lora_modules, part_of
+from fedlora.lora.maths import lora_modules, part_of
 
 if TYPE_CHECKING:
     import torch
 
-    from fedlora.adapters import AdapterState
+    from fedlora.lora.adapters import AdapterState
 
 __all__ = ["ClientProtocol", "ClientView", "receive", "sent_parts"]
 
@@ -139,7 +139,7 @@ def receive(
         LoRA alpha, to rescale factored updates to this client's rank.
 
     """
-    from fedlora.lora_math import base_deltas
+    from fedlora.lora.maths import base_deltas
 
     adapter = {k: v for k, v in received.items() if part_of(k) != "base-delta"}
     if protocol.factored:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["BudgetExhausted", "ConfigError", "DataError", "FedloraError", "ModelError"]
+__all__ = ["BudgetExhausted", "ConfigError", "DataError", "FedloraError", "ModelError", "RegistryError"]
 
 
 class FedloraError(Exception):
@@ -23,3 +23,7 @@ class ModelError(FedloraError, ValueError):
 
 class BudgetExhausted(FedloraError):
     """A client declines to train: its next round would take it past its epsilon budget."""
+
+
+class RegistryError(FedloraError, ValueError):
+    """Two registrations claim one name: a programming error, found at import."""

@@ -9,18 +9,26 @@ aggregation the server never sees individual uploads, so it cannot check them.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fedlora.lora_math import part_of
+from flwr.app import Message
+
+from fedlora.core import keys
+from fedlora.lora.adapters import AdapterState, from_record
+from fedlora.lora.maths import part_of
+from fedlora.server.recorder import RunRecorder
+from fedlora.server.replies import client_of
 
 if TYPE_CHECKING:
-    from fedlora.adapters import AdapterState
     from fedlora.strategies.registry import StrategyInfo
 
-__all__ = ["UploadCheck"]
+__all__ = ["UploadCheck", "drop_invalid"]
+
+log = logging.getLogger(__name__)
 
 
 def _rank_dim(key: str) -> int | None:
@@ -94,3 +102,32 @@ class UploadCheck:
             if norm > self.max_norm:
                 return f"update norm {norm:.4g} exceeds max-update-norm {self.max_norm:g}"
         return None
+
+
+def drop_invalid(
+    check: UploadCheck, replies: list[Message], start: AdapterState, recorder: RunRecorder, server_round: int
+) -> tuple[list[Message], int]:
+    """The replies ``check`` accepts, and how many it rejected; each rejection is logged.
+
+    Error replies are kept (they count as failed, not rejected).
+    """
+    kept, rejected = [], 0
+    for m in replies:
+        reason = None
+        if not m.has_error():
+            arrays = m.content.array_records.get(keys.ARRAYS)
+            reason = "no adapter tensors" if arrays is None else check.problem(from_record(arrays), start)
+        if reason is None:
+            kept.append(m)
+            continue
+        rejected += 1
+        node = m.metadata.src_node_id
+        log.warning(
+            "fedlora: round %d: rejected the update of node %s (client %s): %s",
+            server_round,
+            node,
+            client_of(m),
+            reason,
+        )
+        recorder.event("client-rejected", round=server_round, node=node, client=client_of(m), reason=reason)
+    return kept, rejected

@@ -4,7 +4,7 @@ A checkpoint holds everything the server needs to go on as if it had never stopp
 the global arrays, the strategy object itself (FedAdam/FedYogi moments, FedAvgM
 momentum, the client-level DP accountant), the round number and the results so far.
 Clients keep their own state (personal adapter, privacy ledger) on their disks
-(`fedlora.node_state`). The strategy is pickled: load only checkpoints you wrote.
+(`fedlora.client.state`). The strategy is pickled: load only checkpoints you wrote.
 """
 
 from __future__ import annotations
@@ -20,27 +20,16 @@ from typing import Any
 
 from flwr.serverapp.strategy import Strategy
 
-from fedlora.adapters import AdapterState
-from fedlora.errors import ConfigError
-from fedlora.results import CHECKPOINT, RoundRecord
+from fedlora.config import keys_where
+from fedlora.core.errors import ConfigError
+from fedlora.core.rundir import CHECKPOINT, RoundRecord
+from fedlora.lora.adapters import AdapterState
 
 __all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint"]
 
 _FILE = "server.pkl"
 # Keys a resumed run may change: how long and how patiently it runs, not what it computes.
-_MAY_CHANGE = frozenset(
-    {
-        "num-server-rounds",
-        "resume",
-        "round-timeout",
-        "min-reply-fraction",
-        "min-clients",
-        "num-threads",
-        "out-dir",
-        "local-only-baseline",
-        "audit-wire-log",
-    }
-)
+_MAY_CHANGE = keys_where("resumable")
 
 
 @dataclass

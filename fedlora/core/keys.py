@@ -1,4 +1,4 @@
-"""Every key that crosses the wire between ServerApp and ClientApp, in one place."""
+"""Every key that crosses the wire, names a node-config entry or a state record, and every reply code."""
 
 from __future__ import annotations
 
@@ -32,6 +32,24 @@ __all__ = [
     "C_SERVER_ROUND",
     "C_LOCAL_STEPS",
     "C_PROXIMAL_MU",
+    "NODE_DATA_DIR",
+    "NODE_LORA_RANK",
+    "NODE_NUM_PARTITIONS",
+    "NODE_PARTITION_ID",
+    "NODE_PROFILE",
+    "NODE_STATE_DIR",
+    "NODE_IDENTITY",
+    "STATE_PREFIX",
+    "S_PERSONAL",
+    "S_KEPT",
+    "S_LEDGER",
+    "S_DECLINED",
+    "S_PERSONAL_ROUNDS",
+    "S_LAST_GLOBAL",
+    "S_CLIENT_CONFIG",
+    "E_CLIENT_INPUT",
+    "E_BUDGET_EXHAUSTED",
+    "E_STATE",
 ]
 
 # Record names inside a Message's RecordDict (Flower's FedAvg defaults).
@@ -73,3 +91,30 @@ M_CANARY_GLOBAL = "canary-exposure-global"
 M_CANARY_PERSONALIZED = "canary-exposure-personalized"
 # Client-level DP: every client weighs the same in the mean (Flower's accountant requires it).
 M_UNIT_WEIGHT = "unit-weight"
+
+# Node config (a device owner's ``--node-config``, or Flower's simulation engine).
+NODE_PARTITION_ID = "partition-id"
+NODE_NUM_PARTITIONS = "num-partitions"
+NODE_DATA_DIR = "data-dir"  # a device's own data folder: wins over the run config's
+NODE_STATE_DIR = "state-dir"  # where a device keeps its state between messages and restarts
+NODE_PROFILE = "profile"  # a device profile (fedlora.client.profiles)
+NODE_LORA_RANK = "lora-rank"  # a node's own LoRA rank, where the strategy takes mixed ranks
+# Node-config keys that make a node's state belong to a different federation.
+NODE_IDENTITY = (NODE_PROFILE, NODE_LORA_RANK, NODE_DATA_DIR)
+
+# Records fedlora keeps in a client's ``context.state`` (and on its disk): all share a prefix.
+STATE_PREFIX = "fedlora-"
+S_PERSONAL = "fedlora-personal-adapter"  # the personalization method's state; never sent
+S_KEPT = "fedlora-kept-parts"  # adapter parts a strategy keeps on the client (FedSA-LoRA's B)
+S_LEDGER = "fedlora-privacy-ledger"  # every DP-SGD step taken
+S_DECLINED = "fedlora-budget-declined"  # set once the client declined a round for its budget
+S_PERSONAL_ROUNDS = "fedlora-personal-rounds"  # rounds the personal state has been trained
+# What `fedlora export` rebuilds the personalized model from: the server's last arrays and
+# this client's effective configuration (run config, node's data, profile and rank).
+S_LAST_GLOBAL = "fedlora-last-global"
+S_CLIENT_CONFIG = "fedlora-client-config"
+
+# Error codes of client replies that report a problem instead of crashing the node.
+E_CLIENT_INPUT = 4100  # bad local input: config, data, model
+E_BUDGET_EXHAUSTED = 4101  # training declined: the epsilon budget would be exceeded
+E_STATE = 4102  # the node's state file cannot be read

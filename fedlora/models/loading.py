@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedlora.config import ModelConfig
-from fedlora.errors import ModelError
+from fedlora.core.errors import ModelError
 
 if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel
@@ -22,6 +22,7 @@ __all__ = [
     "PERSONAL",
     "LoadedModel",
     "build_model",
+    "cached_model",
     "check_model",
     "load_base",
     "lora_config",
@@ -48,7 +49,7 @@ def _minilm_path() -> str:
 
 def _smollm2_path() -> str:
     # The package ships GGUF; its first use converts it once to a cached safetensors copy.
-    from fedlora.smollm2 import smollm2_path
+    from fedlora.models.smollm2 import smollm2_path
 
     return smollm2_path()
 
@@ -267,7 +268,7 @@ def build_model(cfg: ModelConfig, num_labels: int, *, seed: int = 0) -> LoadedMo
     import torch
     from peft import get_peft_model
 
-    from fedlora.adapters import adapter_state
+    from fedlora.lora.adapters import adapter_state
 
     if cfg.task == "classification" and num_labels < 2:
         raise ModelError(f"labels: classification needs at least 2 labels, got {num_labels}")

@@ -8,8 +8,8 @@ import logging
 import time
 from pathlib import Path
 
-from fedlora.cache import build_once, cache_dir
-from fedlora.errors import ModelError
+from fedlora.core.errors import ModelError
+from fedlora.models.cache import build_once, cache_dir
 
 __all__ = ["GGUF_FILE", "convert_gguf", "gguf_path", "smollm2_path"]
 

@@ -1,4 +1,10 @@
-"""The server's side of a run: build the initial adapter, run the strategy, write results."""
+"""The federation loop: build the initial adapter, run the strategy round by round, write results.
+
+`run_federation` is the whole server side of a run, read top to bottom: resolve the
+plan, seed the initial adapter, resume from a checkpoint if asked, wrap the strategy with
+the round's bookkeeping (`fedlora.server.recording.Recorded`), run Flower's loop with a
+checkpoint after every round, then the local-only baseline and the summary.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +19,21 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedlora import keys
-from fedlora.adapters import from_record, save_peft_adapter, to_record
+from fedlora import plan
 from fedlora.config import RunConfig
-from fedlora.results import GLOBAL_ADAPTER, RunRecorder
-from fedlora.strategies.recorded import client_id
+from fedlora.core import keys
+from fedlora.core.rundir import GLOBAL_ADAPTER, ROUNDS
+from fedlora.data import resolve_labels
+from fedlora.lora.adapters import from_record, save_peft_adapter, to_record
+from fedlora.models import build_model, lora_config
+from fedlora.privacy.client_dp import wait_for_nodes, with_client_dp
+from fedlora.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedlora.server.recorder import RunRecorder
+from fedlora.server.recording import Recorded
+from fedlora.server.replies import client_id
+from fedlora.server.secure import run_secure
+from fedlora.server.validation import UploadCheck
+from fedlora.strategies.base import checkpoint_state, initial_record
 
 __all__ = ["run_federation", "default_out_dir"]
 
@@ -62,13 +78,9 @@ def run_federation(grid: Grid, cfg: RunConfig, context: Context) -> dict[str, An
     Returns the summary that was written to ``summary.json``. ``context`` (the
     ServerApp's) is needed for secure aggregation, which runs on Flower's legacy workflow.
     """
-    import torch
+    import torch  # heavy: only the ServerApp's process needs it
 
-    from fedlora.data.federated import resolve_labels
-    from fedlora.models import build_model, lora_config
-    from fedlora.strategies import Recorded, strategy_info
-    from fedlora.strategies.base import checkpoint_state, initial_record
-
+    info = plan.resolve(cfg).strategy
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     fed = cfg.federation
@@ -78,8 +90,6 @@ def run_federation(grid: Grid, cfg: RunConfig, context: Context) -> dict[str, An
     config = {**cfg.to_flat(), "labels": ",".join(labels)}
     resumed = None
     if fed.resume:
-        from fedlora.checkpoint import load_checkpoint
-
         resumed = load_checkpoint(out_dir, config)
     recorder = RunRecorder(
         out_dir,
@@ -93,8 +103,6 @@ def run_federation(grid: Grid, cfg: RunConfig, context: Context) -> dict[str, An
         recorder.event("resume", from_round=resumed.round, num_rounds=fed.num_server_rounds)
     recorder.event("start", num_rounds=fed.num_server_rounds, out_dir=str(out_dir))
 
-    info = strategy_info(fed.strategy)
-
     def save(directory: Path, arrays: ArrayRecord) -> None:
         state, base_delta, rank = checkpoint_state(
             from_record(arrays),
@@ -106,8 +114,6 @@ def run_federation(grid: Grid, cfg: RunConfig, context: Context) -> dict[str, An
         save_peft_adapter(directory, state, config, base_delta=base_delta)
 
     if cfg.privacy.secure_aggregation:
-        from fedlora.privacy.secagg import run_secure
-
         final = run_secure(
             grid,
             context,
@@ -115,13 +121,11 @@ def run_federation(grid: Grid, cfg: RunConfig, context: Context) -> dict[str, An
             initial_record(info, loaded.initial_global),
             recorder,
             lambda server_round, state: save(
-                out_dir / "rounds" / f"round-{server_round:03d}", to_record(state)
+                out_dir / ROUNDS / f"round-{server_round:03d}", to_record(state)
             ),
         )
         save(out_dir / GLOBAL_ADAPTER, to_record(final))
         return _finish(grid, cfg, recorder, labels)
-
-    from fedlora.checkpoint import Checkpoint, save_checkpoint
 
     if resumed is not None:
         strategy, first_round, arrays = resumed.strategy, resumed.round + 1, to_record(resumed.arrays)
@@ -129,22 +133,18 @@ def run_federation(grid: Grid, cfg: RunConfig, context: Context) -> dict[str, An
         strategy, first_round = info.builder(cfg), 1
         arrays = to_record(initial_record(info, loaded.initial_global))
         if cfg.privacy.client_level:
-            from fedlora.privacy.client_dp import wait_for_nodes, with_client_dp
-
             strategy = with_client_dp(strategy, cfg, wait_for_nodes(grid, fed.min_clients))
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         server_round += first_round - 1
         if server_round >= first_round:
-            save(out_dir / "rounds" / f"round-{server_round:03d}", arrays)
+            save(out_dir / ROUNDS / f"round-{server_round:03d}", arrays)
             recorder.end_round(server_round)
             state = Checkpoint(
                 server_round, from_record(arrays), strategy, recorder.rounds, config, recorder.elapsed()
             )
             save_checkpoint(out_dir, state)
         return None
-
-    from fedlora.validation import UploadCheck
 
     check = UploadCheck.for_run(info, loaded.initial_global, fed.max_update_norm)
     recorded = Recorded(
@@ -177,7 +177,7 @@ def _finish(grid: Grid, cfg: RunConfig, recorder: RunRecorder, labels: Sequence[
     if fed.local_only_baseline:
         _local_only(grid, cfg, recorder)
     summary = recorder.summary(
-        labels=list(labels), strategy=fed.strategy, personalization=fed.resolved_personalization()
+        labels=list(labels), strategy=fed.strategy, personalization=plan.resolved_personalization(cfg)
     )
     final = summary["final"]
     log.info(

@@ -24,49 +24,32 @@ from pathlib import Path
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
-from fedlora.errors import FedloraError
+from fedlora.config import keys_where
+from fedlora.core import keys
+from fedlora.core.errors import FedloraError
 
 __all__ = ["STATE_PREFIX", "load_state", "node_state_mod", "read_state", "save_state", "state_path"]
 
 log = logging.getLogger(__name__)
 
 # Only fedlora's own records are kept on disk (Flower's mods keep per-round protocol state).
-STATE_PREFIX = "fedlora-"
+STATE_PREFIX = keys.STATE_PREFIX
 # Run-config keys that make two runs the same federation for a client's state.
-_IDENTITY = (
-    "model",
-    "task",
-    "lora-rank",
-    "lora-alpha",
-    "lora-target-modules",
-    "client-ranks",
-    "labels",
-    "dataset",
-    "data-dir",
-    "partitioner",
-    "dirichlet-alpha",
-    "test-fraction",
-    "strategy",
-    "personalization",
-    "seed",
-)
-_NODE_IDENTITY = ("profile", "lora-rank", "data-dir")
-# Error code of a reply from a node whose state file cannot be read.
-STATE_ERROR = 4102
+_IDENTITY = tuple(sorted(keys_where("identity")))
 
 
 def state_path(context: Context) -> Path | None:
     """The file holding this client's state, or None when state stays in memory."""
     node, run = context.node_config, context.run_config
-    root = str(node.get("state-dir") or run.get("client-state-dir") or "")
+    root = str(node.get(keys.NODE_STATE_DIR) or run.get("client-state-dir") or "")
     if not root:
         return None
     identity = {
         "run": {k: run.get(k) for k in _IDENTITY},
-        "node": {k: node.get(k) for k in _NODE_IDENTITY},
+        "node": {k: node.get(k) for k in keys.NODE_IDENTITY},
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    client = int(node.get("partition-id", 0))
+    client = int(node.get(keys.NODE_PARTITION_ID, 0))
     return Path(root).expanduser() / f"federation-{digest}" / f"client-{client}.state"
 
 
@@ -133,7 +116,7 @@ def node_state_mod(message: Message, context: Context, call_next: ClientAppCalla
         load_state(context, path)
     except FedloraError as err:
         log.error("fedlora client: %s", err)
-        return Message(Error(code=STATE_ERROR, reason=str(err)), reply_to=message)
+        return Message(Error(code=keys.E_STATE, reason=str(err)), reply_to=message)
     reply = call_next(message, context)
     # Also after an error reply: declining a round for the privacy budget is remembered.
     save_state(context, path)

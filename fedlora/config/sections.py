@@ -1,0 +1,432 @@
+"""The five sections of a run configuration: frozen dataclasses whose checks name the field."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+
+from fedlora.config.fields import fail, setting
+from fedlora.core.errors import ConfigError
+
+__all__ = [
+    "CLIENT_DP_MODES",
+    "DP_ACCOUNTANTS",
+    "TASKS",
+    "DataConfig",
+    "FederationConfig",
+    "ModelConfig",
+    "PrivacyConfig",
+    "TrainConfig",
+]
+
+TASKS = ("classification", "causal-lm")
+# Client-level DP: where each client's whole update is clipped before the server adds noise.
+CLIENT_DP_MODES = ("off", "server-clipping", "client-clipping")
+# Opacus accountants a client's privacy ledger can use.
+DP_ACCOUNTANTS = ("rdp", "prv")
+
+
+def _require_module(module: str, key: str, install: str) -> None:
+    """Fail before any training when ``key`` needs a package that is not installed."""
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"{key}: needs the package {install}; {module!r} is not installed")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Base model and LoRA adapter shape.
+
+    ``model`` is a bundled name (``minilm``, ``smollm2``, ``tiny-bert``, ``tiny-llama``), a
+    local folder or a Hugging Face hub id. An empty ``lora_target_modules`` picks the
+    architecture's default (attention query/value projections).
+    """
+
+    model: str = setting(
+        "minilm",
+        "`minilm` (bundled all-MiniLM-L6-v2), `smollm2` (bundled SmolLM2-135M-Instruct, causal LM; "
+        "converted once from the package's GGUF to a safetensors copy in `~/.cache/fedlora` or "
+        "`$FEDLORA_CACHE`, about 20 s and 540 MB), `tiny-bert` / `tiny-llama` (random tiny models for "
+        "tests), a local model folder, or a Hugging Face hub id",
+        identity=True,
+    )
+    task: str = setting(
+        "classification",
+        "`classification` or `causal-lm` (next-token loss; accuracy is next-token accuracy)",
+        identity=True,
+    )
+    max_length: int = setting(32, "tokens per example (longer texts are truncated)")
+    lora_rank: int = setting(8, "LoRA rank r of both adapters", identity=True)
+    lora_alpha: int = setting(16, "LoRA scaling alpha (the update is scaled by alpha / r)", identity=True)
+    lora_dropout: float = setting(0.0, "dropout on the LoRA input")
+    lora_target_modules: tuple[str, ...] = setting(
+        (),
+        "comma-separated module names to adapt; empty: per architecture (BERT classifiers: "
+        "`query,value,pooler.dense`; otherwise PEFT's default)",
+        identity=True,
+    )
+    client_ranks: tuple[str, ...] = setting(
+        (),
+        "comma-separated LoRA ranks taken by clients in turn (`flora`, `flexlora` only); empty: `lora-rank` "
+        "for all",
+        identity=True,
+    )
+
+    def __post_init__(self) -> None:
+        if not self.model.strip():
+            raise fail("model", "a bundled model name, a local folder or a hub id", self.model)
+        if self.task not in TASKS:
+            raise fail("task", f"one of {', '.join(TASKS)}", self.task)
+        if self.max_length < 4:
+            raise fail("max-length", "an integer >= 4", self.max_length)
+        if self.lora_rank <= 0:
+            raise fail("lora-rank", "a positive integer", self.lora_rank)
+        if self.lora_alpha <= 0:
+            raise fail("lora-alpha", "a positive integer", self.lora_alpha)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise fail("lora-dropout", "a number in [0, 1)", self.lora_dropout)
+        if not all(r.isdigit() and int(r) > 0 for r in self.client_ranks):
+            raise fail("client-ranks", "comma-separated positive integers", ",".join(self.client_ranks))
+
+    def ranks(self) -> list[int]:
+        """Every LoRA rank in use: ``client-ranks`` if given, else ``lora-rank``."""
+        return [int(r) for r in self.client_ranks] or [self.lora_rank]
+
+    def rank_for(self, partition_id: int) -> int:
+        """Client ``partition_id``'s rank: ``client-ranks`` taken in turn, else ``lora-rank``."""
+        ranks = self.ranks()
+        return ranks[partition_id % len(ranks)]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where client data comes from and how it is split across clients.
+
+    ``data_dir`` (one subfolder per client with ``train.jsonl`` and ``test.jsonl``) takes
+    precedence over the bundled ``dataset``; the partitioner only applies to the latter.
+    Names (``dataset``, ``partitioner``) are checked against their registries by
+    `fedlora.plan`.
+    """
+
+    dataset: str = setting(
+        "bbc-news",
+        "bundled corpus: `bbc-news` (BBC News, 5 topics, classification) or `shakespeare` (one client per "
+        "play and role, `task=causal-lm`; see [Presets](#presets))",
+        identity=True,
+    )
+    data_dir: str = setting(
+        "",
+        "folder with one subfolder per client (`train.jsonl`, `test.jsonl`); overrides `dataset`",
+        identity=True,
+    )
+    partitioner: str = setting(
+        "dirichlet",
+        "`iid`, `dirichlet` (label skew) or `natural` (one client per natural id of the corpus)",
+        identity=True,
+    )
+    dirichlet_alpha: float = setting(0.3, "Dirichlet concentration: smaller is more skewed", identity=True)
+    test_fraction: float = setting(
+        0.5,
+        "share of each client's examples held out for its test split (bundled corpus; `shakespeare`: the "
+        "role's last lines)",
+        identity=True,
+    )
+    labels: tuple[str, ...] = setting(
+        (),
+        "comma-separated label set; empty: the corpus's, or every label found under `data-dir`",
+        identity=True,
+        resolved=True,
+    )
+    min_lines: int = setting(
+        40, "`shakespeare`: smallest role kept as a client (523 roles at 40 lines, 987 at 8)"
+    )
+
+    def __post_init__(self) -> None:
+        if not self.data_dir and not self.dataset.strip():
+            raise fail("dataset", "a bundled dataset name", self.dataset)
+        if self.dirichlet_alpha <= 0:
+            raise fail("dirichlet-alpha", "a positive number", self.dirichlet_alpha)
+        if not 0.0 < self.test_fraction < 1.0:
+            raise fail("test-fraction", "a number in (0, 1)", self.test_fraction)
+        if self.min_lines < 2:
+            raise fail("min-lines", "an integer >= 2 (a train and a test line)", self.min_lines)
+        if len(set(self.labels)) != len(self.labels):
+            raise fail("labels", "a comma-separated list without repeats", ",".join(self.labels))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training on a client: what one round of local work is."""
+
+    batch_size: int = setting(16, "examples per local step")
+    learning_rate: float = setting(
+        5e-3, "AdamW learning rate of local training (a fresh optimizer every round)"
+    )
+    local_steps: int = setting(3, "steps of the shared adapter per round")
+    personal_steps: int = setting(
+        3, "steps of the personal adapter per round (0: personalized equals global)"
+    )
+    ditto_lambda: float = setting(0.1, "`ditto`: weight of `||v - w_global||^2 / 2` in the personal loss")
+    num_threads: int = setting(1, "torch threads per client process (0: torch's default)", resumable=True)
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise fail("batch-size", "a positive integer", self.batch_size)
+        if not 0 < self.learning_rate < 1:
+            raise fail("learning-rate", "a number in (0, 1)", self.learning_rate)
+        if self.local_steps <= 0:
+            raise fail("local-steps", "a positive integer", self.local_steps)
+        if self.personal_steps < 0:
+            raise fail("personal-steps", "an integer >= 0", self.personal_steps)
+        if self.ditto_lambda < 0:
+            raise fail("ditto-lambda", "a number >= 0", self.ditto_lambda)
+        if self.num_threads < 0:
+            raise fail("num-threads", "an integer >= 0 (0 keeps torch's default)", self.num_threads)
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Server-side choices: rounds, sampling, baselines and where results go.
+
+    ``strategy`` and ``personalization`` are names in their registries; `fedlora.plan`
+    resolves them and checks that they fit together and with the rest of the config.
+    """
+
+    num_server_rounds: int = setting(5, "federated rounds", resumable=True)
+    fraction_train: float = setting(1.0, "share of clients sampled for training each round")
+    fraction_evaluate: float = setting(
+        1.0,
+        "share of clients sampled for evaluation (and personalization) each round; the summary's accuracies "
+        "are those of the sampled clients",
+    )
+    min_clients: int = setting(
+        2,
+        "clients that must be connected before a round starts (`fedlora simulate` sets it to `--clients`)",
+        resumable=True,
+        placement=True,
+    )
+    strategy: str = setting("fedavg", "aggregation strategy, see [Strategies](#strategies)", identity=True)
+    personalization: str = setting(
+        "auto",
+        "`none`, `finetune`, `dual`, `ditto`, `fedsa-lora`; `auto`: `fedsa-lora` under that strategy, else "
+        "`dual`",
+        identity=True,
+    )
+    proximal_mu: float = setting(0.01, "`fedprox`: weight of the proximal term")
+    server_learning_rate: float = setting(
+        0.0,
+        "`fedadam`/`fedyogi` eta, `fedavgm` server learning rate; 0: the strategy's default (0.01, 0.01, "
+        "1.0)",
+    )
+    server_momentum: float = setting(0.9, "`fedavgm`: server momentum")
+    trim_fraction: float = setting(0.2, "`trimmed-mean`: share of values cut from each end, per coordinate")
+    byzantine_clients: int = setting(0, "`krum`: number of malicious clients f it tolerates")
+    max_update_norm: float = setting(
+        math.inf,
+        "the server drops an upload whose L2 distance from the global arrays it started from exceeds this "
+        "(uploads with NaN/Inf, missing, extra or misshapen tensors are always dropped)",
+    )
+    local_only_baseline: bool = setting(
+        True,
+        "after the rounds, every client also trains an adapter alone (the local-only column)",
+        resumable=True,
+    )
+    seed: int = setting(0, "seed of partitioning, initialisation and local sampling", identity=True)
+    out_dir: str = setting(
+        "",
+        "run directory; empty: `runs/<timestamp>` under the ServerApp's working directory",
+        resumable=True,
+        placement=True,
+    )
+    round_timeout: float = setting(
+        3600.0,
+        "seconds the server waits for a round's replies; a client that has not answered by then is counted "
+        "as failed and the round goes on without it",
+        resumable=True,
+    )
+    min_reply_fraction: float = setting(
+        0.5,
+        "a round changes the global adapter only if at least this share of the sampled clients returned a "
+        "valid update; otherwise the global adapter is kept and the run goes on",
+        resumable=True,
+    )
+    resume: bool = setting(
+        False,
+        "continue the run in `out-dir` from its last checkpoint (global arrays, strategy state, round "
+        "number, results so far) instead of starting afresh",
+        resumable=True,
+        placement=True,
+    )
+    client_state_dir: str = setting(
+        "",
+        "where each client keeps its personal adapter, kept LoRA parts and privacy ledger on disk (a "
+        "deployed node's `state-dir` node config wins); empty: `<out-dir>/clients` under `fedlora "
+        "simulate`, the node's memory otherwise",
+        placement=True,
+    )
+
+    def __post_init__(self) -> None:
+        if self.num_server_rounds <= 0:
+            raise fail("num-server-rounds", "a positive integer", self.num_server_rounds)
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise fail("fraction-train", "a number in (0, 1]", self.fraction_train)
+        if not 0.0 < self.fraction_evaluate <= 1.0:
+            raise fail("fraction-evaluate", "a number in (0, 1]", self.fraction_evaluate)
+        if self.min_clients <= 0:
+            raise fail("min-clients", "a positive integer", self.min_clients)
+        if not self.strategy.strip():
+            raise fail("strategy", "a strategy name", self.strategy)
+        if not self.personalization.strip():
+            raise fail("personalization", "auto or a personalization name", self.personalization)
+        if self.proximal_mu < 0:
+            raise fail("proximal-mu", "a number >= 0", self.proximal_mu)
+        if self.server_learning_rate < 0:
+            raise fail(
+                "server-learning-rate", "a number >= 0 (0: the strategy's default)", self.server_learning_rate
+            )
+        if not 0.0 <= self.server_momentum < 1.0:
+            raise fail("server-momentum", "a number in [0, 1)", self.server_momentum)
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise fail("trim-fraction", "a number in [0, 0.5)", self.trim_fraction)
+        if self.byzantine_clients < 0:
+            raise fail("byzantine-clients", "an integer >= 0", self.byzantine_clients)
+        if not self.max_update_norm > 0:
+            raise fail("max-update-norm", "a positive number (inf: no bound)", self.max_update_norm)
+        if not self.round_timeout > 0:
+            raise fail("round-timeout", "a positive number of seconds", self.round_timeout)
+        if not 0.0 <= self.min_reply_fraction <= 1.0:
+            raise fail("min-reply-fraction", "a number in [0, 1]", self.min_reply_fraction)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Sample-level DP-SGD on every client (off while both noise and target epsilon are 0).
+
+    ``dp-target-epsilon`` > 0 picks each client's noise multiplier so that its whole run
+    (rounds x (local + personal steps), at its own sample rate) spends that epsilon;
+    otherwise ``dp-noise-multiplier`` is used as given. A client whose next round would
+    take it past ``dp-epsilon-budget`` declines to train.
+    """
+
+    dp_noise_multiplier: float = setting(
+        0.0,
+        "DP-SGD noise multiplier on every client's adapter training; 0 with `dp-target-epsilon` 0: DP off",
+    )
+    dp_target_epsilon: float = setting(
+        0.0, "if > 0, each client's noise multiplier is calibrated so that its whole run spends this epsilon"
+    )
+    dp_max_grad_norm: float = setting(1.0, "DP-SGD per-example gradient clipping norm")
+    dp_delta: float = setting(1e-5, "delta of the reported epsilon")
+    dp_accountant: str = setting("rdp", "`rdp` or `prv` (Opacus accountants)")
+    dp_epsilon_budget: float = setting(
+        math.inf, "a client whose next round would take its epsilon past this declines to train"
+    )
+    dp_secure_mode: bool = setting(
+        False,
+        "DP-SGD noise from a cryptographically secure generator (Opacus `secure_mode`; needs `torchcsprng`, "
+        "not on PyPI)",
+    )
+    dp_personal: bool = setting(
+        True,
+        "DP-SGD also on the personal adapter; `false`: only what leaves the client (the shared adapter) is "
+        "DP-trained and spends epsilon, the personal adapter trains without noise",
+    )
+    client_dp: str = setting(
+        "off",
+        "client-level DP: `off`, `server-clipping` or `client-clipping` (where each whole update is clipped)",
+    )
+    client_dp_noise_multiplier: float = setting(
+        1.0,
+        "client-level DP: noise standard deviation on the mean update, in units of clipping norm / clients "
+        "sampled",
+    )
+    client_dp_clipping_norm: float = setting(
+        1.0,
+        "client-level DP: L2 bound on each client's update (upload minus the global arrays it started from)",
+    )
+    client_dp_epsilon_budget: float = setting(
+        math.inf,
+        "client-level DP: the server stops training before a round that would take epsilon past this",
+    )
+    secure_aggregation: bool = setting(
+        False, "Flower SecAgg+: the server only ever sees the sum of the clients' masked uploads"
+    )
+    secagg_clipping_range: float = setting(
+        8.0, "SecAgg+: uploaded values are clipped to +-this before quantization"
+    )
+    secagg_max_weight: float = setting(
+        1000.0,
+        "SecAgg+: largest client weight (training examples); uploads are scaled by weight / this before "
+        "quantization, so a tighter bound is more precise",
+    )
+    canary_repeats: int = setting(
+        0,
+        "causal LMs: insert a random secret this many times into one client's training text and report its "
+        "exposure (bits) at the end; 0: off",
+    )
+    canary_client: int = setting(0, "the partition id of the client that holds the canary")
+    audit_wire_log: str = setting(
+        "",
+        "a file where every client appends the shape (keys, dtypes, sizes; no values) of each reply, for "
+        "`fedlora audit --wire`",
+        resumable=True,
+    )
+
+    def __post_init__(self) -> None:
+        if self.dp_noise_multiplier < 0:
+            raise fail(
+                "dp-noise-multiplier",
+                "a number >= 0 (0: DP off unless dp-target-epsilon)",
+                self.dp_noise_multiplier,
+            )
+        if self.dp_target_epsilon < 0:
+            raise fail(
+                "dp-target-epsilon", "a number >= 0 (0: use dp-noise-multiplier)", self.dp_target_epsilon
+            )
+        if self.dp_max_grad_norm <= 0:
+            raise fail("dp-max-grad-norm", "a positive number", self.dp_max_grad_norm)
+        if not 0.0 < self.dp_delta < 1.0:
+            raise fail("dp-delta", "a number in (0, 1)", self.dp_delta)
+        if self.dp_accountant not in DP_ACCOUNTANTS:
+            raise fail("dp-accountant", f"one of {', '.join(DP_ACCOUNTANTS)}", self.dp_accountant)
+        if not self.dp_epsilon_budget > 0:
+            raise fail("dp-epsilon-budget", "a positive number (inf: no budget)", self.dp_epsilon_budget)
+        if self.dp_secure_mode and self.enabled:
+            _require_module(
+                "torchcsprng",
+                "dp-secure-mode",
+                "torchcsprng, Opacus' cryptographically secure noise source (not on PyPI: build it "
+                "from github.com/pytorch/csprng), or set dp-secure-mode=false",
+            )
+        if self.client_dp not in CLIENT_DP_MODES:
+            raise fail("client-dp", f"one of {', '.join(CLIENT_DP_MODES)}", self.client_dp)
+        if not self.client_dp_noise_multiplier > 0:
+            raise fail("client-dp-noise-multiplier", "a positive number", self.client_dp_noise_multiplier)
+        if not self.client_dp_clipping_norm > 0:
+            raise fail("client-dp-clipping-norm", "a positive number", self.client_dp_clipping_norm)
+        if not self.client_dp_epsilon_budget > 0:
+            raise fail(
+                "client-dp-epsilon-budget",
+                "a positive number (inf: no budget)",
+                self.client_dp_epsilon_budget,
+            )
+        if self.client_dp != "off":
+            _require_module("dp_accounting", "client-dp", 'flwr[dp] (pip install "flwr[dp]")')
+        if not self.secagg_clipping_range > 0:
+            raise fail("secagg-clipping-range", "a positive number", self.secagg_clipping_range)
+        if self.canary_repeats < 0:
+            raise fail("canary-repeats", "an integer >= 0 (0: no canary)", self.canary_repeats)
+        if self.canary_client < 0:
+            raise fail("canary-client", "a partition id >= 0", self.canary_client)
+        if not self.secagg_max_weight > 0:
+            raise fail("secagg-max-weight", "a positive number", self.secagg_max_weight)
+
+    @property
+    def client_level(self) -> bool:
+        """Whether the server clips whole client updates and adds noise to their mean."""
+        return self.client_dp != "off"
+
+    @property
+    def enabled(self) -> bool:
+        """Whether clients train with DP-SGD."""
+        return self.dp_noise_multiplier > 0 or self.dp_target_epsilon > 0

@@ -1,0 +1,186 @@
+"""The run directory: its file names, and the records it holds as dataclasses.
+
+``summary.json`` is `RunSummary.to_dict`; ``metrics.jsonl`` holds one event per line
+(``round`` events carry a `RoundRecord` without its per-client part); ``config.json`` is
+the flat run config with the resolved label set. Readers (`fedlora.api`, the CLI) use
+`RunSummary.read` rather than string keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CHECKPOINT",
+    "CLIENTS",
+    "CONFIG",
+    "GLOBAL_ADAPTER",
+    "METRICS",
+    "ROUNDS",
+    "SUMMARY",
+    "ClientsSummary",
+    "FinalSummary",
+    "RoundRecord",
+    "RoundSummary",
+    "RunSummary",
+    "read_config",
+]
+
+SUMMARY = "summary.json"
+METRICS = "metrics.jsonl"
+CONFIG = "config.json"
+GLOBAL_ADAPTER = "global_adapter"
+CHECKPOINT = "checkpoint"
+ROUNDS = "rounds"  # rounds/round-NNN: each round's global adapter
+CLIENTS = "clients"  # where `fedlora simulate` keeps the clients' state
+
+
+def read_config(out_dir: Path) -> dict[str, Any]:
+    """The flat run config a run directory was written with (``config.json``)."""
+    return dict(json.loads((out_dir / CONFIG).read_text()))
+
+
+@dataclass
+class RoundRecord:
+    """What happened in one round, as written to ``metrics.jsonl`` and the summary."""
+
+    round: int
+    clients_trained: int = 0
+    clients_failed: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    bytes_down_train: int = 0
+    clients_sampled: int = 0
+    train_loss: float = math.nan
+    global_accuracy: float = math.nan
+    personalized_accuracy: float = math.nan
+    personalized_accuracy_worst10: float = math.nan
+    global_accuracy_worst10: float = math.nan
+    # Causal LMs: mean over clients of each client's held-out perplexity (exp of its token loss).
+    global_perplexity: float = math.nan
+    personalized_perplexity: float = math.nan
+    per_client: dict[str, dict[str, float]] = field(default_factory=dict)
+    epsilon_max: float = math.nan
+    clients_rejected: int = 0
+    client_dp_epsilon: float = math.nan
+    mia_advantage_global: float = math.nan
+    mia_advantage_personalized: float = math.nan
+    mia_advantage_chance: float = math.nan
+    canary_exposure_global: float = math.nan
+    canary_exposure_personalized: float = math.nan
+    wall_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    """One round in ``summary.json``: its accuracies, traffic and clients."""
+
+    round: int
+    global_accuracy: float
+    global_accuracy_worst10: float
+    personalized_accuracy: float
+    personalized_accuracy_worst10: float
+    global_perplexity: float
+    personalized_perplexity: float
+    train_loss: float
+    bytes_up: int
+    bytes_down: int
+    clients_trained: int
+    clients_failed: int
+    clients_rejected: int
+    epsilon_max: float
+    client_dp_epsilon: float
+    wall_s: float
+
+    @classmethod
+    def of(cls, record: RoundRecord) -> RoundSummary:
+        """The summary row of a round's record."""
+        return cls(**{f.name: getattr(record, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class FinalSummary:
+    """The run's headline figures (``summary.json``'s ``final``).
+
+    Accuracies and perplexities are unweighted means over the clients evaluated in the
+    last round; ``*_worst10`` the mean of the worst 10% of them. Local-only figures are
+    None when the baseline did not run.
+    """
+
+    global_accuracy: float
+    global_accuracy_worst10: float
+    personalized_accuracy: float
+    personalized_accuracy_worst10: float
+    local_only_accuracy: float | None
+    local_only_accuracy_worst10: float | None
+    global_perplexity: float
+    personalized_perplexity: float
+    local_only_perplexity: float
+    bytes_up_per_client_round: float
+    bytes_down_per_client_round: float
+    epsilon_max: float
+    clients_out_of_budget: int
+    # Client-level DP: the server accountant's epsilon after the last release.
+    client_dp_epsilon: float
+    # Loss-threshold membership inference on the final models (mean over clients).
+    mia_advantage_global: float
+    mia_advantage_personalized: float
+    mia_advantage_chance: float
+    # Canary audit (causal LMs): exposure in bits of the canary client's secret.
+    canary_exposure_global: float
+    canary_exposure_personalized: float
+    full_model_bytes: int
+    wall_s: float
+    upload_reduction: float | None
+
+
+@dataclass(frozen=True)
+class ClientsSummary:
+    """Per-client figures: the last round's metrics by client, and the local-only baseline."""
+
+    final_round: dict[str, dict[str, Any]]
+    local_only_accuracy: dict[str, float]
+    local_only_loss: dict[str, float]
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """``summary.json``: the rounds, the final figures, the clients, and what was run."""
+
+    rounds: list[RoundSummary]
+    final: FinalSummary
+    per_client: ClientsSummary
+    labels: list[str] = field(default_factory=list)
+    strategy: str = ""
+    personalization: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object written to ``summary.json``."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunSummary:
+        """Read a ``summary.json`` object; keys a newer fedlora added are ignored."""
+
+        def build(kind: type[Any], values: dict[str, Any]) -> Any:
+            names = {f.name for f in dataclasses.fields(kind)}
+            return kind(**{k: v for k, v in values.items() if k in names})
+
+        return cls(
+            rounds=[build(RoundSummary, r) for r in data["rounds"]],
+            final=build(FinalSummary, data["final"]),
+            per_client=build(ClientsSummary, data["per_client"]),
+            labels=list(data.get("labels", [])),
+            strategy=str(data.get("strategy", "")),
+            personalization=str(data.get("personalization", "")),
+        )
+
+    @classmethod
+    def read(cls, out_dir: Path) -> RunSummary:
+        """The summary of the run in ``out_dir``."""
+        return cls.from_dict(json.loads((out_dir / SUMMARY).read_text()))
