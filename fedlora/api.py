@@ -25,6 +25,10 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from fedlora.launch import FlowerSession
+from fedlora.core.errors import ConfigError
+from fedlora.data.jsonl import client_folders
+from fedlora.launch import flower_session, simulate
+from fedlora.presets import get_preset
 
 __all__ = ["DEFAULT_CLIENTS", "Results", "Sweep", "load_results", "resume", "run", "sweep"]
 
@@ -71,7 +75,7 @@ class Results:
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row per round, with the run's strategy, personalization and seed as columns."""
-        import pandas as pd
+        import pandas as pd  # noqa: PLC0415 - heavy: pandas
 
         frame = pd.DataFrame(self.rounds)
         frame.insert(0, "seed", self.seed)
@@ -85,7 +89,7 @@ class Results:
         Accuracy always; for causal LMs also held-out perplexity (``exp`` of the client's
         mean token loss). Rows are in client order.
         """
-        import pandas as pd
+        import pandas as pd  # noqa: PLC0415 - heavy: pandas
 
         clients = self.summary["per_client"]
         causal = self.config.get("task") == "causal-lm"
@@ -174,10 +178,7 @@ def run(
         Bad configuration or data (before anything starts), or a failed run.
 
     """
-    from fedlora.launch import simulate
-
     if preset is not None:
-        from fedlora.presets import get_preset
 
         chosen = get_preset(preset)
         overrides = {**{k.replace("-", "_"): v for k, v in chosen.config.items()}, **overrides}
@@ -216,8 +217,6 @@ def resume(
         If ``out`` holds no run, no checkpoint, or the run fails.
 
     """
-    from fedlora.launch import simulate
-
     path = Path(out).expanduser().resolve()
     if not (path / "config.json").is_file():
         raise FedloraError(f"{path}: not a fedlora run directory (no config.json)")
@@ -239,7 +238,6 @@ def resume(
 def default_clients(cfg: RunConfig) -> int:
     """One client per folder of ``data-dir``, else the default benchmark's 20."""
     if cfg.data.data_dir:
-        from fedlora.data.jsonl import client_folders
 
         return len(client_folders(cfg.data.data_dir))
     return DEFAULT_CLIENTS
@@ -258,7 +256,7 @@ def _config_of(flat: Mapping[str, Any], strategy: str, personalization: str) -> 
     if cfg.get("audit-wire-log"):
         # Clients run in other working directories: give them an absolute path.
         cfg["audit-wire-log"] = str(Path(str(cfg["audit-wire-log"])).expanduser().resolve())
-    from fedlora import plan  # heavy: the method registries import torch
+    from fedlora import plan  # noqa: PLC0415 - heavy: imports torch (heavy: the method registries import torch)
 
     return plan.load({**cfg, "strategy": strategy, "personalization": personalization}).cfg
 
@@ -285,7 +283,7 @@ class Sweep(list[Results]):
         ``local_only_accuracy`` comes from the run of the same seed that measured it (a
         sweep measures the baseline once per seed: it does not depend on the strategy).
         """
-        import pandas as pd
+        import pandas as pd  # noqa: PLC0415 - heavy: pandas
 
         baseline = {
             r.seed: (r.final["local_only_accuracy"], r.final["local_only_accuracy_worst10"])
@@ -317,13 +315,13 @@ class Sweep(list[Results]):
 
     def rounds(self) -> pd.DataFrame:
         """Every run's per-round metrics, stacked."""
-        import pandas as pd
+        import pandas as pd  # noqa: PLC0415 - heavy: pandas
 
         return pd.concat([r.to_dataframe() for r in self], ignore_index=True)
 
     def per_client(self) -> pd.DataFrame:
         """Every run's final per-client accuracies, stacked."""
-        import pandas as pd
+        import pandas as pd  # noqa: PLC0415 - heavy: pandas
 
         return pd.concat([r.per_client() for r in self], ignore_index=True)
 
@@ -347,8 +345,6 @@ def sweep(
     ``ditto``) are skipped. With ``reuse``, a run directory that already holds a finished
     run of exactly this configuration is loaded instead of run again.
     """
-    from fedlora.launch import flower_session
-
     with flower_session() as session:
         return _sweep(
             strategies,
@@ -372,7 +368,6 @@ def _sweep(
     on_run: Callable[[Results], None] | None,
     common: dict[str, Any],
 ) -> Sweep:
-    from fedlora.core.errors import ConfigError
 
     results = Sweep()
     measured: set[int] = set()

@@ -25,6 +25,18 @@ from fedlora.plan import resolved_personalization
 if TYPE_CHECKING:
     from fedlora.models import LoadedModel
     from fedlora.train import Tokenized
+import dataclasses
+
+from fedlora.client.state import read_state
+from fedlora.core.errors import DataError
+from fedlora.data.federated import load_client_data
+from fedlora.lora.adapters import from_record
+from fedlora.lora.protocol import receive
+from fedlora.models import build_model
+from fedlora.personalization import get_personalization
+from fedlora.personalization.base import Local
+from fedlora.train import tokenize
+from fedlora.train.local import use_adapter
 
 __all__ = [
     "ExportResult",
@@ -97,8 +109,6 @@ class Personalized:
 
     def use_global(self) -> None:
         """Make the model the global one, as the client evaluated it (its ``global`` metrics)."""
-        from fedlora.train.local import use_adapter
-
         use_adapter(self.loaded, self.global_state)
 
     def use_personalized(self) -> None:
@@ -118,10 +128,6 @@ class Personalized:
 
     def held_out(self) -> Tokenized | None:
         """The client's tokenized held-out examples, or None where its data is not at hand."""
-        from fedlora.core.errors import DataError
-        from fedlora.data.federated import load_client_data
-        from fedlora.train import tokenize
-
         cfg = self.cfg
         try:
             data = load_client_data(
@@ -147,15 +153,6 @@ def load_personalized(state_file: str | Path) -> Personalized:
         If the state lacks what is needed (the client never evaluated a round).
 
     """
-    import dataclasses
-
-    from fedlora.client.state import read_state
-    from fedlora.lora.adapters import from_record
-    from fedlora.lora.protocol import receive
-    from fedlora.models import build_model
-    from fedlora.personalization import get_personalization
-    from fedlora.personalization.base import Local
-
     state = read_state(Path(state_file).expanduser())
     if keys.S_LAST_GLOBAL not in state.array_records or keys.S_CLIENT_CONFIG not in state.config_records:
         raise FedloraError(f"{state_file}: the client has not evaluated a round yet; nothing to export")
@@ -244,7 +241,7 @@ def export_client(state_file: Path, out_dir: Path, *, verify: bool = True) -> Ex
 
 def logits(model: Any, data: Any, batch_size: int = 32) -> Any:
     """Logits on every example (causal LM: at every real token), batch by batch."""
-    import torch
+    import torch  # noqa: PLC0415 - heavy: torch
 
     model.eval()
     outs = []
@@ -267,8 +264,8 @@ def _info(model_dir: Path) -> dict[str, Any]:
 
 def predict(model_dir: Path, texts: Sequence[str]) -> list[tuple[str, float]]:
     """(label, probability) of each text under an exported classifier, with transformers alone."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    import torch  # noqa: PLC0415 - heavy: torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: PLC0415 - heavy: transformers
 
     info = _info(model_dir)
     if info["task"] != "classification":
@@ -286,8 +283,8 @@ def predict(model_dir: Path, texts: Sequence[str]) -> list[tuple[str, float]]:
 
 def generate(model_dir: Path, prompt: str, *, max_new_tokens: int = 40, seed: int = 0) -> str:
     """A continuation of ``prompt`` from an exported causal LM (greedy, see `continuation`)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch  # noqa: PLC0415 - heavy: torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 - heavy: transformers
 
     info = _info(model_dir)
     if info["task"] != "causal-lm":
@@ -304,7 +301,7 @@ def continuation(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int
     Greedy decoding that never repeats a 3-gram (small models otherwise loop on one
     phrase): deterministic, so a model always gives the same continuation.
     """
-    import torch
+    import torch  # noqa: PLC0415 - heavy: torch
 
     model.eval()
     enc = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False)

@@ -13,10 +13,10 @@ def plot_accuracy(summary: dict[str, Any], path: Path) -> Path:
 
     The shaded band under each federated curve reaches down to its worst-10% clients.
     """
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - heavy: matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - heavy: matplotlib
 
     rounds = [r["round"] for r in summary["rounds"]]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)

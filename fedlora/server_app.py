@@ -15,6 +15,6 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run one fedlora federation with the run's configuration."""
-    from fedlora.server.loop import run_federation
+    from fedlora.server.loop import run_federation  # noqa: PLC0415 - heavy: imports torch
 
     run_federation(grid, RunConfig.from_flat(context.run_config), context)

@@ -20,6 +20,8 @@ from fedlora.lora.adapters import from_record
 
 if TYPE_CHECKING:
     from fedlora.lora.adapters import AdapterState
+import flwr.compat.common.recorddict_compat as compat
+from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
 __all__ = ["Handler", "Incoming", "legacy_reply", "reply", "reply_errors"]
 
@@ -51,12 +53,10 @@ class Incoming:
     """The server's arrays and config, from a Message-API or a legacy (SecAgg+) message."""
 
     def __init__(self, message: Message, names: list[str]) -> None:
-        import flwr.compat.common.recorddict_compat as compat
 
         content = message.content
         self.legacy = _LEGACY_FIT in content.array_records or _LEGACY_EVALUATE in content.array_records
         if self.legacy:
-            from flwr.common import parameters_to_ndarrays
 
             ins = (
                 compat.recorddict_to_fitins(content, keep_input=True)
@@ -109,9 +109,6 @@ def legacy_reply(
     message: Message, metrics: Mapping[str, float | int], arrays: ArrayRecord | None = None, loss: float = 0.0
 ) -> Message:
     """The reply SecAgg+ expects: FitRes (masked by ``secaggplus_mod`` on the way out) or EvaluateRes."""
-    import flwr.compat.common.recorddict_compat as compat
-    from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters
-
     ok, num = Status(Code.OK, ""), int(metrics[keys.M_NUM_EXAMPLES])
     if arrays is not None:
         params = ndarrays_to_parameters(arrays.to_numpy_ndarrays())

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import serde
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 from fedlora.config import keys_where
 from fedlora.core import keys
@@ -77,9 +79,6 @@ def read_state(path: Path) -> RecordDict:
         If the file cannot be read as a saved state.
 
     """
-    from flwr.common import serde
-    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
-
     proto = ProtoRecordDict()
     try:
         proto.ParseFromString(Path(path).read_bytes())
@@ -94,8 +93,6 @@ def read_state(path: Path) -> RecordDict:
 
 def save_state(context: Context, path: Path) -> None:
     """Write fedlora's records of ``context.state`` to ``path``, atomically."""
-    from flwr.common import serde
-
     own = RecordDict({n: r for n, r in context.state.items() if n.startswith(STATE_PREFIX)})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

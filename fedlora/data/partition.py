@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 from fedlora.core.errors import DataError
@@ -55,8 +56,8 @@ def partition(
             f"clients: {num_partitions} clients need at least {num_partitions * min_size} "
             f"examples ({min_size} each), but the data has {n}"
         )
-    from datasets import Dataset
-    from flwr_datasets.partitioner import (
+    from datasets import Dataset  # noqa: PLC0415 - heavy: datasets
+    from flwr_datasets.partitioner import (  # noqa: PLC0415 - heavy: flwr_datasets
         DirichletPartitioner,
         IidPartitioner,
         NaturalIdPartitioner,
@@ -68,7 +69,6 @@ def partition(
     if method == "iid":
         partitioner = IidPartitioner(num_partitions=num_partitions)
         # IidPartitioner splits in order: shuffle first so that clients are random draws.
-        import random
 
         order = list(range(n))
         random.Random(seed).shuffle(order)

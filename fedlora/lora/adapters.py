@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import torch
     from flwr.app import ArrayRecord
     from peft import LoraConfig, PeftModel
+from flwr.app import Array, ArrayRecord
 
 __all__ = [
     "AdapterState",
@@ -37,7 +38,7 @@ def adapter_state(model: PeftModel, name: str) -> AdapterState:
 
     For classification this includes the adapter's copy of the task head.
     """
-    from peft import get_peft_model_state_dict
+    from peft import get_peft_model_state_dict  # noqa: PLC0415 - heavy: peft
 
     state = get_peft_model_state_dict(model, adapter_name=name)
     return OrderedDict((k, v.detach().clone()) for k, v in state.items())
@@ -52,7 +53,7 @@ def load_adapter_state(model: PeftModel, name: str, state: AdapterState) -> None
         If ``state`` lacks a key of the adapter or carries one it does not have.
 
     """
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: PLC0415 - heavy: peft
 
     expected = get_peft_model_state_dict(model, adapter_name=name)
     missing = sorted(set(expected) - set(state))
@@ -78,8 +79,8 @@ def activate(
     The task head comes from the last adapter in ``names`` (PEFT keeps one active head).
     ``frozen`` parts (``lora_A``, ``lora_B``) of the trainable adapters stay fixed.
     """
-    from peft.tuners.lora import LoraLayer
-    from peft.utils import ModulesToSaveWrapper
+    from peft.tuners.lora import LoraLayer  # noqa: PLC0415 - heavy: peft
+    from peft.utils import ModulesToSaveWrapper  # noqa: PLC0415 - heavy: peft
 
     for module in model.modules():
         if isinstance(module, LoraLayer):
@@ -122,14 +123,12 @@ def proximal_term(
 
 def to_record(state: AdapterState) -> ArrayRecord:
     """Encode adapter tensors as an ArrayRecord (float32 NumPy arrays, same keys)."""
-    from flwr.app import Array, ArrayRecord
-
     return ArrayRecord(OrderedDict((k, Array(v.detach().cpu().float().numpy())) for k, v in state.items()))
 
 
 def from_record(record: ArrayRecord) -> AdapterState:
     """Decode an ArrayRecord made by `to_record` back into CPU tensors."""
-    import torch
+    import torch  # noqa: PLC0415 - heavy: torch
 
     return OrderedDict((k, torch.from_numpy(np.array(arr.numpy(), copy=True))) for k, arr in record.items())
 
@@ -148,7 +147,7 @@ def save_peft_adapter(
     ``base_delta.safetensors``: per adapted module (``<module>.weight`` as in the base
     model's state dict) the dense update to add to that weight before loading the adapter.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # noqa: PLC0415 - heavy: safetensors
 
     directory.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(directory))

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import torch
 
     from fedlora.lora.adapters import AdapterState
+from fedlora.lora.maths import base_deltas
 
 __all__ = ["ClientProtocol", "ClientView", "receive", "sent_parts"]
 
@@ -110,7 +111,7 @@ def _from_factors(
 
 
 def _arange(n: int) -> torch.Tensor:
-    import torch
+    import torch  # noqa: PLC0415 - heavy: torch
 
     return torch.arange(n)
 
@@ -139,8 +140,6 @@ def receive(
         LoRA alpha, to rescale factored updates to this client's rank.
 
     """
-    from fedlora.lora.maths import base_deltas
-
     adapter = {k: v for k, v in received.items() if part_of(k) != "base-delta"}
     if protocol.factored:
         adapter = {**adapter, **_from_factors(adapter, initial, alpha)}

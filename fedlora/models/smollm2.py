@@ -60,8 +60,8 @@ def convert_gguf(source: Path, out: Path) -> None:
     """
     if importlib.util.find_spec("gguf") is None:
         raise ModelError(f"model: converting {source.name} needs the package gguf (pip install gguf)")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch  # noqa: PLC0415 - heavy: torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 - heavy: transformers
 
     start = time.perf_counter()
     log.info("converting %s to a safetensors copy in %s (once; ~20-40 s)", source.name, out)

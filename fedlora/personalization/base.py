@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from fedlora.models import LoadedModel
     from fedlora.train import EvalResult, Tokenized, TrainResult
     from fedlora.train.dpsgd import DPSettings
+from fedlora.train import evaluate
 
 __all__ = ["PERSONALIZATIONS", "Local", "Personalization", "get_personalization", "register"]
 
@@ -68,8 +69,6 @@ class Personalization(ABC):
 
     def evaluate(self, local: Local, stored: AdapterState | None) -> EvalResult:
         """Held-out metrics of the personalized model."""
-        from fedlora.train import evaluate
-
         self.prepare(local, stored)
         return evaluate(local.loaded.model, local.test)
 

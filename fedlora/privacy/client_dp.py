@@ -22,6 +22,11 @@ if TYPE_CHECKING:
     from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
 
     from fedlora.config import RunConfig
+from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+from flwr.serverapp.strategy import (
+        DifferentialPrivacyClientSideFixedClipping,
+        DifferentialPrivacyServerSideFixedClipping,
+    )
 
 __all__ = ["sampled_per_round", "wait_for_nodes", "with_client_dp"]
 
@@ -56,12 +61,6 @@ def with_client_dp(
         The client population, of which ``fraction-train`` is sampled every round.
 
     """
-    from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
-    from flwr.serverapp.strategy import (
-        DifferentialPrivacyClientSideFixedClipping,
-        DifferentialPrivacyServerSideFixedClipping,
-    )
-
     privacy = cfg.privacy
     budget = privacy.client_dp_epsilon_budget
     accountant = RdpAccountant(

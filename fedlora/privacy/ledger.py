@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from flwr.app import ConfigRecord
     from opacus.accountants import IAccountant
 
+from flwr.app import ConfigRecord
+
 from fedlora.config import DP_ACCOUNTANTS, PrivacyConfig
 
 __all__ = ["ACCOUNTANTS", "PrivacyLedger", "noise_multiplier"]
@@ -29,7 +31,7 @@ def noise_multiplier(privacy: PrivacyConfig, sample_rate: float, total_steps: in
     """
     if privacy.dp_target_epsilon <= 0:
         return privacy.dp_noise_multiplier
-    from opacus.accountants.utils import get_noise_multiplier
+    from opacus.accountants.utils import get_noise_multiplier  # noqa: PLC0415 - heavy: opacus
 
     return float(
         get_noise_multiplier(
@@ -59,7 +61,7 @@ class PrivacyLedger:
     history: list[tuple[float, float, int]] = field(default_factory=list)
 
     def _accountant(self, extra: tuple[float, float, int] | None = None) -> IAccountant:
-        from opacus.accountants import create_accountant
+        from opacus.accountants import create_accountant  # noqa: PLC0415 - heavy: opacus
 
         acc = create_accountant(self.accountant)
         acc.history = [*self.history, *([extra] if extra else [])]
@@ -94,8 +96,6 @@ class PrivacyLedger:
 
     def to_record(self) -> ConfigRecord:
         """The ledger as a ConfigRecord for ``context.state``."""
-        from flwr.app import ConfigRecord
-
         return ConfigRecord(
             {
                 "accountant": self.accountant,

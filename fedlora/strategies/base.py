@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from fedlora.config import RunConfig
     from fedlora.lora.adapters import AdapterState
     from fedlora.strategies.registry import StrategyInfo
+from fedlora.lora.adapters import from_record, to_record
 
 __all__ = ["LoraAggregation", "checkpoint_state", "flower_kwargs", "initial_record", "legacy_fedavg"]
 
@@ -69,8 +70,6 @@ class LoraAggregation(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Remember the global arrays this round starts from, then sample as FedAvg does."""
-        from fedlora.lora.adapters import from_record
-
         self.current = from_record(arrays)
         return super().configure_train(server_round, arrays, config, grid)
 
@@ -78,8 +77,6 @@ class LoraAggregation(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Decode every valid upload and `combine` them, weighted by training examples."""
-        from fedlora.lora.adapters import from_record, to_record
-
         valid, _ = self._check_and_log_replies(replies, is_train=True)
         if not valid:
             return None, None

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fedlora.train import Tokenized, TrainResult
+from fedlora.train import TrainResult, batch_loss
 
 __all__ = ["DPSettings", "dp_train_steps"]
 
@@ -43,11 +44,10 @@ def dp_train_steps(
     The model is wrapped for per-example gradients for the duration of the call only, so
     a process-wide cached model can be wrapped again by the next client.
     """
-    import torch
-    from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
+    import torch  # noqa: PLC0415 - heavy: torch
+    from opacus import GradSampleModule  # noqa: PLC0415 - heavy: opacus
+    from opacus.optimizers import DPOptimizer  # noqa: PLC0415 - heavy: opacus
 
-    from fedlora.train import TrainResult, batch_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     import torch
 
     from fedlora.train.dpsgd import DPSettings
+from fedlora.train.dpsgd import dp_train_steps
 
 __all__ = ["evaluate_adapter", "local_only", "train_adapter", "train_shared", "use_adapter"]
 
@@ -38,7 +39,6 @@ def train_adapter(
     if dp is not None:
         if regularizer is not None:
             raise ValueError("train_adapter: DP-SGD with a regulariser is not supported")
-        from fedlora.train.dpsgd import dp_train_steps
 
         return dp_train_steps(
             loaded.model, train, steps=steps, learning_rate=cfg.learning_rate, seed=seed, dp=dp

@@ -38,7 +38,7 @@ class Tokenized:
 
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """Model inputs for the given rows, trimmed to their longest sequence."""
-        import torch
+        import torch  # noqa: PLC0415 - heavy: torch
 
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         mask = self.attention_mask[idx]
@@ -77,7 +77,7 @@ def tokenize(
     max_length: int,
 ) -> Tokenized:
     """Tokenize a split once; ``labels`` is None for causal LMs."""
-    import torch
+    import torch  # noqa: PLC0415 - heavy: torch
 
     enc = tokenizer(
         list(texts), truncation=True, max_length=max_length, padding="longest", return_tensors="pt"
@@ -123,7 +123,7 @@ def train_steps(
     object shared by many clients, whose trainable tensors were just overwritten.
     ``regularizer`` (e.g. a proximal term) is added to every batch loss.
     """
-    import torch
+    import torch  # noqa: PLC0415 - heavy: torch
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -149,7 +149,7 @@ def train_steps(
 
 def evaluate(model: Any, data: Tokenized, *, batch_size: int = 32) -> EvalResult:
     """Held-out loss and accuracy of the model as it is currently activated."""
-    import torch
+    import torch  # noqa: PLC0415 - heavy: torch
 
     model.eval()
     loss_sum, correct, counted = 0.0, 0, 0
