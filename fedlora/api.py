@@ -256,7 +256,7 @@ def _config_of(flat: Mapping[str, Any], strategy: str, personalization: str) -> 
     if cfg.get("audit-wire-log"):
         # Clients run in other working directories: give them an absolute path.
         cfg["audit-wire-log"] = str(Path(str(cfg["audit-wire-log"])).expanduser().resolve())
-    from fedlora import plan  # noqa: PLC0415 - heavy: imports torch (heavy: the method registries import torch)
+    from fedlora import plan  # noqa: PLC0415 - heavy: the method registries import torch
 
     return plan.load({**cfg, "strategy": strategy, "personalization": personalization}).cfg
 

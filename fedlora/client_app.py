@@ -27,7 +27,7 @@ app = ClientApp(mods=[wire_log_mod, node_state_mod])
 @reply_errors
 def train(message: Message, context: Context) -> Message:
     """Train the shared adapter; reply with the parts the strategy shares."""
-    from fedlora.client import recipe  # noqa: PLC0415 - heavy: imports torch (heavy: torch, transformers (Flower imports this module early))
+    from fedlora.client import recipe  # noqa: PLC0415 - heavy: torch, transformers (Flower imports this module early)
 
     return recipe.train(message, context)
 
@@ -36,7 +36,7 @@ def train(message: Message, context: Context) -> Message:
 @reply_errors
 def evaluate(message: Message, context: Context) -> Message:
     """Update the personal state, then evaluate the global and personalized models."""
-    from fedlora.client import recipe  # noqa: PLC0415 - heavy: imports torch (heavy: torch, transformers)
+    from fedlora.client import recipe  # noqa: PLC0415 - heavy: torch, transformers
 
     return recipe.evaluate(message, context)
 
@@ -45,6 +45,6 @@ def evaluate(message: Message, context: Context) -> Message:
 @reply_errors
 def train_local_only(message: Message, context: Context) -> Message:
     """Baseline: an adapter trained on this client's data alone."""
-    from fedlora.client import recipe  # noqa: PLC0415 - heavy: imports torch (heavy: torch, transformers)
+    from fedlora.client import recipe  # noqa: PLC0415 - heavy: torch, transformers
 
     return recipe.local_only(message, context)

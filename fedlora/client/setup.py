@@ -66,7 +66,7 @@ class Client:
     """Everything one handler call needs, resolved from the message and context."""
 
     def __init__(self, context: Context) -> None:
-        import torch  # noqa: PLC0415 - heavy: torch (heavy: only a client message needs it)
+        import torch  # noqa: PLC0415 - heavy: only a client message needs it
 
         node = context.node_config
         cfg = _parse(tuple(sorted(context.run_config.items())))

@@ -77,7 +77,7 @@ def load_checkpoint(out_dir: Path, config: dict[str, Any]) -> Checkpoint:
     if not path.is_file():
         raise ConfigError(f"resume: {out_dir} has no checkpoint ({CHECKPOINT}/{_FILE}) to resume from")
     try:
-        checkpoint = pickle.loads(path.read_bytes())  # noqa: S301 - the server's own file
+        checkpoint = pickle.loads(path.read_bytes())  # only the server's own checkpoint file is read
     except Exception as err:
         raise ConfigError(f"resume: {path} cannot be read ({type(err).__name__}: {err})") from None
     if not isinstance(checkpoint, Checkpoint):

@@ -78,7 +78,7 @@ def run_federation(grid: Grid, cfg: RunConfig, context: Context) -> dict[str, An
     Returns the summary that was written to ``summary.json``. ``context`` (the
     ServerApp's) is needed for secure aggregation, which runs on Flower's legacy workflow.
     """
-    import torch  # noqa: PLC0415 - heavy: torch (heavy: only the ServerApp's process needs it)
+    import torch  # noqa: PLC0415 - heavy: only the ServerApp's process needs it
 
     info = plan.resolve(cfg).strategy
     if cfg.train.num_threads:

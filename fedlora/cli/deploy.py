@@ -1,0 +1,260 @@
+"""``fedlora certs``, ``node-key``, ``server``, ``register``, ``client`` and ``submit``: a deployment."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from fedlora.client.profiles import PROFILES
+from fedlora.config import RunConfig
+from fedlora.core.errors import ConfigError
+from fedlora.data.jsonl import client_folders
+from fedlora.deploy import (
+    DEFAULT_DATABASE,
+    DEFAULT_FLWR_HOME,
+    DEFAULT_NODE_PORT,
+    DEFAULT_PORT,
+    DEFAULT_STATE_DIR,
+    Certificates,
+    make_certificates,
+    make_node_key,
+    node_config,
+    node_refused,
+    register_node,
+    submit,
+    superlink_command,
+    supernode_command,
+    supervise,
+    unregister_node,
+    write_flwr_home,
+)
+from fedlora.launch import flower_env, parse_overrides
+
+__all__ = ["add_deploy_commands"]
+
+
+def _say(message: str) -> None:
+    print(f"fedlora: {message}", file=sys.stderr, flush=True)
+
+
+def _tls(args: argparse.Namespace) -> Path | None:
+    """The CA certificate of a connection, or None with --insecure."""
+    if args.insecure:
+        return None
+    if not args.root_cert:
+        raise ConfigError("root-cert: the federation's CA certificate (ca.crt) is needed, or --insecure")
+    root = Path(args.root_cert).expanduser().resolve()
+    if not root.is_file():
+        raise ConfigError(f"root-cert: {root} is not a file")
+    return root
+
+
+def _certs(args: argparse.Namespace) -> int:
+    hosts = list(dict.fromkeys(["127.0.0.1", "localhost", *(args.host or [])]))
+    certs = make_certificates(Path(args.dir), hosts)
+    print(f"CA certificate (give it to every device): {certs.ca_cert}")
+    print(f"SuperLink certificate for {', '.join(hosts)}: {certs.server_cert} (key {certs.server_key})")
+    return 0
+
+
+def _node_key(args: argparse.Namespace) -> int:
+    private, public = make_node_key(Path(args.path))
+    print(f"private key (stays on this device): {private}")
+    print(f"public key (give it to the server operator): {public}")
+    return 0
+
+
+def _server(args: argparse.Namespace) -> int:
+    if args.insecure:
+        certs = None
+    else:
+        if not args.certs:
+            raise ConfigError("certs: a folder written by `fedlora certs` is needed, or --insecure")
+        certs = Certificates.in_dir(Path(args.certs))
+        for path in (certs.ca_cert, certs.server_cert, certs.server_key):
+            if not path.is_file():
+                raise ConfigError(f"certs: {path} is missing; write the folder with `fedlora certs DIR`")
+    database = Path(args.database).expanduser() if args.database else DEFAULT_DATABASE.expanduser()
+    database.parent.mkdir(parents=True, exist_ok=True)
+    command = superlink_command(certs=certs, host=args.host, port=args.port, database=database)
+    _say(f"SuperLink on {args.host}:{args.port}, database {database.resolve()}")
+    return supervise(command, env=flower_env())
+
+
+def _register(args: argparse.Namespace) -> int:
+    home = Path(args.flwr_home)
+    write_flwr_home(home, args.superlink, root_cert=_tls(args), insecure=args.insecure)
+    if args.unregister:
+        target: Path | int = int(args.key) if args.key.isdigit() else Path(args.key)
+        node_id = unregister_node(target, args.superlink, home=home)
+        print(f"SuperNode {node_id} unregistered from {args.superlink}")
+    else:
+        node_id = register_node(Path(args.key), args.superlink, home=home)
+        print(f"SuperNode {node_id} registered at {args.superlink} (key {args.key})")
+    return 0
+
+
+def _client(args: argparse.Namespace) -> int:
+    if args.profile and args.profile not in PROFILES:
+        raise ConfigError(f"profile: must be one of {', '.join(PROFILES)}, got {args.profile!r}")
+    data = Path(args.data).expanduser().resolve()
+    folders = client_folders(data)  # the device's data is checked here, not in the first round
+    if args.num_partitions > len(folders):
+        raise ConfigError(
+            f"num-partitions: {data} holds {len(folders)} client folder(s), got {args.num_partitions}"
+        )
+    if args.retry_for < 0:
+        raise ConfigError(f"retry-for: must be >= 0 seconds, got {args.retry_for}")
+    key = Path(args.key).expanduser().resolve() if args.key else None
+    if key is not None and not key.is_file():
+        raise ConfigError(f"key: {key} is not a file; make one with `fedlora node-key PATH`")
+    state = Path(args.state_dir)
+    config = node_config(
+        data,
+        state_dir=state,
+        profile=args.profile or "",
+        partition_id=args.partition_id,
+        num_partitions=args.num_partitions,
+    )
+    command = supernode_command(
+        args.superlink, root_cert=_tls(args), key=key, config=config, port=args.node_port
+    )
+    state.expanduser().mkdir(parents=True, exist_ok=True)
+    _say(f"SuperNode for {args.superlink} with node config: {config}")
+    return supervise(
+        command, env=flower_env(), retry_when=node_refused, retry_for=args.retry_for, report=_say
+    )
+
+
+def _submit(args: argparse.Namespace) -> int:
+    flat = parse_overrides(args.run_config or "")
+    if args.strategy:
+        flat["strategy"] = args.strategy
+    if args.rounds is not None:
+        flat["num-server-rounds"] = args.rounds
+    cfg = RunConfig.from_flat(flat)
+    out = Path(args.out or f"runs/deploy-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}").expanduser()
+    out = out.resolve()
+    summary = submit(
+        cfg,
+        args.superlink,
+        clients=args.clients,
+        out_dir=out,
+        root_cert=_tls(args),
+        insecure=args.insecure,
+        home=Path(args.flwr_home) if args.flwr_home else None,
+        echo=lambda line: print(line, end="", file=sys.stderr, flush=True),
+    )
+    if summary is None:
+        print(f"run finished; results are in {out} on the SuperLink's machine")
+        return 0
+    final = summary["final"]
+    print(f"run finished: {len(summary['rounds'])} rounds, results in {out}")
+    for name in ("global_accuracy", "personalized_accuracy", "local_only_accuracy"):
+        value = final.get(name)
+        shown = "-" if value is None or value != value else f"{100 * value:.1f}%"
+        print(f"  {name.replace('_', ' ')}: {shown}")
+    return 0
+
+
+def _connection_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--superlink", required=True, help="the SuperLink's HOST:PORT")
+    parser.add_argument("--root-cert", help="the federation's CA certificate (ca.crt from `fedlora certs`)")
+    parser.add_argument("--insecure", action="store_true", help="no TLS (local testing only)")
+
+
+def add_deploy_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``certs``, ``node-key``, ``server``, ``register``, ``client`` and ``submit`` to ``sub``.
+
+    Parameters
+    ----------
+    sub : argparse._SubParsersAction
+        The ``add_subparsers()`` object of the ``fedlora`` parser.
+
+    """
+    certs = sub.add_parser("certs", help="write a private CA and the SuperLink's TLS certificate")
+    certs.add_argument("dir", help="folder for ca.crt, ca.key, server.pem, server.key")
+    certs.add_argument(
+        "--host",
+        action="append",
+        help="a name or IP address the devices use to reach the SuperLink (repeatable; "
+        "127.0.0.1 and localhost are always included)",
+    )
+    certs.set_defaults(func=_certs)
+
+    key = sub.add_parser(
+        "node-key", help="write a device's key pair (PATH and PATH.pub, OpenSSH ECDSA P-384)"
+    )
+    key.add_argument("path", help="private key file; the public key goes to PATH.pub")
+    key.set_defaults(func=_node_key)
+
+    server = sub.add_parser("server", help="run the SuperLink (TLS, only registered devices admitted)")
+    server.add_argument("--certs", help="folder written by `fedlora certs`")
+    server.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    server.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    server.add_argument("--database", help=f"SuperLink state: nodes, keys, runs (default {DEFAULT_DATABASE})")
+    server.add_argument(
+        "--insecure", action="store_true", help="no TLS and no node authentication (testing only)"
+    )
+    server.set_defaults(func=_server)
+
+    register = sub.add_parser("register", help="admit a device's public key to the SuperLink (or revoke it)")
+    register.add_argument("key", help="the device's KEY.pub (with --unregister: KEY.pub or a node id)")
+    _connection_args(register)
+    register.add_argument("--unregister", action="store_true", help="revoke the node instead")
+    register.add_argument(
+        "--flwr-home", default=str(DEFAULT_FLWR_HOME), help=f"Flower CLI home (default {DEFAULT_FLWR_HOME})"
+    )
+    register.set_defaults(func=_register)
+
+    client = sub.add_parser(
+        "client", help="run this device's SuperNode (restarted while the SuperLink refuses it)"
+    )
+    _connection_args(client)
+    client.add_argument("--key", help="this device's private key (from `fedlora node-key`)")
+    client.add_argument(
+        "--data",
+        required=True,
+        help="folder with train.jsonl and test.jsonl, or with one subfolder per client",
+    )
+    client.add_argument(
+        "--state-dir",
+        default=str(DEFAULT_STATE_DIR),
+        help=f"where the personal adapter and privacy ledger are kept (default {DEFAULT_STATE_DIR})",
+    )
+    client.add_argument("--profile", help="device profile: phone, pi, laptop (caps on local work)")
+    client.add_argument(
+        "--partition-id", type=int, default=0, help="client subfolder of --data to use (default 0)"
+    )
+    client.add_argument(
+        "--num-partitions", type=int, default=1, help="client subfolders shared by the nodes (default 1)"
+    )
+    client.add_argument(
+        "--node-port",
+        type=int,
+        default=DEFAULT_NODE_PORT,
+        help=f"this node's local port, distinct per node on one machine (default {DEFAULT_NODE_PORT})",
+    )
+    client.add_argument(
+        "--retry-for",
+        type=float,
+        default=300.0,
+        help="seconds to keep restarting while the SuperLink refuses the node (default 300)",
+    )
+    client.set_defaults(func=_client)
+
+    run = sub.add_parser("submit", help="start a federated run on the deployed SuperLink and wait for it")
+    _connection_args(run)
+    run.add_argument(
+        "--clients", type=int, default=2, help="nodes the server waits for (min-clients, default 2)"
+    )
+    run.add_argument("--rounds", type=int, help="federated rounds (run-config num-server-rounds)")
+    run.add_argument(
+        "--out", help="run directory on the SuperLink's machine (default runs/deploy-<timestamp>)"
+    )
+    run.add_argument("--strategy", help="aggregation strategy (default fedavg)")
+    run.add_argument("--run-config", help='more run-config overrides, e.g. "labels=a,b,c local-steps=10"')
+    run.add_argument("--flwr-home", help="Flower CLI home (default: a private temporary one)")
+    run.set_defaults(func=_submit)

@@ -1,0 +1,247 @@
+"""``fedlora simulate`` and ``fedlora resume``: a simulated federation, its progress and results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedlora import api
+from fedlora.config import RunConfig
+from fedlora.core.errors import FedloraError
+from fedlora.launch import parse_overrides
+from fedlora.plots import plot_accuracy
+from fedlora.presets import PRESETS, get_preset
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+__all__ = ["add_simulate_commands"]
+
+
+def _pct(value: Any) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _progress(num_rounds: int) -> tuple[Progress, Callable[[dict[str, Any]], None]]:
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+        transient=False,
+    )
+    task = progress.add_task("starting Flower", total=num_rounds, status="")
+
+    def on_event(event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "start":
+            progress.update(task, description="federated rounds")
+        elif kind == "round":
+            progress.update(
+                task,
+                completed=event["round"],
+                status=f"global {_pct(event['global_accuracy'])}  "
+                f"personalized {_pct(event['personalized_accuracy'])}",
+            )
+        elif kind == "local-only":
+            progress.update(
+                task, description="local-only baseline", status=f"{event['steps']} steps per client"
+            )
+        elif kind == "client-error":
+            progress.console.print(
+                f"[yellow]client error (round {event['round']}, node {event['node']}): "
+                f"{event['reason'][:200]}"
+            )
+
+    return progress, on_event
+
+
+def _table(summary: dict[str, Any], out_dir: Path) -> None:
+
+    final = summary["final"]
+    method = f"{summary.get('strategy', 'fedavg')} + {summary.get('personalization', 'dual')}"
+    table = Table(title=f"fedlora ({method}): {len(summary['rounds'])} rounds, results in {out_dir}")
+    table.add_column("model")
+    table.add_column("mean accuracy", justify="right")
+    table.add_column("worst-10% clients", justify="right")
+    table.add_row(
+        "global adapter only", _pct(final["global_accuracy"]), _pct(final["global_accuracy_worst10"])
+    )
+    table.add_row(
+        "personalized (global + personal)",
+        _pct(final["personalized_accuracy"]),
+        _pct(final["personalized_accuracy_worst10"]),
+    )
+    table.add_row(
+        "local-only (no federation)",
+        _pct(final["local_only_accuracy"]),
+        _pct(final["local_only_accuracy_worst10"]),
+    )
+    console = Console()
+    console.print(table)
+    ppl = [final.get(f"{k}_perplexity") for k in ("global", "personalized", "local_only")]
+    if ppl[1] is not None and not math.isnan(ppl[1]):
+        # Causal LMs: the accuracies above are next-token accuracies on the held-out lines.
+        shown = ["-" if v is None or math.isnan(v) else f"{v:.1f}" for v in ppl]
+        console.print(
+            f"held-out perplexity (mean over clients): global {shown[0]}, personalized {shown[1]}, "
+            f"local-only {shown[2]}"
+        )
+    ratio = final.get("upload_reduction")
+    console.print(
+        f"upload per client per round: {_bytes(final['bytes_up_per_client_round'])} "
+        f"(full fine-tuning: {_bytes(final['full_model_bytes'])}, "
+        f"{ratio:.0f}x smaller)"
+        if ratio
+        else "upload per client per round: not measured (no client trained, or uploads masked by SecAgg+)"
+    )
+    down = final.get("bytes_down_per_client_round")
+    if down:
+        console.print(f"download per client per round (training): {_bytes(down)}")
+    eps = final.get("epsilon_max")
+    if eps is not None and not math.isnan(eps):
+        console.print(
+            f"DP-SGD: largest epsilon spent by a client {eps:.2f}; "
+            f"{final.get('clients_out_of_budget', 0)} clients at their budget"
+        )
+    client_eps = final.get("client_dp_epsilon")
+    if client_eps is not None and not math.isnan(client_eps):
+        console.print(f"client-level DP: epsilon {client_eps:.2f} (server accountant)")
+    mia = (final.get("mia_advantage_global"), final.get("mia_advantage_personalized"))
+    if all(v is not None and not math.isnan(v) for v in mia):
+        console.print(
+            f"membership inference (loss threshold) advantage: global {mia[0]:.3f}, "
+            f"personalized {mia[1]:.3f} (chance level {final.get('mia_advantage_chance', math.nan):.3f})"
+        )
+    console.print(f"wall time: {final['wall_s']:.1f} s in the ServerApp")
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    flat = parse_overrides(args.run_config or "")
+    if args.preset:
+        flat = {**get_preset(args.preset).config, **flat}
+    strategy = args.strategy or str(flat.pop("strategy", "fedavg"))
+    personalization = args.personalization or str(flat.pop("personalization", "auto"))
+    rounds = args.rounds if args.rounds is not None else flat.pop("num-server-rounds", None)
+    overrides: dict[str, Any] = {k.replace("-", "_"): v for k, v in flat.items()}
+    num_rounds = (
+        int(rounds) if rounds is not None else int(RunConfig.from_flat(flat).federation.num_server_rounds)
+    )
+    progress, on_event = _progress(num_rounds)
+    with progress:
+        results = api.run(
+            strategy=strategy,
+            personalization=personalization,
+            clients=args.clients,
+            rounds=int(rounds) if rounds is not None else None,
+            out=args.out,
+            data=args.data,
+            cpus_per_client=args.cpus_per_client,
+            on_event=on_event,
+            preset=args.preset,
+            **overrides,
+        )
+    _table(results.summary, results.out_dir)
+    print(f"accuracy per round: {plot_accuracy(results.summary, results.out_dir / 'accuracy.png')}")
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    config = run_dir / "config.json"
+    if not config.is_file():
+        raise FedloraError(f"{run_dir}: not a fedlora run directory (no config.json)")
+    rounds = args.rounds or int(json.loads(config.read_text())["num-server-rounds"])
+    progress, on_event = _progress(rounds)
+    with progress:
+        results = api.resume(
+            run_dir, rounds=args.rounds, cpus_per_client=args.cpus_per_client, on_event=on_event
+        )
+    _table(results.summary, results.out_dir)
+    print(f"accuracy per round: {plot_accuracy(results.summary, results.out_dir / 'accuracy.png')}")
+    return 0
+
+
+def _catalogue() -> str:
+    from fedlora.personalization import PERSONALIZATIONS  # noqa: PLC0415 - heavy: imports torch
+    from fedlora.strategies import STRATEGIES  # noqa: PLC0415 - heavy: imports torch
+
+    lines = ["presets (--preset):"]
+    lines += [f"  {name:<14} {p.summary} ({p.clients} clients)" for name, p in PRESETS.items()]
+    lines += ["", "strategies (--strategy):"]
+    lines += [f"  {name:<14} {info.summary}" for name, info in sorted(STRATEGIES.items())]
+    lines += [
+        "",
+        "personalization methods (--personalization; auto = dual, or fedsa-lora under that strategy):",
+    ]
+    lines += [f"  {name:<14} {cls.summary}" for name, cls in sorted(PERSONALIZATIONS.items())]
+    return "\n".join(lines)
+
+
+def add_simulate_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``simulate`` and ``resume`` to the ``fedlora`` parser.
+
+    Parameters
+    ----------
+    sub : argparse._SubParsersAction
+        The ``add_subparsers()`` object of the ``fedlora`` parser.
+
+    """
+    from fedlora.personalization import PERSONALIZATIONS  # noqa: PLC0415 - heavy: imports torch
+    from fedlora.strategies import STRATEGIES  # noqa: PLC0415 - heavy: imports torch
+
+    sim = sub.add_parser(
+        "simulate",
+        help="run a simulated federation on this machine (through `flwr run`)",
+        epilog=_catalogue(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sim.add_argument(
+        "--clients",
+        type=int,
+        help=f"number of simulated clients (default {api.DEFAULT_CLIENTS}, or one per folder of --data)",
+    )
+    sim.add_argument("--preset", help=f"a named workload: {', '.join(PRESETS)} (listed below)")
+    sim.add_argument("--rounds", type=int, help="federated rounds (run-config num-server-rounds)")
+    sim.add_argument("--out", help="run directory for results (default runs/<timestamp>)")
+    sim.add_argument("--data", help="folder with one subfolder per client holding train.jsonl and test.jsonl")
+    sim.add_argument(
+        "--strategy", help=f"aggregation strategy: {', '.join(sorted(STRATEGIES))} (default fedavg)"
+    )
+    sim.add_argument(
+        "--personalization",
+        help=f"personalization method: auto, {', '.join(sorted(PERSONALIZATIONS))} (default auto)",
+    )
+    sim.add_argument("--run-config", help='more run-config overrides, e.g. "lora-rank=4 local-steps=10"')
+    sim.add_argument(
+        "--cpus-per-client",
+        type=float,
+        default=1.0,
+        help="CPU cores per simulated client; cores / this = clients trained at once (default 1)",
+    )
+    sim.set_defaults(func=_simulate)
+    res = sub.add_parser(
+        "resume",
+        help="go on with an interrupted run from its last checkpoint (same configuration, same clients)",
+    )
+    res.add_argument("run_dir", help="the run directory of the interrupted run")
+    res.add_argument("--rounds", type=int, help="new total number of rounds (default: the run's own)")
+    res.add_argument("--cpus-per-client", type=float, default=1.0, help="as for simulate (default 1)")
+    res.set_defaults(func=_resume)

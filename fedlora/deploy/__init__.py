@@ -1,0 +1,59 @@
+"""A real federation: certificates, node keys, SuperLink and SuperNode command lines, runs."""
+
+# A device owner runs ``fedlora client`` (a supervised ``flower-supernode``), the server
+# operator ``fedlora certs``, ``fedlora server``, ``fedlora register`` and ``fedlora submit``
+# (their argparse side is fedlora.cli.deploy). Connections use TLS (a private CA made by
+# `make_certificates`) and SuperNode authentication (ECDSA P-384 keys made by
+# `make_node_key`, registered by the operator).
+
+from fedlora.deploy.certificates import Certificates, make_certificates, make_node_key
+from fedlora.deploy.commands import (
+    DEFAULT_DATABASE,
+    DEFAULT_NODE_PORT,
+    DEFAULT_PORT,
+    DEFAULT_STATE_DIR,
+    NODE_DATA_DIR,
+    NODE_NUM_PARTITIONS,
+    NODE_PARTITION_ID,
+    NODE_PROFILE,
+    NODE_REFUSED,
+    NODE_STATE_DIR,
+    node_config,
+    node_refused,
+    superlink_command,
+    supernode_command,
+)
+from fedlora.deploy.flower_cli import (
+    DEFAULT_FLWR_HOME,
+    register_node,
+    submit,
+    unregister_node,
+    write_flwr_home,
+)
+from fedlora.deploy.supervisor import supervise
+
+__all__ = [
+    "DEFAULT_DATABASE",
+    "DEFAULT_FLWR_HOME",
+    "DEFAULT_NODE_PORT",
+    "DEFAULT_PORT",
+    "DEFAULT_STATE_DIR",
+    "NODE_DATA_DIR",
+    "NODE_NUM_PARTITIONS",
+    "NODE_PARTITION_ID",
+    "NODE_PROFILE",
+    "NODE_REFUSED",
+    "NODE_STATE_DIR",
+    "Certificates",
+    "make_certificates",
+    "make_node_key",
+    "node_config",
+    "node_refused",
+    "register_node",
+    "submit",
+    "superlink_command",
+    "supernode_command",
+    "supervise",
+    "unregister_node",
+    "write_flwr_home",
+]

@@ -1,0 +1,224 @@
+"""The ``flower-superlink`` and ``flower-supernode`` command lines of a fedlora federation."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedlora.core.errors import ConfigError
+from fedlora.deploy.certificates import Certificates
+from fedlora.launch import flower_script, toml_value
+
+__all__ = [
+    "DEFAULT_DATABASE",
+    "DEFAULT_NODE_PORT",
+    "DEFAULT_PORT",
+    "DEFAULT_STATE_DIR",
+    "NODE_DATA_DIR",
+    "NODE_NUM_PARTITIONS",
+    "NODE_PARTITION_ID",
+    "NODE_PROFILE",
+    "NODE_REFUSED",
+    "NODE_STATE_DIR",
+    "node_config",
+    "node_refused",
+    "superlink_command",
+    "supernode_command",
+]
+
+DEFAULT_PORT = 9092
+# Flower's default local port of a SuperNode (its ClientApp runtime API); one per node on a machine.
+DEFAULT_NODE_PORT = 9094
+DEFAULT_STATE_DIR = Path("~/.fedlora/state")
+DEFAULT_DATABASE = Path("~/.fedlora/superlink.db")
+# Flower's code (printed as "Exit Code: 305"; the process exits with status 1) of a SuperNode
+# the SuperLink would not activate: its key is not registered, or the node was restarted
+# before its last heartbeat expired.
+NODE_REFUSED = 305
+
+# Node-config keys that `fedlora client` sends (read by fedlora.client_app and fedlora.client.state).
+NODE_DATA_DIR = "data-dir"
+NODE_STATE_DIR = "state-dir"
+NODE_PROFILE = "profile"
+NODE_PARTITION_ID = "partition-id"
+NODE_NUM_PARTITIONS = "num-partitions"
+
+# Terminal colour codes in Flower's output (also stripped by fedlora.deploy.flower_cli).
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def superlink_command(
+    *,
+    certs: Certificates | None,
+    host: str = "0.0.0.0",
+    port: int = DEFAULT_PORT,
+    database: Path | None = None,
+) -> list[str]:
+    """``flower-superlink`` with TLS and SuperNode authentication (``certs=None``: insecure, no auth).
+
+    The SuperLink serves the Fleet, Control and Runtime APIs on ``host:port``. With
+    authentication, only registered node keys are let in.
+
+    Parameters
+    ----------
+    certs : Certificates or None
+        The CA and the SuperLink's certificate; None for no TLS and no node authentication.
+    host : str
+        The address to listen on.
+    port : int
+        The port to listen on.
+    database : Path or None
+        Keeps the registrations (and runs) across restarts; None: Flower's default.
+
+    Returns
+    -------
+    list[str]
+        The command line.
+
+    """
+    command = [flower_script("flower-superlink"), "--host", host, "--port", str(port)]
+    if certs is None:
+        command.append("--insecure")
+    else:
+        command += [
+            "--ssl-ca-certfile",
+            str(certs.ca_cert),
+            "--ssl-certfile",
+            str(certs.server_cert),
+            "--ssl-keyfile",
+            str(certs.server_key),
+            "--enable-supernode-auth",
+        ]
+    if database is not None:
+        command += ["--database", str(database.expanduser().resolve())]
+    return [*command, "--disable-runtime-dependency-installation"]
+
+
+def node_config(
+    data_dir: Path,
+    *,
+    state_dir: Path = DEFAULT_STATE_DIR,
+    profile: str = "",
+    partition_id: int = 0,
+    num_partitions: int = 1,
+) -> str:
+    """The ``--node-config`` string of a fedlora SuperNode (strings quoted, paths absolute).
+
+    Parameters
+    ----------
+    data_dir : Path
+        The device's data: ``train.jsonl`` and ``test.jsonl``, or one subfolder per client.
+    state_dir : Path
+        Where the node keeps its personal adapter and privacy ledger.
+    profile : str
+        A device profile (`fedlora.client.profiles`); empty for none.
+    partition_id : int
+        The client subfolder of ``data_dir`` this node uses.
+    num_partitions : int
+        The client subfolders shared by the nodes.
+
+    Returns
+    -------
+    str
+        ``key=value`` pairs separated by spaces.
+
+    Raises
+    ------
+    ConfigError
+        On a partition outside ``[0, num_partitions)`` or a path Flower cannot carry.
+
+    """
+    if num_partitions <= 0:
+        raise ConfigError(f"num-partitions: must be a positive integer, got {num_partitions}")
+    if not 0 <= partition_id < num_partitions:
+        raise ConfigError(f"partition-id: must be in [0, {num_partitions}), got {partition_id}")
+    pairs: dict[str, str | int] = {
+        NODE_DATA_DIR: str(data_dir.expanduser().resolve()),
+        NODE_STATE_DIR: str(state_dir.expanduser().resolve()),
+    }
+    if profile:
+        pairs[NODE_PROFILE] = profile
+    pairs[NODE_PARTITION_ID] = partition_id
+    pairs[NODE_NUM_PARTITIONS] = num_partitions
+    for key, value in pairs.items():
+        # Flower splits the string on quotes: a value cannot contain one.
+        if isinstance(value, str) and ('"' in value or "'" in value):
+            raise ConfigError(f"{key}: must not contain quotes, got {value!r}")
+    return " ".join(f"{key}={toml_value(value)}" for key, value in pairs.items())
+
+
+def supernode_command(
+    superlink: str,
+    *,
+    root_cert: Path | None,
+    key: Path | None,
+    config: str,
+    port: int = DEFAULT_NODE_PORT,
+) -> list[str]:
+    """``flower-supernode`` for ``superlink`` (``host:port``); ``root_cert=None``: insecure.
+
+    Parameters
+    ----------
+    superlink : str
+        The SuperLink's ``host:port``.
+    root_cert : Path or None
+        The federation's CA certificate; None for no TLS.
+    key : Path or None
+        The node's private key (SuperNode authentication); None for none.
+    config : str
+        The node config (`node_config`).
+    port : int
+        The node's own local port, which must differ between nodes on one machine.
+
+    Returns
+    -------
+    list[str]
+        The command line.
+
+    Raises
+    ------
+    ConfigError
+        If a key is given without TLS (Flower refuses authentication in the clear).
+
+    """
+    command = [flower_script("flower-supernode"), "--superlink", superlink]
+    if root_cert is None:
+        if key is not None:
+            raise ConfigError("key: node authentication needs TLS; drop --insecure or --key")
+        command.append("--insecure")
+    else:
+        command += ["--root-certificates", str(root_cert.expanduser().resolve())]
+    if key is not None:
+        command += ["--auth-supernode-private-key", str(key.expanduser().resolve())]
+    return [*command, "--node-config", config, "--port", str(port)]
+
+
+def node_refused(code: int, lines: Sequence[str]) -> str | None:
+    """Why the SuperLink refused a SuperNode that exited with ``code`` after ``lines``, or None.
+
+    Flower exits with status 1 on every error and prints its own code: 305 is a SuperNode
+    whose activation the SuperLink answered with an error.
+
+    Parameters
+    ----------
+    code : int
+        The SuperNode's exit status.
+    lines : Sequence[str]
+        Its last lines of output.
+
+    Returns
+    -------
+    str or None
+        The reason, for a log line; None if the exit was not a refusal.
+
+    """
+    text = [_ANSI.sub("", line).strip() for line in lines]
+    if code == 0 or not any(line.endswith(f"Exit Code: {NODE_REFUSED}") for line in text):
+        return None
+    answer = next((line for line in reversed(text) if line.startswith("[code:")), "no reason given")
+    return (
+        f"the SuperLink refused this node ({answer}): its key is not registered (give the "
+        ".pub file to the server operator), or this node stopped less than about a minute ago "
+        "and the SuperLink still counts it as online"
+    )
