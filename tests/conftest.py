@@ -55,3 +55,33 @@ def jsonl_dir(tmp_path: Path) -> Path:
         test = [{"text": f"{words[topic]} x{n}", "label": topic} for n in range(4)]
         write_client(root / f"client-{i}", train, test)
     return root
+
+
+# `make test-fast` sets FEDLORA_TEST_FAST=1: a test that starts Flower (a simulation, a
+# deployment, a notebook's federation) must be marked `federation`, or it fails here.
+_FLOWER_PROGRAMS = ("flwr", "flower-superlink", "flower-supernode", "flower-superexec", "flwr-simulation")
+
+
+def _starts_flower(args: object) -> bool:
+    argv = [str(a) for a in args] if isinstance(args, (list, tuple)) else [str(args)]
+    programs = {Path(a).name for a in argv[:1]}
+    script = " ".join(argv)
+    return bool(programs & set(_FLOWER_PROGRAMS)) or "fedlora.cli" in script or "ipykernel" in script
+
+
+@pytest.fixture(autouse=True)
+def _no_flower_in_the_fast_tier(request, monkeypatch):
+    if os.environ.get("FEDLORA_TEST_FAST") != "1" or request.node.get_closest_marker("federation"):
+        return
+    import subprocess
+
+    original = subprocess.Popen.__init__
+
+    def refuse(self, args, *rest, **kwargs):  # type: ignore[no-untyped-def]
+        if _starts_flower(args):
+            raise RuntimeError(
+                f"{request.node.nodeid} starts Flower ({args!r}): mark it @pytest.mark.federation"
+            )
+        original(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)

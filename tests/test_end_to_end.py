@@ -106,6 +106,7 @@ def _cli_error(*args: str) -> str:
     return lines[0]
 
 
+@pytest.mark.federation
 def test_cli_bad_input_stops_before_training_with_one_line(tmp_path, jsonl_dir):
     out = str(tmp_path / "never")
     assert (

@@ -37,6 +37,7 @@ def _events(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
 
 
+@pytest.mark.federation
 def test_each_malformed_update_is_rejected_by_name_and_the_run_completes(tmp_path):
     # Clients 1-5 each send one kind of bad upload (tests/faulty_client.py); client 0 behaves.
     app = write_app(tmp_path / "app", RunConfig())
@@ -83,6 +84,7 @@ def _adapter(run: Path) -> dict[str, np.ndarray]:
     return load_file(str(run / "global_adapter" / "adapter_model.safetensors"))
 
 
+@pytest.mark.federation
 def test_server_killed_mid_run_resumes_to_the_same_global_adapter(tmp_path):
     rounds, strategy = 3, "fedadam"  # FedAdam: the server's moments must survive the crash too
     reference = fedlora.run(**TINY_FEDERATION, rounds=rounds, strategy=strategy, out=tmp_path / "reference")

@@ -47,6 +47,7 @@ def test_compare_strategies_notebook_runs_and_shows_its_table_and_plots(tmp_path
     ]
 
 
+@pytest.mark.federation
 def test_privacy_utility_notebook_runs_and_shows_its_table_and_plot(tmp_path, monkeypatch):
     outputs = _execute_small("privacy_utility", tmp_path, monkeypatch)
     tables = [
@@ -65,6 +66,7 @@ def test_privacy_utility_notebook_runs_and_shows_its_table_and_plot(tmp_path, mo
     ]
 
 
+@pytest.mark.federation
 def test_personal_language_models_notebook_runs_and_shows_perplexity_and_generations(tmp_path, monkeypatch):
     outputs = _execute_small("personal_language_models", tmp_path, monkeypatch)
     html = [o.data["text/html"] for o in outputs if "text/html" in o.get("data", {})]

@@ -1,9 +1,11 @@
+import pytest
 import torch
 
 from fedlora.config import TrainConfig
 from fedlora.lora.adapters import adapter_state
 from fedlora.lora.protocol import ClientView
 from fedlora.models import GLOBAL, PERSONAL
+from fedlora.personalization import PERSONALIZATIONS, get_personalization
 from fedlora.personalization.base import Local
 from fedlora.personalization.dual import Dual, initial_personal
 from fedlora.train import sample_batches, tokenize
@@ -180,3 +182,21 @@ def test_ffa_lora_training_leaves_a_frozen(tiny_model):
     state, _ = train_shared(tiny_model, data, start, TrainConfig(batch_size=8), seed=0, frozen=("lora_A",))
     assert all(torch.equal(state[k], start[k]) for k in start if "lora_A" in k)
     assert all(not torch.equal(state[k], start[k]) for k in start if "lora_B" in k)
+
+
+@pytest.mark.parametrize("name", PERSONALIZATIONS.names())
+def test_every_registered_method_leaves_the_global_adapter_alone_and_predicts(tiny_model, name):
+    # Registry-wide: a new method is checked here without editing this file.
+    data = tokenize(tiny_model.tokenizer, TEXTS, LABELS, 16)
+    cfg = TrainConfig(batch_size=8, learning_rate=5e-3, local_steps=2, personal_steps=2)
+    shared, _ = train_shared(tiny_model, data, tiny_model.initial_global, cfg, seed=0)
+    before = {k: v.clone() for k, v in shared.items()}
+    method = get_personalization(name)
+    local = _local(tiny_model, data, shared, cfg, seed=3)
+    stored, result = method.update(local, None)
+    assert all(torch.equal(before[k], shared[k]) for k in before)  # the view is not written to
+    assert result is None or result.steps == cfg.personal_steps
+    again = method.evaluate(local, stored)
+    assert again.num_examples == len(TEXTS) and 0.0 <= again.accuracy <= 1.0
+    assert method.paper or name == "none"
+    assert method.summary and method.keeps and method.prediction

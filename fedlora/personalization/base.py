@@ -48,6 +48,9 @@ class Personalization(ABC):
     name: ClassVar[str]
     paper: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    # For the README's table: what the client keeps (never sent), and what it predicts with.
+    keeps: ClassVar[str] = ""
+    prediction: ClassVar[str] = ""
     # The personal loss adds a regulariser towards the global adapter (Ditto): its gradient
     # would bypass DP-SGD's per-example clipping, so the two are not combined.
     regularized: ClassVar[bool] = False

@@ -25,8 +25,10 @@ class Ditto(Personalization):
     """Personalized = a persistent personal adapter, pulled toward the global one."""
 
     name = "ditto"
-    paper = "Li et al., ICML 2021"
+    paper = "Ditto (Li et al., ICML 2021)"
     summary = "persistent personal adapter trained with lambda/2 ||v - w_global||^2 (ditto-lambda)"
+    keeps = "a personal adapter trained with `loss + ditto-lambda/2 * ||v - w_global||^2`, kept across rounds"
+    prediction = "the personal adapter alone"
     regularized = True
 
     def update(

@@ -47,8 +47,13 @@ class Dual(Personalization):
     """Personalized = global LoRA + personal LoRA, with the personal head."""
 
     name = "dual"
-    paper = "FedDPA: Yang et al., NeurIPS 2024"
+    paper = "FedDPA (Yang et al., NeurIPS 2024)"
     summary = "persistent personal adapter trained on top of the frozen global one; both deltas summed"
+    keeps = (
+        "a personal LoRA adapter + head offset, trained for `personal-steps` on top of the frozen global "
+        "adapter, kept across rounds"
+    )
+    prediction = "global + personal LoRA deltas summed, global head + personal offset"
 
     def update(
         self, local: Local, stored: AdapterState | None

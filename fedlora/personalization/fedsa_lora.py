@@ -25,8 +25,10 @@ class FedSALoRA(Personalization):
     """
 
     name = "fedsa-lora"
-    paper = "Guo et al., ICLR 2025"
+    paper = "FedSA-LoRA (Guo et al., ICLR 2025)"
     summary = "global A and head with the client's own B (strategy fedsa-lora)"
+    keeps = "its LoRA B matrices (trained with A during the shared round)"
+    prediction = "global A and head with the client's own B"
     strategy = "fedsa-lora"
 
     def prepare(self, local: Local, stored: AdapterState | None) -> None:

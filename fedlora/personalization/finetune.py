@@ -25,8 +25,10 @@ class FineTune(Personalization):
     """Personalized = the global adapter after ``personal-steps`` of local training."""
 
     name = "finetune"
-    paper = "Wang et al., arXiv:1910.10252, 2019"
+    paper = "FedAvg + local fine-tuning (Wang et al., arXiv:1910.10252)"
     summary = "copy the new global adapter and fine-tune it locally each round"
+    keeps = "a copy of the new global adapter, fine-tuned for `personal-steps` (restarted every round)"
+    prediction = "the fine-tuned copy"
 
     def update(
         self, local: Local, stored: AdapterState | None

@@ -18,7 +18,10 @@ class NoPersonalization(Personalization):
     """Personalized = global: nothing is kept, nothing extra is trained."""
 
     name = "none"
+    paper = ""
     summary = "predict with the global adapter; nothing kept"
+    keeps = "nothing"
+    prediction = "the global adapter"
 
     def prepare(self, local: Local, stored: AdapterState | None) -> None:
         """The global adapter alone."""

@@ -28,8 +28,9 @@ def legacy_fedadam(cfg: RunConfig) -> tuple[str, dict[str, Any]]:
 
 @register(
     "fedadam",
-    paper="Adaptive Federated Optimization: Reddi et al., ICLR 2021",
+    paper="Reddi et al., ICLR 2021",
     legacy=legacy_fedadam,
+    description="Flower's FedAdam: an Adam step with the mean delta (`server-learning-rate`, default 0.01)",
     summary="server Adam on the mean adapter delta (server-learning-rate, default 0.01)",
 )
 def build_fedadam(cfg: RunConfig) -> FedAdam:

@@ -17,9 +17,10 @@ __all__ = ["build_fedavg"]
 
 @register(
     "fedavg",
-    paper="FedIT: Zhang et al., ICASSP 2024 (FedAvg: McMahan et al., AISTATS 2017)",
+    paper="FedIT (Zhang et al., ICASSP 2024)",
     plain_mean=True,
     legacy=legacy_fedavg,
+    description="Flower's FedAvg: mean of A, of B and of the head",
     summary="average A, B and the head, weighted by training examples",
 )
 def build_fedavg(cfg: RunConfig) -> FedAvg:

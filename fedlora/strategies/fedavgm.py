@@ -26,8 +26,9 @@ def legacy_fedavgm(cfg: RunConfig) -> tuple[str, dict[str, Any]]:
 
 @register(
     "fedavgm",
-    paper="Hsu et al., arXiv:1909.06335, 2019",
+    paper="Hsu et al., 2019",
     legacy=legacy_fedavgm,
+    description="Flower's FedAvgM: server momentum (`server-momentum`, `server-learning-rate` default 1)",
     summary="server momentum on the mean adapter delta (server-momentum, server-learning-rate default 1)",
 )
 def build_fedavgm(cfg: RunConfig) -> FedAvgM:

@@ -47,8 +47,13 @@ class FedExLoRA(LoraAggregation):
 
 @register(
     "fedex-lora",
+    family="lora",
     paper="Singhal et al., ACL 2025",
     exact=True,
+    description=(
+        "FedAvg of A and B, plus the residual `mean(s B_i A_i) - s mean(B) mean(A)` that every client adds "
+        "to its frozen base weights"
+    ),
     summary="FedAvg of A and B plus the residual mean(BA) - mean(B)mean(A) folded into the base (exact)",
 )
 def build_fedex_lora(cfg: RunConfig) -> FedExLoRA:

@@ -13,7 +13,9 @@ __all__ = ["build_fedmedian"]
 
 @register(
     "fedmedian",
+    family="robust",
     paper="Yin et al., ICML 2018",
+    description="Flower's FedMedian: coordinate-wise median",
     summary="coordinate-wise median of A, B and the head (robust to a minority of bad clients)",
 )
 def build_fedmedian(cfg: RunConfig) -> FedMedian:

@@ -25,6 +25,7 @@ def legacy_fedprox(cfg: RunConfig) -> tuple[str, dict[str, Any]]:
     paper="Li et al., MLSys 2020",
     plain_mean=True,
     legacy=legacy_fedprox,
+    description="FedAvg; sends `proximal-mu`, clients add `mu/2 ||w - w_global||^2`",
     summary="FedAvg; clients add (mu/2)||w - w_global||^2 over the shared adapter (proximal-mu)",
 )
 def build_fedprox(cfg: RunConfig) -> FedProx:

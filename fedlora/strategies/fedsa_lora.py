@@ -18,11 +18,14 @@ __all__ = ["build_fedsa_lora"]
 
 @register(
     "fedsa-lora",
+    family="lora",
     protocol=ClientProtocol(sent=frozenset({"lora_A", "head"}), kept=frozenset({"lora_B"})),
     paper="Guo et al., ICLR 2025",
     plain_mean=True,
     legacy=legacy_fedavg,
     personalization="fedsa-lora",
+    description="FedAvg of A and the head; each client keeps its own B",
+    exact_note="B is personal by design",
     summary="A and the head are averaged; each client keeps its own B (personalization fedsa-lora)",
 )
 def build_fedsa_lora(cfg: RunConfig) -> FedAvg:

@@ -28,8 +28,9 @@ def legacy_fedyogi(cfg: RunConfig) -> tuple[str, dict[str, Any]]:
 
 @register(
     "fedyogi",
-    paper="Adaptive Federated Optimization: Reddi et al., ICLR 2021",
+    paper="Reddi et al., ICLR 2021",
     legacy=legacy_fedyogi,
+    description="Flower's FedYogi (`server-learning-rate`, default 0.01)",
     summary="server Yogi on the mean adapter delta (server-learning-rate, default 0.01)",
 )
 def build_fedyogi(cfg: RunConfig) -> FedYogi:

@@ -18,11 +18,13 @@ __all__ = ["build_ffa_lora"]
 
 @register(
     "ffa-lora",
+    family="lora",
     protocol=ClientProtocol(sent=frozenset({"lora_B", "head"}), frozen=frozenset({"lora_A"})),
     paper="Sun et al., ICLR 2024",
     exact=True,
     plain_mean=True,
     legacy=legacy_fedavg,
+    description="FedAvg of B and the head; A stays at its shared seeded init on every client",
     summary="A frozen at the shared seeded init; B and the head are trained and averaged (exact)",
 )
 def build_ffa_lora(cfg: RunConfig) -> FedAvg:

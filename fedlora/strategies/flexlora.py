@@ -48,8 +48,14 @@ class FlexLoRA(LoraAggregation):
 
 @register(
     "flexlora",
+    family="lora",
     protocol=ClientProtocol(factored=True, heterogeneous_ranks=True),
     paper="Bai et al., NeurIPS 2024",
+    description=(
+        "the mean full update `sum w_i s_i B_i A_i`, sent as its truncated SVD; a client of rank r keeps "
+        "the best rank-r part"
+    ),
+    exact_note="truncated",
     summary="mean of the clients' full updates, truncated by SVD to each client's rank (any ranks)",
 )
 def build_flexlora(cfg: RunConfig) -> FlexLoRA:

@@ -73,9 +73,14 @@ class FLoRA(LoraAggregation):
 
 @register(
     "flora",
+    family="lora",
     protocol=ClientProtocol(fresh=True, heterogeneous_ranks=True),
     paper="Wang et al., NeurIPS 2024",
     exact=True,
+    description=(
+        "stacks `[w_i s_i B_i]` and `[A_i]`: the exact sum, folded into the base weights; clients start "
+        "each round from a fresh adapter"
+    ),
     summary="stack client adapters (any ranks) into an exact update folded into the base; fresh adapters",
 )
 def build_flora(cfg: RunConfig) -> FLoRA:

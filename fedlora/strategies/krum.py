@@ -13,7 +13,9 @@ __all__ = ["build_krum"]
 
 @register(
     "krum",
+    family="robust",
     paper="Blanchard et al., NeurIPS 2017",
+    description="Flower's Krum: the one upload closest to its neighbours (`byzantine-clients`)",
     summary="the one client adapter closest to its n - f - 2 nearest (f = byzantine-clients)",
 )
 def build_krum(cfg: RunConfig) -> Krum:

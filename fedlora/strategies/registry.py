@@ -24,6 +24,10 @@ __all__ = [
     "strategy_info",
 ]
 
+# How the README groups strategies: FedAvg and its server optimizers, the strategies made
+# for LoRA's factors, and the robust rules that compare individual uploads.
+FAMILIES = ("fedavg", "lora", "robust")
+
 StrategyBuilder = Callable[["RunConfig"], Strategy]
 # Secure aggregation runs on Flower's legacy strategies: the class name in
 # ``flwr.server.strategy`` and the keyword arguments that give it this run's hyperparameters.
@@ -51,7 +55,13 @@ class StrategyInfo:
         Whether the server's new global arrays are exactly Flower FedAvg's mean of the
         uploads, which Flower's client-level DP wrappers can account for.
     summary : str
-        One line for ``--help`` and the README.
+        One line for ``--help``.
+    description : str
+        What the server does, for the README's strategy table (Markdown).
+    exact_note : str
+        Why the strategy is not exact, where that needs saying (README).
+    family : str
+        One of `FAMILIES`: where the README lists the strategy.
     legacy : LegacyBuilder or None
         The strategy's SecAgg+ counterpart, for strategies whose server needs nothing but
         the weighted sum of the uploads (see `sum_only`).
@@ -70,6 +80,9 @@ class StrategyInfo:
     summary: str = ""
     legacy: LegacyBuilder | None = None
     personalization: str | None = None
+    description: str = ""
+    exact_note: str = ""
+    family: str = "fedavg"
 
     @property
     def sum_only(self) -> bool:
@@ -90,6 +103,9 @@ def register(
     summary: str = "",
     legacy: LegacyBuilder | None = None,
     personalization: str | None = None,
+    description: str = "",
+    exact_note: str = "",
+    family: str = "fedavg",
 ) -> Callable[[StrategyBuilder], StrategyBuilder]:
     """Decorator: make a builder available as ``strategy=<name>``.
 
@@ -99,6 +115,9 @@ def register(
         If another strategy already has that name.
 
     """
+
+    if family not in FAMILIES:
+        raise ValueError(f"strategy {name!r}: family must be one of {', '.join(FAMILIES)}, got {family!r}")
 
     def wrap(builder: StrategyBuilder) -> StrategyBuilder:
         info = StrategyInfo(
@@ -111,6 +130,9 @@ def register(
             summary,
             legacy,
             personalization,
+            description,
+            exact_note,
+            family,
         )
         STRATEGIES.add(name, info)
         return builder

@@ -13,7 +13,9 @@ __all__ = ["build_trimmed_mean"]
 
 @register(
     "trimmed-mean",
+    family="robust",
     paper="Yin et al., ICML 2018",
+    description="Flower's FedTrimmedAvg: per coordinate, drop `trim-fraction` from each end",
     summary="per coordinate, drop the trim-fraction lowest and highest values and average the rest",
 )
 def build_trimmed_mean(cfg: RunConfig) -> FedTrimmedAvg:
