@@ -25,9 +25,9 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from fedlora.launch import FlowerSession
+from fedlora import launch
 from fedlora.core.errors import ConfigError
 from fedlora.data.jsonl import client_folders
-from fedlora import launch
 from fedlora.presets import get_preset
 
 __all__ = ["DEFAULT_CLIENTS", "Results", "Sweep", "load_results", "resume", "run", "sweep"]

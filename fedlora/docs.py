@@ -8,6 +8,7 @@ fails while the README differs from what they say.
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from collections.abc import Callable
@@ -65,6 +66,10 @@ SECTIONS: dict[str, Callable[[], str]] = {
 }
 
 
+def _between(body: str, match: re.Match[str]) -> str:
+    return match.group(1) + body + match.group(2)
+
+
 def render(text: str) -> str:
     """``text`` (the README) with every generated part replaced by what the metadata says.
 
@@ -78,7 +83,8 @@ def render(text: str) -> str:
         pattern = re.compile(rf"(<!-- fedlora:{name} -->\n).*?(\n<!-- /fedlora:{name} -->)", re.S)
         if not pattern.search(text):
             raise ValueError(f"README: no <!-- fedlora:{name} --> ... <!-- /fedlora:{name} --> markers")
-        text = pattern.sub(lambda m, body=build(): m.group(1) + body + m.group(2), text)
+        # A replacement function, so that backslashes in the table are taken literally.
+        text = pattern.sub(functools.partial(_between, build()), text)
     return text
 
 

@@ -115,7 +115,6 @@ def register(
         If another strategy already has that name.
 
     """
-
     if family not in FAMILIES:
         raise ValueError(f"strategy {name!r}: family must be one of {', '.join(FAMILIES)}, got {family!r}")
 
