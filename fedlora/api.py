@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from fedlora.launch import FlowerSession
 from fedlora import launch
 from fedlora.core.errors import ConfigError
+from fedlora.core.rundir import CONFIG, SUMMARY, RunSummary, read_config
 from fedlora.data.jsonl import client_folders
 from fedlora.presets import get_preset
 
@@ -46,7 +47,12 @@ class Results:
     @property
     def config(self) -> dict[str, Any]:
         """The resolved run configuration (``config.json``)."""
-        return dict(json.loads((self.out_dir / "config.json").read_text()))
+        return read_config(self.out_dir)
+
+    @property
+    def record(self) -> RunSummary:
+        """The summary as typed records (`fedlora.core.rundir.RunSummary`)."""
+        return RunSummary.from_dict(self.summary)
 
     @property
     def final(self) -> dict[str, Any]:
@@ -91,21 +97,21 @@ class Results:
         """
         import pandas as pd  # noqa: PLC0415 - heavy: pandas
 
-        clients = self.summary["per_client"]
+        clients = self.record.per_client
         causal = self.config.get("task") == "causal-lm"
         rows = []
-        for cid, values in sorted(clients["final_round"].items(), key=lambda item: _client_order(item[0])):
+        for cid, client in sorted(clients.clients().items(), key=lambda item: _client_order(item[0])):
             row = {
                 "client": cid,
-                "global_accuracy": values.get("global_accuracy", math.nan),
-                "personalized_accuracy": values.get("personalized_accuracy", math.nan),
-                "local_only_accuracy": clients.get("local_only_accuracy", {}).get(cid, math.nan),
+                "global_accuracy": client.global_accuracy,
+                "personalized_accuracy": client.personalized_accuracy,
+                "local_only_accuracy": clients.local_only_accuracy.get(cid, math.nan),
             }
             if causal:
                 losses = (
-                    values.get("global_loss", math.nan),
-                    values.get("personalized_loss", math.nan),
-                    clients.get("local_only_loss", {}).get(cid, math.nan),
+                    client.global_loss,
+                    client.personalized_loss,
+                    clients.local_only_loss.get(cid, math.nan),
                 )
                 for name, loss in zip(("global", "personalized", "local_only"), losses, strict=True):
                     row[f"{name}_perplexity"] = math.exp(loss) if not math.isnan(loss) else math.nan
@@ -124,7 +130,7 @@ def _client_order(cid: str) -> tuple[int, int | str]:
 def load_results(out_dir: str | Path) -> Results:
     """The `Results` of a finished run directory."""
     path = Path(out_dir).expanduser().resolve()
-    return Results(json.loads((path / "summary.json").read_text()), path)
+    return Results(json.loads((path / SUMMARY).read_text()), path)
 
 
 def run(
@@ -218,9 +224,9 @@ def resume(
 
     """
     path = Path(out).expanduser().resolve()
-    if not (path / "config.json").is_file():
-        raise FedloraError(f"{path}: not a fedlora run directory (no config.json)")
-    flat = json.loads((path / "config.json").read_text())
+    if not (path / CONFIG).is_file():
+        raise FedloraError(f"{path}: not a fedlora run directory (no {CONFIG})")
+    flat = read_config(path)
     flat["resume"] = True
     if rounds is not None:
         flat["num-server-rounds"] = rounds
@@ -262,9 +268,9 @@ def _config_of(flat: Mapping[str, Any], strategy: str, personalization: str) -> 
 
 
 def _finished_run_of(run_dir: Path, cfg: RunConfig, clients: int) -> bool:
-    if not (run_dir / "summary.json").exists() or not (run_dir / "config.json").exists():
+    if not (run_dir / SUMMARY).exists() or not (run_dir / CONFIG).exists():
         return False
-    saved = json.loads((run_dir / "config.json").read_text())
+    saved = read_config(run_dir)
     wanted = cfg.to_flat()
     # A key newer than the saved run was at its default there.
     defaults = RunConfig().to_flat()

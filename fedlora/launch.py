@@ -21,6 +21,7 @@ from typing import Any
 
 from fedlora.config import RunConfig, Scalar
 from fedlora.core.errors import ConfigError, FedloraError
+from fedlora.core.rundir import METRICS, SUMMARY
 from fedlora.data.federated import validate_data
 from fedlora.models import check_model
 
@@ -276,7 +277,7 @@ def simulate(
         # Fail here, before Flower starts, on a missing checkpoint or a changed config.
         load_checkpoint(out_dir, {**cfg.to_flat(), "labels": ",".join(cfg.data.labels)})
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("summary.json",) if cfg.federation.resume else ("summary.json", "metrics.jsonl"):
+    for stale in (SUMMARY,) if cfg.federation.resume else (SUMMARY, METRICS):
         (out_dir / stale).unlink(missing_ok=True)
     with contextlib.ExitStack() as stack:
         if session is None:
@@ -304,7 +305,7 @@ def simulate(
             try:
                 while proc.poll() is None:
                     time.sleep(0.5)
-                    events, seen = _events(out_dir / "metrics.jsonl", seen)
+                    events, seen = _events(out_dir / METRICS, seen)
                     for event in events:
                         if on_event:
                             on_event(event)
@@ -312,13 +313,13 @@ def simulate(
                 if proc.poll() is None:
                     proc.terminate()
                     proc.wait(timeout=30)
-                if proc.returncode != 0 or not (out_dir / "summary.json").exists():
+                if proc.returncode != 0 or not (out_dir / SUMMARY).exists():
                     _stop_flower(session.home)  # a failed run may leave Flower in a bad state
-        events, seen = _events(out_dir / "metrics.jsonl", seen)
+        events, seen = _events(out_dir / METRICS, seen)
         for event in events:
             if on_event:
                 on_event(event)
-    summary_path = out_dir / "summary.json"
+    summary_path = out_dir / SUMMARY
     if not summary_path.exists():
         raise FedloraError(
             f"the federation did not finish: {_last_error(out_dir / 'flwr.log')} "

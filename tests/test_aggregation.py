@@ -177,3 +177,18 @@ def test_heterogeneous_ranks_pass_the_shape_check_only_on_the_rank_dimension():
         check.problem(wrong, {})
         == "tensor 'x.lora_A.weight' has shape (4, 5), expected (8, 4) (any LoRA rank)"
     )
+
+
+def test_the_summary_round_trips_through_its_typed_records(recorded):
+    from fedlora.core.rundir import RunSummary
+
+    recorded.aggregate_train(1, [_train_reply(1, [1.0], [[1.0]], n=2, loss=1.0)])
+    recorded.aggregate_evaluate(1, [_eval_reply(1, 0.5, 0.75)])
+    recorded.recorder.end_round(1)
+    summary = recorded.recorder.summary(labels=["a"], strategy="fedavg", personalization="dual")
+    record = RunSummary.from_dict(summary)
+    assert json.dumps(record.to_dict()) == json.dumps(summary)
+    assert record.final.personalized_accuracy == 0.75 and record.rounds[0].clients_trained == 1
+    assert record.per_client.clients()["1"].global_accuracy == 0.5
+    assert record.per_client.clients()["1"].epsilon is None  # no DP: no epsilon in the file either
+    assert "epsilon" not in summary["per_client"]["final_round"]["1"]

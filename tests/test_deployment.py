@@ -21,6 +21,7 @@ from helpers import TINY_FEDERATION
 
 from fedlora.client.state import read_state
 from fedlora.core.errors import ConfigError, FedloraError
+from fedlora.core.keys import S_PERSONAL_ROUNDS
 from fedlora.deploy import (
     make_certificates,
     make_node_key,
@@ -377,7 +378,7 @@ def test_fedlora_clients_with_registered_keys_complete_a_tls_federation(tmp_path
     _wait_for(round_done(1), deadline, "round 1")
     assert submit.poll() is None, submit_log.read_text()[-3000:]
     state = next((tmp_path / "state2").glob("*/*.state"))
-    before = read_state(state).config_records[keys.S_PERSONAL_ROUNDS]["rounds"]
+    before = read_state(state).config_records[S_PERSONAL_ROUNDS]["rounds"]
     assert before == 1
     assert processes.crash("node2") >= 2  # `fedlora client`, its SuperNode and their children
     rejoined, rejoined_log = client(2, "--retry-for", "200")
@@ -393,7 +394,7 @@ def test_fedlora_clients_with_registered_keys_complete_a_tls_federation(tmp_path
     assert rounds[1]["clients_trained"] == 2 and rounds[1]["clients_failed"] == 1
     assert rounds[-1]["clients_trained"] == 3, "node 2 did not take part again"
     evaluations = rejoined_log.read_text().count("Sending: evaluate message")
-    after = read_state(state).config_records[keys.S_PERSONAL_ROUNDS]["rounds"]
+    after = read_state(state).config_records[S_PERSONAL_ROUNDS]["rounds"]
     # Its personal adapter went on from round 1's: trained once before the crash, then in every
     # round it evaluated after rejoining (a node that had lost its state would count from 0).
     assert evaluations >= 1 and after == before + evaluations

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from fedlora import api
 from fedlora.config import RunConfig
 from fedlora.core.errors import FedloraError
+from fedlora.core.rundir import CONFIG, RunSummary
 from fedlora.launch import parse_overrides
 from fedlora.plots import plot_accuracy
 from fedlora.presets import PRESETS, get_preset
@@ -74,29 +75,29 @@ def _progress(num_rounds: int) -> tuple[Progress, Callable[[dict[str, Any]], Non
 
 
 def _table(summary: dict[str, Any], out_dir: Path) -> None:
-
-    final = summary["final"]
-    method = f"{summary.get('strategy', 'fedavg')} + {summary.get('personalization', 'dual')}"
-    table = Table(title=f"fedlora ({method}): {len(summary['rounds'])} rounds, results in {out_dir}")
+    record = RunSummary.from_dict(summary)
+    final = record.final
+    method = f"{record.strategy or 'fedavg'} + {record.personalization or 'dual'}"
+    table = Table(title=f"fedlora ({method}): {len(record.rounds)} rounds, results in {out_dir}")
     table.add_column("model")
     table.add_column("mean accuracy", justify="right")
     table.add_column("worst-10% clients", justify="right")
     table.add_row(
-        "global adapter only", _pct(final["global_accuracy"]), _pct(final["global_accuracy_worst10"])
+        "global adapter only", _pct(final.global_accuracy), _pct(final.global_accuracy_worst10)
     )
     table.add_row(
         "personalized (global + personal)",
-        _pct(final["personalized_accuracy"]),
-        _pct(final["personalized_accuracy_worst10"]),
+        _pct(final.personalized_accuracy),
+        _pct(final.personalized_accuracy_worst10),
     )
     table.add_row(
         "local-only (no federation)",
-        _pct(final["local_only_accuracy"]),
-        _pct(final["local_only_accuracy_worst10"]),
+        _pct(final.local_only_accuracy),
+        _pct(final.local_only_accuracy_worst10),
     )
     console = Console()
     console.print(table)
-    ppl = [final.get(f"{k}_perplexity") for k in ("global", "personalized", "local_only")]
+    ppl = [final.global_perplexity, final.personalized_perplexity, final.local_only_perplexity]
     if ppl[1] is not None and not math.isnan(ppl[1]):
         # Causal LMs: the accuracies above are next-token accuracies on the held-out lines.
         shown = ["-" if v is None or math.isnan(v) else f"{v:.1f}" for v in ppl]
@@ -104,33 +105,33 @@ def _table(summary: dict[str, Any], out_dir: Path) -> None:
             f"held-out perplexity (mean over clients): global {shown[0]}, personalized {shown[1]}, "
             f"local-only {shown[2]}"
         )
-    ratio = final.get("upload_reduction")
+    ratio = final.upload_reduction
     console.print(
-        f"upload per client per round: {_bytes(final['bytes_up_per_client_round'])} "
-        f"(full fine-tuning: {_bytes(final['full_model_bytes'])}, "
+        f"upload per client per round: {_bytes(final.bytes_up_per_client_round)} "
+        f"(full fine-tuning: {_bytes(final.full_model_bytes)}, "
         f"{ratio:.0f}x smaller)"
         if ratio
         else "upload per client per round: not measured (no client trained, or uploads masked by SecAgg+)"
     )
-    down = final.get("bytes_down_per_client_round")
+    down = final.bytes_down_per_client_round
     if down:
         console.print(f"download per client per round (training): {_bytes(down)}")
-    eps = final.get("epsilon_max")
+    eps = final.epsilon_max
     if eps is not None and not math.isnan(eps):
         console.print(
             f"DP-SGD: largest epsilon spent by a client {eps:.2f}; "
-            f"{final.get('clients_out_of_budget', 0)} clients at their budget"
+            f"{final.clients_out_of_budget} clients at their budget"
         )
-    client_eps = final.get("client_dp_epsilon")
+    client_eps = final.client_dp_epsilon
     if client_eps is not None and not math.isnan(client_eps):
         console.print(f"client-level DP: epsilon {client_eps:.2f} (server accountant)")
-    mia = (final.get("mia_advantage_global"), final.get("mia_advantage_personalized"))
+    mia = (final.mia_advantage_global, final.mia_advantage_personalized)
     if all(v is not None and not math.isnan(v) for v in mia):
         console.print(
             f"membership inference (loss threshold) advantage: global {mia[0]:.3f}, "
-            f"personalized {mia[1]:.3f} (chance level {final.get('mia_advantage_chance', math.nan):.3f})"
+            f"personalized {mia[1]:.3f} (chance level {final.mia_advantage_chance:.3f})"
         )
-    console.print(f"wall time: {final['wall_s']:.1f} s in the ServerApp")
+    console.print(f"wall time: {final.wall_s:.1f} s in the ServerApp")
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -165,9 +166,9 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _resume(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
-    config = run_dir / "config.json"
+    config = run_dir / CONFIG
     if not config.is_file():
-        raise FedloraError(f"{run_dir}: not a fedlora run directory (no config.json)")
+        raise FedloraError(f"{run_dir}: not a fedlora run directory (no {CONFIG})")
     rounds = args.rounds or int(json.loads(config.read_text())["num-server-rounds"])
     progress, on_event = _progress(rounds)
     with progress:

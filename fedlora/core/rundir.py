@@ -23,6 +23,7 @@ __all__ = [
     "METRICS",
     "ROUNDS",
     "SUMMARY",
+    "ClientRecord",
     "ClientsSummary",
     "FinalSummary",
     "RoundRecord",
@@ -45,6 +46,40 @@ def read_config(out_dir: Path) -> dict[str, Any]:
     return dict(json.loads((out_dir / CONFIG).read_text()))
 
 
+@dataclass(frozen=True)
+class ClientRecord:
+    """One client's evaluation in a round, as kept in ``per_client`` of a round and the summary.
+
+    The optional parts are present only where they apply: ``epsilon`` and
+    ``budget_exhausted`` under DP-SGD, the membership-inference advantages in the final
+    round, the canary exposures on a run with a canary.
+    """
+
+    global_accuracy: float = math.nan
+    personalized_accuracy: float = math.nan
+    num_test_examples: float = math.nan
+    personal_rounds: float = math.nan
+    global_loss: float = math.nan
+    personalized_loss: float = math.nan
+    epsilon: float | None = None
+    budget_exhausted: bool | None = None
+    mia_advantage_global: float | None = None
+    mia_advantage_personalized: float | None = None
+    mia_advantage_chance: float | None = None
+    canary_exposure_global: float | None = None
+    canary_exposure_personalized: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of ``summary.json``: optional parts that do not apply are left out."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClientRecord:
+        """Read one client's record; keys a newer fedlora added are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
 @dataclass
 class RoundRecord:
     """What happened in one round, as written to ``metrics.jsonl`` and the summary."""
@@ -64,7 +99,7 @@ class RoundRecord:
     # Causal LMs: mean over clients of each client's held-out perplexity (exp of its token loss).
     global_perplexity: float = math.nan
     personalized_perplexity: float = math.nan
-    per_client: dict[str, dict[str, float]] = field(default_factory=dict)
+    per_client: dict[str, dict[str, Any]] = field(default_factory=dict)  # ClientRecord.to_dict()
     epsilon_max: float = math.nan
     clients_rejected: int = 0
     client_dp_epsilon: float = math.nan
@@ -81,21 +116,21 @@ class RoundSummary:
     """One round in ``summary.json``: its accuracies, traffic and clients."""
 
     round: int
-    global_accuracy: float
-    global_accuracy_worst10: float
-    personalized_accuracy: float
-    personalized_accuracy_worst10: float
-    global_perplexity: float
-    personalized_perplexity: float
-    train_loss: float
-    bytes_up: int
-    bytes_down: int
-    clients_trained: int
-    clients_failed: int
-    clients_rejected: int
-    epsilon_max: float
-    client_dp_epsilon: float
-    wall_s: float
+    global_accuracy: float = math.nan
+    global_accuracy_worst10: float = math.nan
+    personalized_accuracy: float = math.nan
+    personalized_accuracy_worst10: float = math.nan
+    global_perplexity: float = math.nan
+    personalized_perplexity: float = math.nan
+    train_loss: float = math.nan
+    bytes_up: int = 0
+    bytes_down: int = 0
+    clients_trained: int = 0
+    clients_failed: int = 0
+    clients_rejected: int = 0
+    epsilon_max: float = math.nan
+    client_dp_epsilon: float = math.nan
+    wall_s: float = math.nan
 
     @classmethod
     def of(cls, record: RoundRecord) -> RoundSummary:
@@ -105,47 +140,54 @@ class RoundSummary:
 
 @dataclass(frozen=True)
 class FinalSummary:
-    """The run's headline figures (``summary.json``'s ``final``).
+    """The run's headline figures (``summary.json``'s ``final``; a missing figure reads as NaN).
 
     Accuracies and perplexities are unweighted means over the clients evaluated in the
     last round; ``*_worst10`` the mean of the worst 10% of them. Local-only figures are
     None when the baseline did not run.
     """
 
-    global_accuracy: float
-    global_accuracy_worst10: float
-    personalized_accuracy: float
-    personalized_accuracy_worst10: float
-    local_only_accuracy: float | None
-    local_only_accuracy_worst10: float | None
-    global_perplexity: float
-    personalized_perplexity: float
-    local_only_perplexity: float
-    bytes_up_per_client_round: float
-    bytes_down_per_client_round: float
-    epsilon_max: float
-    clients_out_of_budget: int
+    global_accuracy: float = math.nan
+    global_accuracy_worst10: float = math.nan
+    personalized_accuracy: float = math.nan
+    personalized_accuracy_worst10: float = math.nan
+    local_only_accuracy: float | None = None
+    local_only_accuracy_worst10: float | None = None
+    global_perplexity: float = math.nan
+    personalized_perplexity: float = math.nan
+    local_only_perplexity: float = math.nan
+    bytes_up_per_client_round: float = math.nan
+    bytes_down_per_client_round: float = math.nan
+    epsilon_max: float = math.nan
+    clients_out_of_budget: int = 0
     # Client-level DP: the server accountant's epsilon after the last release.
-    client_dp_epsilon: float
+    client_dp_epsilon: float = math.nan
     # Loss-threshold membership inference on the final models (mean over clients).
-    mia_advantage_global: float
-    mia_advantage_personalized: float
-    mia_advantage_chance: float
+    mia_advantage_global: float = math.nan
+    mia_advantage_personalized: float = math.nan
+    mia_advantage_chance: float = math.nan
     # Canary audit (causal LMs): exposure in bits of the canary client's secret.
-    canary_exposure_global: float
-    canary_exposure_personalized: float
-    full_model_bytes: int
-    wall_s: float
-    upload_reduction: float | None
+    canary_exposure_global: float = math.nan
+    canary_exposure_personalized: float = math.nan
+    full_model_bytes: int = 0
+    wall_s: float = math.nan
+    upload_reduction: float | None = None
 
 
 @dataclass(frozen=True)
 class ClientsSummary:
-    """Per-client figures: the last round's metrics by client, and the local-only baseline."""
+    """Per-client figures: the last round's metrics by client, and the local-only baseline.
 
-    final_round: dict[str, dict[str, Any]]
-    local_only_accuracy: dict[str, float]
-    local_only_loss: dict[str, float]
+    ``final_round`` holds `ClientRecord.to_dict` objects; `clients` reads them back.
+    """
+
+    final_round: dict[str, dict[str, Any]] = field(default_factory=dict)
+    local_only_accuracy: dict[str, float] = field(default_factory=dict)
+    local_only_loss: dict[str, float] = field(default_factory=dict)
+
+    def clients(self) -> dict[str, ClientRecord]:
+        """The last round's record of every client, by client id."""
+        return {cid: ClientRecord.from_dict(values) for cid, values in self.final_round.items()}
 
 
 @dataclass(frozen=True)
@@ -172,9 +214,9 @@ class RunSummary:
             return kind(**{k: v for k, v in values.items() if k in names})
 
         return cls(
-            rounds=[build(RoundSummary, r) for r in data["rounds"]],
-            final=build(FinalSummary, data["final"]),
-            per_client=build(ClientsSummary, data["per_client"]),
+            rounds=[build(RoundSummary, r) for r in data.get("rounds", [])],
+            final=build(FinalSummary, data.get("final", {})),
+            per_client=build(ClientsSummary, data.get("per_client", {})),
             labels=list(data.get("labels", [])),
             strategy=str(data.get("strategy", "")),
             personalization=str(data.get("personalization", "")),

@@ -15,6 +15,7 @@ from typing import Any
 
 from fedlora.config import RunConfig
 from fedlora.core.errors import ConfigError, FedloraError
+from fedlora.core.rundir import SUMMARY
 from fedlora.deploy.commands import _ANSI
 from fedlora.launch import flower_env, flower_script, toml_value, write_app, write_run_config
 
@@ -266,7 +267,7 @@ def submit(
             'labels: a deployed classification run needs them, e.g. --run-config "labels=a,b,c"'
         )
     cfg = cfg.replace(out_dir=str(out_dir), min_clients=clients)
-    summary_path = out_dir / "summary.json"
+    summary_path = out_dir / SUMMARY
     summary_path.unlink(missing_ok=True)  # where the SuperLink's folder is visible from here
     with _home(home) as flwr_home, tempfile.TemporaryDirectory(prefix="fedlora-submit-") as tmp:
         conn = write_flwr_home(flwr_home, superlink, root_cert=root_cert, insecure=insecure)

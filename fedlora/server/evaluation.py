@@ -7,11 +7,38 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fedlora.core import keys
-from fedlora.core.rundir import RoundRecord
+from fedlora.core.rundir import ClientRecord, RoundRecord
 from fedlora.server.recorder import perplexity, worst_fraction_mean
 from fedlora.server.replies import value
 
-__all__ = ["record_evaluation"]
+__all__ = ["client_record", "record_evaluation"]
+
+
+def _optional(m: Mapping[str, Any], key: str, present: bool) -> float | None:
+    return value(m, key) if present else None
+
+
+def client_record(m: Mapping[str, Any]) -> ClientRecord:
+    """One client's evaluation metrics (as it sent them) as its record in the results."""
+    dp = not math.isnan(value(m, keys.M_EPSILON))  # DP-SGD: epsilon spent so far
+    audited = keys.M_MIA_GLOBAL in m  # the final round's membership-inference audit
+    canary = not math.isnan(value(m, keys.M_CANARY_GLOBAL))
+    return ClientRecord(
+        global_accuracy=value(m, keys.M_ACCURACY_GLOBAL),
+        personalized_accuracy=value(m, keys.M_ACCURACY_PERSONALIZED),
+        num_test_examples=value(m, keys.M_NUM_EXAMPLES),
+        personal_rounds=value(m, keys.M_PERSONAL_ROUNDS),
+        global_loss=value(m, keys.M_LOSS_GLOBAL),
+        personalized_loss=value(m, keys.M_LOSS_PERSONALIZED),
+        epsilon=_optional(m, keys.M_EPSILON, dp),
+        # Whether the next round would break the budget.
+        budget_exhausted=bool(value(m, keys.M_BUDGET_EXHAUSTED) == 1) if dp else None,
+        mia_advantage_global=_optional(m, keys.M_MIA_GLOBAL, audited),
+        mia_advantage_personalized=_optional(m, keys.M_MIA_PERSONALIZED, audited),
+        mia_advantage_chance=_optional(m, keys.M_MIA_CHANCE, audited),
+        canary_exposure_global=_optional(m, keys.M_CANARY_GLOBAL, canary),
+        canary_exposure_personalized=_optional(m, keys.M_CANARY_PERSONALIZED, canary),
+    )
 
 
 def record_evaluation(
@@ -21,44 +48,7 @@ def record_evaluation(
 
     For causal LMs the round's perplexities are recorded too.
     """
-    record.per_client = {
-        cid: {
-            "global_accuracy": value(m, keys.M_ACCURACY_GLOBAL),
-            "personalized_accuracy": value(m, keys.M_ACCURACY_PERSONALIZED),
-            "num_test_examples": value(m, keys.M_NUM_EXAMPLES),
-            "personal_rounds": value(m, keys.M_PERSONAL_ROUNDS),
-            "global_loss": value(m, keys.M_LOSS_GLOBAL),
-            "personalized_loss": value(m, keys.M_LOSS_PERSONALIZED),
-            # With DP: epsilon spent so far, and whether the next round would break the budget.
-            **(
-                {
-                    "epsilon": value(m, keys.M_EPSILON),
-                    "budget_exhausted": bool(value(m, keys.M_BUDGET_EXHAUSTED) == 1),
-                }
-                if not math.isnan(value(m, keys.M_EPSILON))
-                else {}
-            ),
-            # Final round: membership-inference advantage against the global / personalized model.
-            **(
-                {
-                    "mia_advantage_global": value(m, keys.M_MIA_GLOBAL),
-                    "mia_advantage_personalized": value(m, keys.M_MIA_PERSONALIZED),
-                    "mia_advantage_chance": value(m, keys.M_MIA_CHANCE),
-                }
-                if keys.M_MIA_GLOBAL in m
-                else {}
-            ),
-            **(
-                {
-                    "canary_exposure_global": value(m, keys.M_CANARY_GLOBAL),
-                    "canary_exposure_personalized": value(m, keys.M_CANARY_PERSONALIZED),
-                }
-                if not math.isnan(value(m, keys.M_CANARY_GLOBAL))
-                else {}
-            ),
-        }
-        for cid, m in clients
-    }
+    record.per_client = {cid: client_record(m).to_dict() for cid, m in clients}
     for name in (
         "mia_advantage_global",
         "mia_advantage_personalized",
