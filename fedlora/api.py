@@ -146,6 +146,7 @@ def run(
     session: FlowerSession | None = None,
     preset: str | None = None,
     reuse: bool = False,
+    overwrite: bool = False,
     **overrides: Scalar,
 ) -> Results:
     """Run one simulated federation through Flower and return its results.
@@ -174,7 +175,11 @@ def run(
         and client count are the starting point that the other arguments override.
     reuse : bool
         If ``out`` already holds a finished run of exactly this configuration and client
-        count, load it instead of running again (notebooks re-executed for their plots).
+        count, load it instead of running again (notebooks re-executed for their plots);
+        a run of another configuration there is replaced.
+    overwrite : bool
+        Replace a finished (or resumable) run already in ``out``; without it (or
+        ``reuse``) such a folder is refused and left as it is.
     **overrides
         Any run-config key, with underscores for dashes (``lora_rank=4``, ``seed=1``).
 
@@ -201,6 +206,7 @@ def run(
         cpus_per_client=cpus_per_client,
         on_event=on_event,
         session=session,
+        overwrite=overwrite or reuse,
     )
     return Results(summary, out_dir.expanduser().resolve())
 
@@ -249,7 +255,7 @@ def default_clients(cfg: RunConfig) -> int:
     return DEFAULT_CLIENTS
 
 
-_RUN_ARGS = ("clients", "rounds", "data", "cpus_per_client", "on_event", "session")
+_RUN_ARGS = ("clients", "rounds", "data", "cpus_per_client", "on_event", "session", "overwrite")
 
 
 def _config_of(flat: Mapping[str, Any], strategy: str, personalization: str) -> RunConfig:

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.config import RunConfig, Scalar
-from fedlora.core.errors import ConfigError, FedloraError
-from fedlora.core.rundir import METRICS, SUMMARY
+from fedlora.core.errors import ConfigError, DataError, FedloraError, RunInterrupted
+from fedlora.core.rundir import CHECKPOINT, METRICS, SUMMARY
 from fedlora.data.federated import validate_data
 from fedlora.models import check_model
 
@@ -33,6 +33,7 @@ __all__ = [
     "flower_session",
     "parse_overrides",
     "preflight",
+    "refuse_finished_run",
     "simulate",
     "toml_value",
     "write_app",
@@ -158,17 +159,68 @@ def preflight(cfg: RunConfig, num_clients: int) -> RunConfig:
         raise ConfigError(f"clients: must be a positive integer, got {num_clients}")
     check_model(cfg.model)
     labels = validate_data(cfg.data, cfg.model.task, num_clients, cfg.federation.seed)
+    if cfg.model.task == "classification" and len(labels) < 2:
+        raise DataError(
+            f"labels: classification needs at least 2 labels, the data has {len(labels)} "
+            f"({', '.join(labels) or 'none'}); use task=causal-lm for text without classes"
+        )
     return cfg.replace(labels=",".join(labels)) if labels and not cfg.data.labels else cfg
 
 
-def _stop_flower(flwr_home: Path) -> None:
-    """Stop the SuperLink/SuperExec that `flwr run` started for this FLWR_HOME."""
+def refuse_finished_run(out_dir: Path) -> None:
+    """Refuse to start a new run in ``out_dir`` when that would lose an earlier one.
+
+    Raises
+    ------
+    ConfigError
+        If ``out_dir`` holds a finished run (``summary.json``) or a resumable one (a checkpoint).
+
+    """
+    if (out_dir / SUMMARY).exists():
+        raise ConfigError(
+            f"out: {out_dir} holds a finished run; choose another folder, pass --overwrite "
+            "(overwrite=True) to replace it, or `fedlora resume` to add rounds"
+        )
+    if (out_dir / CHECKPOINT).exists():
+        raise ConfigError(
+            f"out: {out_dir} holds an unfinished run; go on with `fedlora resume {out_dir}`, or pass "
+            "--overwrite (overwrite=True) to start afresh"
+        )
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    # SIGTERM (a supervisor, a closed terminal) stops the run like Ctrl-C does.
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_flower(flwr_home: Path, *, everything: bool = False) -> None:
+    """Stop the SuperLink/SuperExec that `flwr run` started for this FLWR_HOME.
+
+    With ``everything``, every process of the run goes: `flwr run`, the simulation that
+    runs the ServerApp and its Ray workers too (they all inherit the run's FLWR_HOME).
+    """
     marker = f"FLWR_HOME={flwr_home}".encode()
     stopped: list[int] = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
+            if int(proc.name) == os.getpid():
+                continue
             cmdline = (proc / "cmdline").read_bytes()
-            if b"flower-super" not in cmdline or marker not in (proc / "environ").read_bytes().split(b"\0"):
+            if not everything and b"flower-super" not in cmdline:
+                continue
+            if marker not in (proc / "environ").read_bytes().split(b"\0"):
                 continue
             os.kill(int(proc.name), signal.SIGTERM)
             stopped.append(int(proc.name))
@@ -248,8 +300,14 @@ def simulate(
     extra_env: Mapping[str, str] | None = None,
     app_dir: Path | None = None,
     session: FlowerSession | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run a simulated federation through `flwr run` and return its ``summary.json``.
+
+    An ``out_dir`` that holds a finished run, or an unfinished one that could be resumed,
+    is refused unless ``overwrite`` (or the config's ``resume``): nothing in it is touched
+    before the checks pass. SIGINT or SIGTERM stops every process of the run and raises
+    `RunInterrupted`, which says how to resume.
 
     A private ``FLWR_HOME`` keeps runs apart from any other Flower use; the SuperLink
     that `flwr run` starts is stopped when the run ends, whatever the outcome, unless the
@@ -264,6 +322,10 @@ def simulate(
 
     """
     out_dir = out_dir.expanduser().resolve()
+    if not cpus_per_client > 0:
+        raise ConfigError(f"cpus-per-client: must be a positive number, got {cpus_per_client!r}")
+    if not cfg.federation.resume and not overwrite:
+        refuse_finished_run(out_dir)
     cfg = preflight(cfg, num_clients)
     cfg = cfg.replace(out_dir=str(out_dir), min_clients=num_clients)
     if not cfg.federation.client_state_dir:
@@ -276,7 +338,10 @@ def simulate(
 
         # Fail here, before Flower starts, on a missing checkpoint or a changed config.
         load_checkpoint(out_dir, {**cfg.to_flat(), "labels": ",".join(cfg.data.labels)})
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"out: cannot create {out_dir} ({err.strerror or err})") from None
     for stale in (SUMMARY,) if cfg.federation.resume else (SUMMARY, METRICS):
         (out_dir / stale).unlink(missing_ok=True)
     with contextlib.ExitStack() as stack:
@@ -303,12 +368,22 @@ def simulate(
                 command, env=env, stdout=logfile, stderr=subprocess.STDOUT, cwd=session.root
             )
             try:
-                while proc.poll() is None:
-                    time.sleep(0.5)
-                    events, seen = _events(out_dir / METRICS, seen)
-                    for event in events:
-                        if on_event:
-                            on_event(event)
+                with _terminate_as_interrupt():
+                    while proc.poll() is None:
+                        time.sleep(0.5)
+                        events, seen = _events(out_dir / METRICS, seen)
+                        for event in events:
+                            if on_event:
+                                on_event(event)
+            except KeyboardInterrupt:
+                # Every process of the run, Ray's workers too: none may go on writing results.
+                _stop_flower(session.home, everything=True)
+                proc.wait(timeout=30)
+                raise RunInterrupted(
+                    f"interrupted: the run in {out_dir} was stopped; go on from its last checkpoint "
+                    f"with `fedlora resume {out_dir}`",
+                    where="interrupted",
+                ) from None
             finally:
                 if proc.poll() is None:
                     proc.terminate()

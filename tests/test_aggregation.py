@@ -166,6 +166,62 @@ def test_a_bad_upload_is_rejected_with_its_reason_and_the_rest_are_aggregated(tm
     assert len(rejected) == 1 and rejected[0]["node"] == 2 and rejected[0]["reason"].startswith(reason)
 
 
+@pytest.mark.parametrize(
+    ("claims", "kept", "reason"),
+    [
+        ([1, 1e12, 1], [[2.0, 3.0]], "num-examples 1000000000000 is outside [1, 1000]"),
+        ([1, float("nan"), 1], [[2.0, 3.0]], "num-examples nan is not a whole number"),
+        ([1, float("inf"), 1], [[2.0, 3.0]], "num-examples inf is not a whole number"),
+        ([1, -5, 1], [[2.0, 3.0]], "num-examples -5 is outside [1, 1000]"),
+        ([1, 2.5, 1], [[2.0, 3.0]], "num-examples 2.5 is not a whole number"),
+        # Weights that would sum to zero (5 and -5): the negative claim is rejected.
+        ([1, 5, -5], [[1.0, 2.0]], "num-examples -5 is outside [1, 1000]"),
+    ],
+)
+def test_a_bad_weight_claim_is_rejected_and_the_rest_are_aggregated(tmp_path, claims, kept, reason):
+    from fedlora.server.validation import UploadCheck
+
+    cfg = RunConfig()
+    check = UploadCheck({"x.lora_A.weight": (1, 2), "x.lora_B.weight": (2, 1)}, max_examples=1000)
+    recorded = Recorded(
+        build_strategy("fedavg", cfg), RunRecorder(tmp_path, cfg.to_flat(), full_model_bytes=1), check
+    )
+    a = [[1.0, 2.0], [50.0, 60.0], [3.0, 4.0]]
+    if claims[1:] == [5, -5]:
+        a = [[1.0, 2.0], [1.0, 2.0], [9.0, 9.0]]
+    replies = [_upload(i + 1, {**GOOD, "x.lora_A.weight": [row]}, n=claims[i]) for i, row in enumerate(a)]
+    arrays, _ = recorded.aggregate_train(1, replies)
+    np.testing.assert_array_equal(arrays["x.lora_A.weight"].numpy(), kept)
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "client-rejected" and e["reason"].startswith(reason) for e in events)
+
+
+def test_every_weight_zero_keeps_the_global_adapter_without_a_division_by_zero(tmp_path):
+    from fedlora.server.validation import UploadCheck
+
+    cfg = RunConfig()
+    check = UploadCheck({"x.lora_A.weight": (1, 2), "x.lora_B.weight": (2, 1)})
+    recorded = Recorded(
+        build_strategy("fedavg", cfg),
+        RunRecorder(tmp_path, cfg.to_flat(), full_model_bytes=1),
+        check,
+        min_reply_fraction=0.5,
+    )
+    arrays, _ = recorded.aggregate_train(1, [_upload(1, GOOD, n=0), _upload(2, GOOD, n=0)])
+    assert arrays is None  # not aggregated: the run goes on with the global adapter it had
+    assert recorded.recorder.round(1).clients_rejected == 2
+
+
+def test_under_client_level_dp_every_reply_must_weigh_one(tmp_path):
+    from fedlora.server.validation import UploadCheck
+
+    check = UploadCheck({"x.lora_A.weight": (1, 2)}, unit_weight=True)
+    assert check.weight_problem({"num-examples": 4, "unit-weight": 1}) is None
+    assert check.weight_problem({"num-examples": 4, "unit-weight": 50}) == (
+        "unit-weight must be 1 under client-level DP, got 50"
+    )
+
+
 def test_heterogeneous_ranks_pass_the_shape_check_only_on_the_rank_dimension():
     from fedlora.server.validation import UploadCheck
 

@@ -139,8 +139,8 @@ def test_personal_adapter_survives_rounds_and_differs_per_client(cfg):
     assert any(not torch.equal(second[k], first[0][k]) for k in second if "lora_B" in k)
 
 
-def test_a_client_with_bad_data_replies_with_an_error_naming_the_file(cfg, jsonl_dir):
-    (jsonl_dir / "client-0" / "train.jsonl").write_text('{"text": 3}\n')
+def test_a_client_with_bad_data_replies_with_the_file_and_line_and_logs_the_rest(cfg, jsonl_dir, caplog):
+    (jsonl_dir / "client-0" / "train.jsonl").write_text('{"text": 3, "secret": "my diary"}\n')
     from fedlora.data.federated import load_client_data
 
     load_client_data.cache_clear()
@@ -148,8 +148,26 @@ def test_a_client_with_bad_data_replies_with_an_error_naming_the_file(cfg, jsonl
         _message("train", {keys.ARRAYS: to_record({}), keys.CONFIG: ConfigRecord({keys.C_SERVER_ROUND: 1})}),
         _context(cfg),
     )
+    assert reply.has_error() and reply.error.code == keys.E_CLIENT_INPUT
+    # What leaves the device: the kind of error, the file's name and line; no path, no content.
+    assert reply.error.reason == "DataError: train.jsonl:1"
+    assert str(jsonl_dir) not in reply.error.reason
+    # The device's own log has the whole message.
+    assert 'client-0/train.jsonl:1: expected an object with a string "text" field' in caplog.text
+
+
+def test_a_label_outside_the_label_set_is_reported_without_the_label(cfg, jsonl_dir):
+    (jsonl_dir / "client-0" / "test.jsonl").write_text('{"text": "a", "label": "my-private-tag"}\n')
+    from fedlora.data.federated import load_client_data
+
+    load_client_data.cache_clear()
+    reply = app(
+        _message("train", {keys.ARRAYS: to_record({}), keys.CONFIG: ConfigRecord({keys.C_SERVER_ROUND: 1})}),
+        _context(cfg.replace(labels="sport,music,cooking")),
+    )
     assert reply.has_error()
-    assert 'client-0/train.jsonl:1: expected an object with a string "text" field' in reply.error.reason
+    assert reply.error.reason == "DataError: test.jsonl: record 1 (label not in the label set)"
+    assert "my-private-tag" not in reply.error.reason
 
 
 @pytest.mark.parametrize(
@@ -197,15 +215,14 @@ def test_each_strategy_uploads_only_the_parts_it_shares(cfg, strategy, parts):
     assert not evaluation.content.array_records
 
 
-def test_a_node_with_its_own_rank_is_refused_where_the_strategy_needs_one_rank(cfg):
+def test_a_node_with_its_own_rank_is_refused_where_the_strategy_needs_one_rank(cfg, caplog):
     context = _context(cfg)
     context.node_config["lora-rank"] = 4
     reply = app(
         _message("train", {keys.ARRAYS: to_record({}), keys.CONFIG: ConfigRecord({keys.C_SERVER_ROUND: 1})}),
         context,
     )
-    assert reply.has_error()
-    assert (
-        "lora-rank: this node's rank 4 differs from the run's 8, which strategy 'fedavg' needs"
-        in reply.error.reason
+    assert reply.has_error() and reply.error.reason == "ConfigError: lora-rank"
+    assert "lora-rank: this node's rank 4 differs from the run's 8, which strategy 'fedavg' needs" in (
+        caplog.text
     )

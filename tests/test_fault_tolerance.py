@@ -64,6 +64,29 @@ def test_each_malformed_update_is_rejected_by_name_and_the_run_completes(tmp_pat
     assert all(np.isfinite(v).all() for v in adapter.values())
 
 
+@pytest.mark.federation
+def test_each_bad_weight_claim_is_rejected_by_name_and_the_run_completes(tmp_path):
+    # Clients 1-5 claim 1e12, NaN, Inf, -3 and 0 training examples (tests/faulty_weights.py).
+    app = write_app(tmp_path / "app", RunConfig())
+    pyproject = app / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace("fedlora.client_app:app", "faulty_weights:app"))
+    shutil.copy(TESTS / "faulty_weights.py", app / "faulty_weights.py")
+    cfg = RunConfig.from_flat({**TINY_FLAT, "num-server-rounds": 2, "min-reply-fraction": 0.0})
+    summary = simulate(cfg, num_clients=6, out_dir=tmp_path / "run", app_dir=app)
+
+    assert [r["clients_rejected"] for r in summary["rounds"]] == [5, 5]
+    assert [r["clients_trained"] for r in summary["rounds"]] == [1, 1]
+    reasons = {e["client"]: e["reason"] for e in _events(tmp_path / "run") if e["event"] == "client-rejected"}
+    assert reasons["1"] == "num-examples 1000000000000 is outside [1, 100000] (max-examples-per-client)"
+    assert reasons["2"] == "num-examples nan is not a whole number"
+    assert reasons["3"] == "num-examples inf is not a whole number"
+    assert reasons["4"] == "num-examples -3 is outside [1, 100000] (max-examples-per-client)"
+    assert reasons["5"] == "num-examples 0 is outside [1, 100000] (max-examples-per-client)"
+    adapter = load_file(str(tmp_path / "run" / "global_adapter" / "adapter_model.safetensors"))
+    assert all(np.isfinite(v).all() for v in adapter.values())
+    assert sorted(summary["per_client"]["final_round"]) == [str(i) for i in range(6)]
+
+
 def _crash(marker: str) -> list[int]:
     """SIGKILL every process whose environment holds ``marker``: the server machine goes down.
 
@@ -132,3 +155,47 @@ def test_server_killed_mid_run_resumes_to_the_same_global_adapter(tmp_path):
     # Every client's personal state survived on its disk: trained in all rounds, not only after the crash.
     for client in resumed.summary["per_client"]["final_round"].values():
         assert client["personal_rounds"] >= rounds
+
+
+def _processes_with(marker: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker.encode() in (proc / "environ").read_bytes() and int(proc.name) != os.getpid():
+                found.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.federation
+def test_sigint_stops_every_process_of_the_run_and_leaves_it_resumable(tmp_path):
+    # Prepare: a run of 4 rounds whose every process carries a marker in its environment.
+    marker = f"FEDLORA_TEST_RUN={os.getpid()}-{time.monotonic_ns()}"
+    env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
+    out = tmp_path / "run"
+    overrides = " ".join(f"{k}={v}" for k, v in TINY_FLAT.items())
+    command = [sys.executable, "-m", "fedlora.cli", "simulate", "--clients", "3", "--rounds", "4"]
+    command += ["--out", str(out), "--run-config", overrides]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (out / "checkpoint").exists():
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.5)
+    assert (out / "checkpoint").exists(), "the run never finished a round"
+
+    # Execute: Ctrl-C, as `kill -INT` on the command alone (its children get no signal).
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+
+    # Assert: exit 130, one line on how to resume, no process of the run left, resumable.
+    assert proc.returncode == 130, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("fedlora: interrupted: the run in") and f"fedlora resume {out}" in last
+    deadline = time.monotonic() + 20
+    while _processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _processes_with(marker) == []
+    assert not (out / "summary.json").exists()
+    resumed = fedlora.resume(out)
+    assert [r["round"] for r in resumed.rounds] == [1, 2, 3, 4]

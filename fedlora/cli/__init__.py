@@ -10,7 +10,7 @@ from fedlora.cli.audit import add_audit_command
 from fedlora.cli.deploy import add_deploy_commands
 from fedlora.cli.models import add_model_commands
 from fedlora.cli.simulate import add_simulate_commands
-from fedlora.core.errors import FedloraError
+from fedlora.core.errors import FedloraError, RunInterrupted
 
 __all__ = ["main"]
 
@@ -45,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except RunInterrupted as err:
+        print(f"fedlora: {err}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("fedlora: interrupted", file=sys.stderr)
+        return 130
     except FedloraError as err:
         print(f"fedlora: error: {err}", file=sys.stderr)
         return 2

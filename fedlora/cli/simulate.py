@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from fedlora import api
 from fedlora.config import RunConfig
 from fedlora.core.errors import FedloraError
-from fedlora.core.rundir import CONFIG, RunSummary
+from fedlora.core.rundir import CONFIG, RunSummary, read_config
 from fedlora.launch import parse_overrides
 from fedlora.plots import plot_accuracy
 from fedlora.presets import PRESETS, get_preset
@@ -142,9 +141,9 @@ def _simulate(args: argparse.Namespace) -> int:
     personalization = args.personalization or str(flat.pop("personalization", "auto"))
     rounds = args.rounds if args.rounds is not None else flat.pop("num-server-rounds", None)
     overrides: dict[str, Any] = {k.replace("-", "_"): v for k, v in flat.items()}
-    num_rounds = (
-        int(rounds) if rounds is not None else int(RunConfig.from_flat(flat).federation.num_server_rounds)
-    )
+    # Checked like every key, so that `num-server-rounds=abc` stops with one line.
+    given = {**flat, **({"num-server-rounds": rounds} if rounds is not None else {})}
+    num_rounds = RunConfig.from_flat(given).federation.num_server_rounds
     progress, on_event = _progress(num_rounds)
     with progress:
         results = api.run(
@@ -157,6 +156,7 @@ def _simulate(args: argparse.Namespace) -> int:
             cpus_per_client=args.cpus_per_client,
             on_event=on_event,
             preset=args.preset,
+            overwrite=args.overwrite,
             **overrides,
         )
     _table(results.summary, results.out_dir)
@@ -166,10 +166,10 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _resume(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
-    config = run_dir / CONFIG
-    if not config.is_file():
+    if not (run_dir / CONFIG).is_file():
         raise FedloraError(f"{run_dir}: not a fedlora run directory (no {CONFIG})")
-    rounds = args.rounds or int(json.loads(config.read_text())["num-server-rounds"])
+    saved = RunConfig.from_flat(read_config(run_dir)).federation.num_server_rounds
+    rounds = args.rounds or saved
     progress, on_event = _progress(rounds)
     with progress:
         results = api.resume(
@@ -222,6 +222,11 @@ def add_simulate_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     sim.add_argument("--preset", help=f"a named workload: {', '.join(PRESETS)} (listed below)")
     sim.add_argument("--rounds", type=int, help="federated rounds (run-config num-server-rounds)")
     sim.add_argument("--out", help="run directory for results (default runs/<timestamp>)")
+    sim.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a finished or resumable run already in --out (refused without it)",
+    )
     sim.add_argument("--data", help="folder with one subfolder per client holding train.jsonl and test.jsonl")
     sim.add_argument(
         "--strategy", help=f"aggregation strategy: {', '.join(sorted(STRATEGIES))} (default fedavg)"

@@ -31,7 +31,11 @@ Handler = Callable[[Message, Context], Message]
 
 
 def reply_errors(handler: Handler) -> Handler:
-    """Turn a FedloraError into an error reply that names the problem, so the node lives on."""
+    """Turn a FedloraError into an error reply, so the node lives on.
+
+    The reply carries the error's code, kind and field or line (`FedloraError.public`);
+    the whole message, which may name local paths, texts or labels, stays in the node's log.
+    """
 
     @functools.wraps(handler)
     def wrapped(message: Message, context: Context) -> Message:
@@ -40,7 +44,7 @@ def reply_errors(handler: Handler) -> Handler:
         except FedloraError as err:
             log.error("fedlora client %s: %s", context.node_config.get(keys.NODE_PARTITION_ID, "?"), err)
             code = keys.E_BUDGET_EXHAUSTED if isinstance(err, BudgetExhausted) else keys.E_CLIENT_INPUT
-            return Message(Error(code=code, reason=f"{type(err).__name__}: {err}"), reply_to=message)
+            return Message(Error(code=code, reason=err.public()), reply_to=message)
 
     return wrapped
 

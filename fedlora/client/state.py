@@ -43,7 +43,10 @@ _IDENTITY = tuple(sorted(keys_where("identity")))
 def state_path(context: Context) -> Path | None:
     """The file holding this client's state, or None when state stays in memory."""
     node, run = context.node_config, context.run_config
-    root = str(node.get(keys.NODE_STATE_DIR) or run.get("client-state-dir") or "")
+    # A deployed device (its own data-dir) keeps state only where its owner said: a server's
+    # run config does not choose folders on it.
+    device = bool(node.get(keys.NODE_DATA_DIR))
+    root = str(node.get(keys.NODE_STATE_DIR) or ("" if device else run.get("client-state-dir")) or "")
     if not root:
         return None
     identity = {
@@ -92,11 +95,17 @@ def read_state(path: Path) -> RecordDict:
 
 
 def save_state(context: Context, path: Path) -> None:
-    """Write fedlora's records of ``context.state`` to ``path``, atomically."""
+    """Write fedlora's records of ``context.state`` to ``path``, atomically.
+
+    The file is readable by its owner only (0600), in a folder only its owner can list
+    (0700): it holds the personal adapter and the privacy ledger.
+    """
     own = RecordDict({n: r for n, r in context.state.items() if n.startswith(STATE_PREFIX)})
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(serde.recorddict_to_proto(own).SerializeToString())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(serde.recorddict_to_proto(own).SerializeToString())
     tmp.replace(path)
 
 

@@ -157,7 +157,8 @@ class RunConfig:
             for f in dataclasses.fields(section):
                 run_key = key(f.name)
                 if run_key in flat:
-                    kwargs[f.name] = coerce(run_key, flat[run_key], f.default)
+                    unbounded = f.metadata["fedlora"].unbounded
+                    kwargs[f.name] = coerce(run_key, flat[run_key], f.default, unbounded=unbounded)
             sections[name] = section(**kwargs)
         return cls(**sections)
 

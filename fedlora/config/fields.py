@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,9 @@ class FieldInfo:
     resolved : bool
         The saved ``config.json`` holds its resolved value (e.g. the label set found in
         the data), not what was asked.
+    unbounded : bool
+        ``inf`` is a meaningful value (no bound, no budget). NaN never is, and ``inf`` is
+        refused for every other float key.
 
     """
 
@@ -41,6 +45,7 @@ class FieldInfo:
     resumable: bool = False
     placement: bool = False
     resolved: bool = False
+    unbounded: bool = False
 
 
 def setting(
@@ -51,9 +56,10 @@ def setting(
     resumable: bool = False,
     placement: bool = False,
     resolved: bool = False,
+    unbounded: bool = False,
 ) -> Any:
     """A dataclass field of a config section, carrying its `FieldInfo`."""
-    info = FieldInfo(help, identity, resumable, placement, resolved)
+    info = FieldInfo(help, identity, resumable, placement, resolved, unbounded)
     return dataclasses.field(default=default, metadata={"fedlora": info})
 
 
@@ -67,8 +73,12 @@ def fail(key: str, accepted: str, value: object) -> ConfigError:
     return ConfigError(f"{key}: must be {accepted}, got {value!r}")
 
 
-def coerce(key: str, raw: Any, default: Any) -> Any:
-    """Convert a run-config value to the type of the field's default, or fail naming the key."""
+def coerce(key: str, raw: Any, default: Any, *, unbounded: bool = False) -> Any:
+    """Convert a run-config value to the type of the field's default, or fail naming the key.
+
+    Floats are finite unless the key is ``unbounded`` (then ``inf`` is accepted); NaN is
+    always refused.
+    """
     if isinstance(default, bool):
         if isinstance(raw, bool):
             return raw
@@ -88,9 +98,12 @@ def coerce(key: str, raw: Any, default: Any) -> Any:
         if isinstance(raw, bool):
             raise fail(key, "a number", raw)
         try:
-            return float(raw)
+            number = float(raw)
         except (TypeError, ValueError):
             raise fail(key, "a number", raw) from None
+        if math.isnan(number) or (math.isinf(number) and not unbounded):
+            raise fail(key, "a number (inf: no bound)" if unbounded else "a finite number", raw)
+        return number
     if isinstance(default, tuple):
         items = raw.split(",") if isinstance(raw, str) else list(raw)
         return tuple(str(item).strip() for item in items if str(item).strip())

@@ -25,6 +25,9 @@ TASKS = ("classification", "causal-lm")
 CLIENT_DP_MODES = ("off", "server-clipping", "client-clipping")
 # Opacus accountants a client's privacy ledger can use.
 DP_ACCOUNTANTS = ("rdp", "prv")
+# Upper bounds that catch a typo (an extra zero) before it costs a run. The rank is also
+# checked against the model's own layer sizes (`fedlora.models.check_model`).
+MAX_RANK, MAX_LENGTH, MAX_BATCH, MAX_STEPS, MAX_ROUNDS = 1024, 32_768, 4096, 100_000, 100_000
 
 
 def _require_module(module: str, key: str, install: str) -> None:
@@ -77,15 +80,17 @@ class ModelConfig:
             raise fail("model", "a bundled model name, a local folder or a hub id", self.model)
         if self.task not in TASKS:
             raise fail("task", f"one of {', '.join(TASKS)}", self.task)
-        if self.max_length < 4:
-            raise fail("max-length", "an integer >= 4", self.max_length)
+        if not 4 <= self.max_length <= MAX_LENGTH:
+            raise fail("max-length", f"an integer in [4, {MAX_LENGTH}]", self.max_length)
         if self.lora_rank <= 0:
             raise fail("lora-rank", "a positive integer", self.lora_rank)
-        if self.lora_alpha <= 0:
-            raise fail("lora-alpha", "a positive integer", self.lora_alpha)
+        if self.lora_rank > MAX_RANK:
+            raise fail("lora-rank", f"an integer in [1, {MAX_RANK}]", self.lora_rank)
+        if not 0 < self.lora_alpha <= MAX_RANK * 16:
+            raise fail("lora-alpha", f"an integer in [1, {MAX_RANK * 16}]", self.lora_alpha)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise fail("lora-dropout", "a number in [0, 1)", self.lora_dropout)
-        if not all(r.isdigit() and int(r) > 0 for r in self.client_ranks):
+        if not all(r.isdigit() and 0 < int(r) <= MAX_RANK for r in self.client_ranks):
             raise fail("client-ranks", "comma-separated positive integers", ",".join(self.client_ranks))
 
     def ranks(self) -> list[int]:
@@ -172,12 +177,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
             raise fail("batch-size", "a positive integer", self.batch_size)
+        if self.batch_size > MAX_BATCH:
+            raise fail("batch-size", f"an integer in [1, {MAX_BATCH}]", self.batch_size)
         if not 0 < self.learning_rate < 1:
             raise fail("learning-rate", "a number in (0, 1)", self.learning_rate)
-        if self.local_steps <= 0:
-            raise fail("local-steps", "a positive integer", self.local_steps)
-        if self.personal_steps < 0:
-            raise fail("personal-steps", "an integer >= 0", self.personal_steps)
+        if not 0 < self.local_steps <= MAX_STEPS:
+            raise fail("local-steps", f"an integer in [1, {MAX_STEPS}]", self.local_steps)
+        if not 0 <= self.personal_steps <= MAX_STEPS:
+            raise fail("personal-steps", f"an integer in [0, {MAX_STEPS}]", self.personal_steps)
         if self.ditto_lambda < 0:
             raise fail("ditto-lambda", "a number >= 0", self.ditto_lambda)
         if self.num_threads < 0:
@@ -221,10 +228,16 @@ class FederationConfig:
     server_momentum: float = setting(0.9, "`fedavgm`: server momentum")
     trim_fraction: float = setting(0.2, "`trimmed-mean`: share of values cut from each end, per coordinate")
     byzantine_clients: int = setting(0, "`krum`: number of malicious clients f it tolerates")
+    max_examples_per_client: int = setting(
+        100_000,
+        "the server drops an update whose reply claims a weight (`num-examples`) that is not a whole "
+        "number from 1 to this (a huge claim would make the mean that client's upload)",
+    )
     max_update_norm: float = setting(
         math.inf,
         "the server drops an upload whose L2 distance from the global arrays it started from exceeds this "
         "(uploads with NaN/Inf, missing, extra or misshapen tensors are always dropped)",
+        unbounded=True,
     )
     local_only_baseline: bool = setting(
         True,
@@ -266,8 +279,8 @@ class FederationConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.num_server_rounds <= 0:
-            raise fail("num-server-rounds", "a positive integer", self.num_server_rounds)
+        if not 0 < self.num_server_rounds <= MAX_ROUNDS:
+            raise fail("num-server-rounds", f"an integer in [1, {MAX_ROUNDS}]", self.num_server_rounds)
         if not 0.0 < self.fraction_train <= 1.0:
             raise fail("fraction-train", "a number in (0, 1]", self.fraction_train)
         if not 0.0 < self.fraction_evaluate <= 1.0:
@@ -290,6 +303,8 @@ class FederationConfig:
             raise fail("trim-fraction", "a number in [0, 0.5)", self.trim_fraction)
         if self.byzantine_clients < 0:
             raise fail("byzantine-clients", "an integer >= 0", self.byzantine_clients)
+        if self.max_examples_per_client < 1:
+            raise fail("max-examples-per-client", "a positive integer", self.max_examples_per_client)
         if not self.max_update_norm > 0:
             raise fail("max-update-norm", "a positive number (inf: no bound)", self.max_update_norm)
         if not self.round_timeout > 0:
@@ -319,7 +334,9 @@ class PrivacyConfig:
     dp_delta: float = setting(1e-5, "delta of the reported epsilon")
     dp_accountant: str = setting("rdp", "`rdp` or `prv` (Opacus accountants)")
     dp_epsilon_budget: float = setting(
-        math.inf, "a client whose next round would take its epsilon past this declines to train"
+        math.inf,
+        "a client whose next round would take its epsilon past this declines to train",
+        unbounded=True,
     )
     dp_secure_mode: bool = setting(
         False,
@@ -347,6 +364,7 @@ class PrivacyConfig:
     client_dp_epsilon_budget: float = setting(
         math.inf,
         "client-level DP: the server stops training before a round that would take epsilon past this",
+        unbounded=True,
     )
     secure_aggregation: bool = setting(
         False, "Flower SecAgg+: the server only ever sees the sum of the clients' masked uploads"

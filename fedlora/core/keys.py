@@ -38,6 +38,7 @@ __all__ = [
     "NODE_PARTITION_ID",
     "NODE_PROFILE",
     "NODE_STATE_DIR",
+    "NODE_WIRE_LOG",
     "NODE_IDENTITY",
     "STATE_PREFIX",
     "S_PERSONAL",
@@ -99,6 +100,7 @@ NODE_DATA_DIR = "data-dir"  # a device's own data folder: wins over the run conf
 NODE_STATE_DIR = "state-dir"  # where a device keeps its state between messages and restarts
 NODE_PROFILE = "profile"  # a device profile (fedlora.client.profiles)
 NODE_LORA_RANK = "lora-rank"  # a node's own LoRA rank, where the strategy takes mixed ranks
+NODE_WIRE_LOG = "audit-wire-log"  # a device's own wire log (the run config's is ignored there)
 # Node-config keys that make a node's state belong to a different federation.
 NODE_IDENTITY = (NODE_PROFILE, NODE_LORA_RANK, NODE_DATA_DIR)
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedlora.core.errors import ConfigError
+
 __all__ = [
     "CHECKPOINT",
     "CLIENTS",
@@ -42,8 +44,24 @@ CLIENTS = "clients"  # where `fedlora simulate` keeps the clients' state
 
 
 def read_config(out_dir: Path) -> dict[str, Any]:
-    """The flat run config a run directory was written with (``config.json``)."""
-    return dict(json.loads((out_dir / CONFIG).read_text()))
+    """The flat run config a run directory was written with (``config.json``).
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing, is not JSON, or is not a JSON object.
+
+    """
+    path = out_dir / CONFIG
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(
+            f"{CONFIG}: {path} cannot be read as a run config ({type(err).__name__})", where=CONFIG
+        ) from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{CONFIG}: {path} holds no JSON object", where=CONFIG)
+    return saved
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,8 @@ def _from_folder(cfg: DataConfig, task: str, partition_id: int, num_partitions: 
             elif r["label"] not in index:
                 raise DataError(
                     f"{path}: record {number} has label {r['label']!r}, not in the label set "
-                    f"({', '.join(labels)})"
+                    f"({', '.join(labels)})",
+                    where=f"{path.name}: record {number} (label not in the label set)",
                 )
             else:
                 ids.append(index[r["label"]])

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from functools import lru_cache
 from pathlib import Path
 
 from fedlora.core.errors import DataError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SPLITS", "check_client_folder", "client_folders", "read_jsonl"]
 
@@ -62,39 +65,67 @@ def check_client_folder(folder: Path) -> None:
             raise DataError(f"data-dir: client folder {str(folder)!r} has no {split}.jsonl")
 
 
-def read_jsonl(path: Path, *, task: str) -> list[dict[str, str]]:
-    """Read one JSONL split; each line ``{"text": str, "label": str}`` (label only for classification).
+def _label(value: object) -> str | None:
+    # One label, however JSON typed it: "1", 1 and 1.0 are the same label; true is "true".
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, str):
+        return value
+    return None
 
-    Labels are returned as strings (``1`` and ``"1"`` are the same label).
+
+def read_jsonl(path: Path, *, task: str) -> list[dict[str, str]]:
+    """Read one JSONL split; each line ``{"text": str, "label": ...}`` (label only for classification).
+
+    Records are separated by newlines only (a U+2028 or other Unicode line separator inside
+    a string is text); a UTF-8 byte-order mark and Windows line ends are accepted; blank
+    lines are skipped. A record whose text is empty or only white space is dropped, and how
+    many were dropped is logged. Labels are returned as strings, the same for every JSON
+    type that writes them: ``"1"``, ``1`` and ``1.0`` are one label, ``true`` is ``"true"``.
 
     Raises
     ------
     DataError
-        Naming the file and line of the first malformed record.
+        Naming the file and line of the first malformed record (the error's `where` names
+        the file and line without the folder, for what a device may report).
 
     """
     records: list[dict[str, str]] = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        content = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"data-dir: cannot read {path}: {err}") from None
-    for number, line in enumerate(lines, start=1):
+        raise DataError(f"data-dir: cannot read {path}: {err}", where=f"data-dir: {path.name}") from None
+    empty = 0
+    for number, line in enumerate(content.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         where = f"{path}:{number}"
+        public = f"{path.name}:{number}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+            raise DataError(f"{where}: not valid JSON ({err.msg})", where=public) from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise DataError(f'{where}: expected an object with a string "text" field')
+            raise DataError(f'{where}: expected an object with a string "text" field', where=public)
+        if not record["text"].strip():
+            empty += 1
+            continue
         if task == "classification":
-            label = record.get("label")
-            if label is None or isinstance(label, (dict, list)):
-                raise DataError(f'{where}: expected a "label" field (string or number)')
-            records.append({"text": record["text"], "label": str(label)})
+            label = _label(record.get("label"))
+            if label is None:
+                raise DataError(
+                    f'{where}: expected a "label" field (a string, a number or true/false)', where=public
+                )
+            records.append({"text": record["text"], "label": label})
         else:
             records.append({"text": record["text"]})
+    if empty:
+        log.warning("fedlora: %s: dropped %d records with an empty text", path, empty)
     if not records:
-        raise DataError(f"{path}: no records")
+        raise DataError(f"{path}: no records", where=f"{path.name}: no records")
     return records

@@ -26,6 +26,7 @@ __all__ = [
     "build_model",
     "cached_model",
     "check_model",
+    "smallest_adapted_dim",
     "load_base",
     "lora_config",
     "model_source",
@@ -111,18 +112,50 @@ def check_model(cfg: ModelConfig) -> None:
         Naming the model and what is accepted.
 
     """
-    if cfg.model in BUNDLED_MODELS:
-        model_source(cfg.model)
-        return
+    config = _base_config(cfg)
+    smallest = smallest_adapted_dim(config)
+    for rank in cfg.ranks():
+        if rank > smallest:
+            raise ModelError(
+                f"lora-rank: must be at most {smallest} for model {cfg.model!r} (the smallest "
+                f"dimension of its adapted layers), got {rank}"
+            )
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and cfg.max_length > positions:
+        raise ModelError(
+            f"max-length: must be at most {positions} for model {cfg.model!r} (the positions it "
+            f"was trained for), got {cfg.max_length}"
+        )
+
+
+def _base_config(cfg: ModelConfig) -> Any:
+    # The transformers config of the base model, without loading its weights.
+    if cfg.model in BUNDLED_MODELS and BUNDLED_MODELS[cfg.model][1] is not None:
+        return BUNDLED_MODELS[cfg.model][1](2)  # type: ignore[misc]
     from transformers import AutoConfig  # noqa: PLC0415 - heavy: transformers
 
     try:
-        AutoConfig.from_pretrained(model_source(cfg.model))
+        return AutoConfig.from_pretrained(model_source(cfg.model))
     except (OSError, ValueError) as err:
         raise ModelError(
             f"model: {cfg.model!r} is not a bundled model ({', '.join(BUNDLED_MODELS)}), "
             f"a local model folder, or a reachable Hugging Face hub id ({type(err).__name__})"
         ) from None
+
+
+def smallest_adapted_dim(config: Any) -> int:
+    """The smallest input or output size of the layers LoRA adapts: a rank above it is pointless.
+
+    The attention projections are ``hidden_size`` wide, the key/value ones of a model with
+    grouped-query attention ``num_key_value_heads * head_dim``.
+    """
+    hidden = int(config.hidden_size)
+    dims = [hidden]
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None)
+    if heads and kv_heads:
+        dims.append(int(kv_heads) * (hidden // int(heads)))
+    return min(dims)
 
 
 # Defaults where PEFT's own choice (query/value) is not enough: a BERT classifier reads the

@@ -21,6 +21,8 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
+from fedlora.core import keys
+
 __all__ = ["WireAudit", "audit_wire_log", "wire_log_mod"]
 
 _KEY = "audit-wire-log"
@@ -59,9 +61,15 @@ def describe(message: Message) -> dict[str, Any]:
 
 
 def wire_log_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
-    """Append a description of the reply to the run's ``audit-wire-log`` file, if set."""
+    """Append a description of the reply to the ``audit-wire-log`` file, if set.
+
+    A deployed device (a node with its own ``data-dir``) takes the path from its own node
+    config only: a server must not choose where a device writes.
+    """
     reply = call_next(msg, ctxt)
-    path = str(ctxt.run_config.get(_KEY, "") or "")
+    device = bool(ctxt.node_config.get(keys.NODE_DATA_DIR))
+    source = ctxt.node_config if device else ctxt.run_config
+    path = str(source.get(keys.NODE_WIRE_LOG if device else _KEY, "") or "")
     if path:
         line = json.dumps({"node": ctxt.node_id, **describe(reply)})
         # One short append per reply: safe for concurrent simulated clients on POSIX.

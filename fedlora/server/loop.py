@@ -146,7 +146,13 @@ def run_federation(grid: Grid, cfg: RunConfig, context: Context) -> dict[str, An
             save_checkpoint(out_dir, state)
         return None
 
-    check = UploadCheck.for_run(info, loaded.initial_global, fed.max_update_norm)
+    check = UploadCheck.for_run(
+        info,
+        loaded.initial_global,
+        fed.max_update_norm,
+        max_examples=fed.max_examples_per_client,
+        unit_weight=cfg.privacy.client_level,
+    )
     recorded = Recorded(
         strategy,
         recorder,

@@ -1,9 +1,11 @@
 """Server-side checks of every upload before aggregation: a bad reply is dropped, not averaged.
 
 A client that sends NaN or Inf, tensors the strategy does not expect (missing, extra, of
-the wrong shape or LoRA rank), or an update larger than ``max-update-norm`` would poison
-the mean or stop Flower's aggregation altogether. `UploadCheck` names the problem; the
-recording wrapper logs it with the node and aggregates the others. Under secure
+the wrong shape or LoRA rank), an update larger than ``max-update-norm``, or claims a
+weight (``num-examples``) that is not a whole number from 1 to ``max-examples-per-client``
+would poison the mean, take it over, or stop Flower's aggregation altogether.
+`UploadCheck` names the problem; the recording wrapper logs it with the node and
+aggregates the others. Under secure
 aggregation the server never sees individual uploads, so it cannot check them.
 """
 
@@ -21,7 +23,7 @@ from fedlora.core import keys
 from fedlora.lora.adapters import AdapterState, from_record
 from fedlora.lora.maths import part_of
 from fedlora.server.recorder import RunRecorder
-from fedlora.server.replies import client_of
+from fedlora.server.replies import client_of, metrics_of
 
 if TYPE_CHECKING:
     from fedlora.strategies.registry import StrategyInfo
@@ -49,19 +51,56 @@ class UploadCheck:
     max_norm : float
         Bound on the L2 norm of an upload minus the global arrays the client started from
         (over the tensors both hold; ``inf``: no bound).
+    max_examples : int
+        The largest number of training examples a reply may claim: the weight of its
+        upload in the mean.
+    unit_weight : bool
+        Client-level DP: every reply must weigh exactly 1.
 
     """
 
     expected: Mapping[str, tuple[int, ...]]
     any_rank: bool = False
     max_norm: float = math.inf
+    max_examples: int = 100_000
+    unit_weight: bool = False
 
     @classmethod
-    def for_run(cls, info: StrategyInfo, initial_global: AdapterState, max_norm: float) -> UploadCheck:
+    def for_run(
+        cls,
+        info: StrategyInfo,
+        initial_global: AdapterState,
+        max_norm: float,
+        *,
+        max_examples: int = 100_000,
+        unit_weight: bool = False,
+    ) -> UploadCheck:
         """The check for a strategy: the parts it shares, at the seeded adapter's shapes."""
         sent = info.protocol.sent
         expected = {k: tuple(v.shape) for k, v in initial_global.items() if part_of(k) in sent}
-        return cls(expected, info.protocol.heterogeneous_ranks, max_norm)
+        return cls(expected, info.protocol.heterogeneous_ranks, max_norm, max_examples, unit_weight)
+
+    def weight_problem(self, metrics: Mapping[str, object]) -> str | None:
+        """Why the weight a reply claims must not be used, or None if it is fine.
+
+        ``num-examples`` must be a whole number from 1 to ``max_examples``: a huge claim
+        would make the mean the claimant's upload, NaN or Inf would poison it, a negative
+        one push it away, and zero weights would leave nothing to divide by.
+        """
+        claimed = metrics.get(keys.M_NUM_EXAMPLES)
+        if isinstance(claimed, bool) or not isinstance(claimed, (int, float)):
+            return f"{keys.M_NUM_EXAMPLES} is missing or not a number ({claimed!r})"
+        if not math.isfinite(claimed) or claimed != int(claimed):
+            return f"{keys.M_NUM_EXAMPLES} {claimed!r} is not a whole number"
+        if not 1 <= claimed <= self.max_examples:
+            return (
+                f"{keys.M_NUM_EXAMPLES} {int(claimed)} is outside [1, {self.max_examples}] "
+                "(max-examples-per-client)"
+            )
+        unit = metrics.get(keys.M_UNIT_WEIGHT)
+        if self.unit_weight and unit != 1:
+            return f"{keys.M_UNIT_WEIGHT} must be 1 under client-level DP, got {unit!r}"
+        return None
 
     def _shape_ok(self, key: str, shape: tuple[int, ...], want: tuple[int, ...]) -> bool:
         dim = _rank_dim(key)
@@ -116,7 +155,9 @@ def drop_invalid(
         reason = None
         if not m.has_error():
             arrays = m.content.array_records.get(keys.ARRAYS)
-            reason = "no adapter tensors" if arrays is None else check.problem(from_record(arrays), start)
+            reason = check.weight_problem(metrics_of(m)) or (
+                "no adapter tensors" if arrays is None else check.problem(from_record(arrays), start)
+            )
         if reason is None:
             kept.append(m)
             continue
