@@ -190,7 +190,6 @@ def run(
 
     """
     if preset is not None:
-
         chosen = get_preset(preset)
         overrides = {**{k.replace("-", "_"): v for k, v in chosen.config.items()}, **overrides}
         clients = chosen.clients if clients is None else clients
@@ -250,7 +249,6 @@ def resume(
 def default_clients(cfg: RunConfig) -> int:
     """One client per folder of ``data-dir``, else the default benchmark's 20."""
     if cfg.data.data_dir:
-
         return len(client_folders(cfg.data.data_dir))
     return DEFAULT_CLIENTS
 
@@ -380,7 +378,6 @@ def _sweep(
     on_run: Callable[[Results], None] | None,
     common: dict[str, Any],
 ) -> Sweep:
-
     results = Sweep()
     measured: set[int] = set()
     personalizations = list(personalizations)

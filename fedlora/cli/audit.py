@@ -77,7 +77,6 @@ def _audit(args: argparse.Namespace) -> int:
         )
     wire = args.wire or config.get("audit-wire-log") or ""
     if wire:
-
         keys = json.loads((run_dir / GLOBAL_ADAPTER / "adapter_keys.json").read_text())
         audit = audit_wire_log(wire, keys)
         kinds = ", ".join(f"{n} {t}" for t, n in sorted(audit.by_type.items()))

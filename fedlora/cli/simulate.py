@@ -38,7 +38,6 @@ def _bytes(n: float) -> str:
 
 
 def _progress(num_rounds: int) -> tuple[Progress, Callable[[dict[str, Any]], None]]:
-
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

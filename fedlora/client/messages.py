@@ -57,11 +57,9 @@ class Incoming:
     """The server's arrays and config, from a Message-API or a legacy (SecAgg+) message."""
 
     def __init__(self, message: Message, names: list[str]) -> None:
-
         content = message.content
         self.legacy = _LEGACY_FIT in content.array_records or _LEGACY_EVALUATE in content.array_records
         if self.legacy:
-
             ins = (
                 compat.recorddict_to_fitins(content, keep_input=True)
                 if _LEGACY_FIT in content.array_records

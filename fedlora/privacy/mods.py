@@ -19,21 +19,17 @@ __all__ = ["privacy_mod"]
 
 
 def _wants_clipping(msg: Message) -> bool:
-
     return any(KEY_CLIPPING_NORM in record for record in msg.content.config_records.values())
 
 
 def _wants_secagg(msg: Message) -> bool:
-
     return RECORD_KEY_CONFIGS in msg.content.config_records
 
 
 def privacy_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
     """Apply Flower's clipping or SecAgg+ mod when this message asks for it."""
     if msg.has_content() and _wants_secagg(msg):
-
         return secaggplus_mod(msg, ctxt, call_next)
     if msg.has_content() and _wants_clipping(msg):
-
         return fixedclipping_mod(msg, ctxt, call_next)
     return call_next(msg, ctxt)
