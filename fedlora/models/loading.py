@@ -134,8 +134,9 @@ def _base_config(cfg: ModelConfig) -> Any:
         return BUNDLED_MODELS[cfg.model][1](2)  # type: ignore[misc]
     from transformers import AutoConfig  # noqa: PLC0415 - heavy: transformers
 
+    source = model_source(cfg.model)  # a missing bundled package is named here
     try:
-        return AutoConfig.from_pretrained(model_source(cfg.model))
+        return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise ModelError(
             f"model: {cfg.model!r} is not a bundled model ({', '.join(BUNDLED_MODELS)}), "
