@@ -209,8 +209,32 @@ def _stop_flower(flwr_home: Path, *, everything: bool = False) -> None:
     """Stop the SuperLink/SuperExec that `flwr run` started for this FLWR_HOME.
 
     With ``everything``, every process of the run goes: `flwr run`, the simulation that
-    runs the ServerApp and its Ray workers too (they all inherit the run's FLWR_HOME).
+    runs the ServerApp and its Ray workers too (they all inherit the run's FLWR_HOME);
+    the sweep is repeated until none is left, since a dying parent may start a last child.
     """
+    for _ in range(5 if everything else 1):
+        stopped = _signal_run(flwr_home, everything=everything)
+        if not stopped:
+            return
+        deadline = time.monotonic() + 10
+        for pid in stopped:
+            while time.monotonic() < deadline and _alive(pid):
+                time.sleep(0.1)
+            if _alive(pid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    # A process that exited but was not yet reaped by its parent (a zombie) is gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _signal_run(flwr_home: Path, *, everything: bool) -> list[int]:
+    # SIGTERM to the processes of this FLWR_HOME (only Flower's servers unless ``everything``).
     marker = f"FLWR_HOME={flwr_home}".encode()
     stopped: list[int] = []
     for proc in Path("/proc").glob("[0-9]*"):
@@ -226,12 +250,7 @@ def _stop_flower(flwr_home: Path, *, everything: bool = False) -> None:
             stopped.append(int(proc.name))
         except (OSError, ValueError):
             continue
-    deadline = time.monotonic() + 10
-    for pid in stopped:
-        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-            time.sleep(0.1)
-        if Path(f"/proc/{pid}").exists():
-            os.kill(pid, signal.SIGKILL)
+    return stopped
 
 
 def _events(path: Path, seen: int) -> tuple[list[dict[str, Any]], int]:
