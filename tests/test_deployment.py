@@ -20,6 +20,7 @@ from conftest import write_client
 from helpers import TINY_FEDERATION
 
 from fedlora.client.state import read_state
+from fedlora.config import RunConfig
 from fedlora.core.errors import ConfigError, FedloraError
 from fedlora.core.keys import S_PERSONAL_ROUNDS
 from fedlora.deploy import (
@@ -31,7 +32,7 @@ from fedlora.deploy import (
     supervise,
     write_flwr_home,
 )
-from fedlora.launch import _free_port
+from fedlora.launch import _free_port, flower_env, flower_script, write_app
 
 TOPICS = {"sport": "goal match team", "music": "song band guitar", "cooking": "recipe oven salt"}
 
@@ -305,6 +306,7 @@ def _tiny_run_config() -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.federation
 def test_fedlora_clients_with_registered_keys_complete_a_tls_federation(tmp_path, processes):
     # Prepare: a CA, four device keys (three registered), three devices' own data folders.
     certs = make_certificates(tmp_path / "certs")
@@ -408,3 +410,108 @@ def test_fedlora_clients_with_registered_keys_complete_a_tls_federation(tmp_path
         assert list((tmp_path / f"state{i}").glob("*/*.state")), f"node {i} kept no state on disk"
     assert all(proc.poll() is None for proc, _ in nodes[:2]) and rejoined.poll() is None
     assert server.poll() is None
+
+
+def _flwr(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The unmodified ``flwr`` CLI with its own Flower home."""
+    return subprocess.run(
+        [flower_script("flwr"), *args],
+        env=flower_env({"FLWR_HOME": str(home), "COLUMNS": "200"}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _rogue_app(directory: Path, marker: Path) -> Path:
+    """A Flower app of someone's own: importing it on either side leaves ``marker``."""
+    write_app(directory, RunConfig())
+    pyproject = (directory / "pyproject.toml").read_text()
+    pyproject = pyproject.replace('name = "fedlora-run"', 'name = "rogue"')
+    pyproject = pyproject.replace("fedlora.server_app:app", "rogue:app").replace(
+        "fedlora.client_app:app", "rogue:app"
+    )
+    (directory / "pyproject.toml").write_text(pyproject)
+    (directory / "rogue.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\napp = None\n"
+    )
+    return directory
+
+
+@pytest.mark.slow
+@pytest.mark.federation
+def test_only_the_operator_controls_the_federation(tmp_path, processes):
+    # Prepare: a CA, a registered device key, a second key; a party holding only ca.crt.
+    certs = make_certificates(tmp_path / "certs")
+    device_key = make_node_key(tmp_path / "keys" / "device")[0]
+    other_key = make_node_key(tmp_path / "keys" / "other")[0]
+    words = TOPICS["sport"]
+    write_client(
+        tmp_path / "data",
+        [{"text": f"{words} {n}", "label": "sport"} for n in range(8)]
+        + [{"text": f"{TOPICS['music']} {n}", "label": "music"} for n in range(8)],
+        [{"text": f"{words} x{n}", "label": "sport"} for n in range(4)],
+    )
+    outsider = tmp_path / "outsider"
+    outsider.mkdir()
+    (outsider / "ca.crt").write_bytes(certs.ca_cert.read_bytes())
+    port = _free_port()
+    superlink = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    server, server_log = processes.start(
+        "server",
+        *("server", "--certs", str(tmp_path / "certs"), "--host", "127.0.0.1", "--port", str(port)),
+        *("--database", str(tmp_path / "superlink.db")),
+    )
+    _wait_for(_line_or_exit(server, server_log, "Application startup complete"), deadline, "the SuperLink")
+    assert server.poll() is None, server_log.read_text()[-2000:]
+    token = tmp_path / "certs" / "operator.token"
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600  # written by `fedlora server`
+    operator = ["--superlink", superlink, "--root-cert", str(certs.ca_cert)]
+    code, output = processes.run(
+        "register", "register", f"{device_key}.pub", *operator, timeout=60, home=tmp_path
+    )
+    assert code == 0 and "registered at" in output, output
+    node_id = output.split("SuperNode ")[1].split()[0]
+
+    # Execute and assert: every Control call of the outsider is refused.
+    code, output = processes.run(
+        "outsider-register",
+        *("register", f"{other_key}.pub", "--superlink", superlink, "--root-cert", str(outsider / "ca.crt")),
+        timeout=60,
+        home=outsider,
+    )
+    assert code != 0 and "not the operator's token" in output, output
+    home = outsider / "flwr-home"
+    conn = write_flwr_home(home, superlink, root_cert=outsider / "ca.crt")
+    unregister = _flwr(home, "supernode", "unregister", node_id, conn)
+    marker = tmp_path / "ROGUE_CODE_RAN"
+    run = _flwr(home, "run", str(_rogue_app(outsider / "app", marker)), conn)
+    for proc in (unregister, run):
+        assert proc.returncode != 0 and "Authentication failed" in proc.stdout + proc.stderr, proc.stdout
+
+    # The operator's run goes on; the outsider cannot stop it.
+    node, node_log = processes.start(
+        "node",
+        *("client", *operator, "--key", str(device_key), "--data", str(tmp_path / "data")),
+        *("--state-dir", str(tmp_path / "state"), "--node-port", str(_free_port())),
+    )
+    _wait_for(_line_or_exit(node, node_log, "SuperNode ID:"), deadline, "the node to join")
+    out = tmp_path / "run"
+    submit, submit_log = processes.start(
+        "submit",
+        *("submit", *operator, "--clients", "1", "--rounds", "2", "--out", str(out)),
+        *("--run-config", f"labels=music,sport {_tiny_run_config()}"),
+    )
+    _wait_for(_line_or_exit(submit, submit_log, "Successfully started run"), deadline, "the run to start")
+    run_id = submit_log.read_text().split("Successfully started run ")[1].split()[0]
+    stop = _flwr(home, "stop", run_id, conn)
+    assert stop.returncode != 0 and "Authentication failed" in stop.stdout + stop.stderr, stop.stdout
+    assert submit.wait(timeout=max(1, deadline + 120 - time.monotonic())) == 0, submit_log.read_text()[-3000:]
+    assert f"run finished: 2 rounds, results in {out}" in submit_log.read_text()
+    assert not marker.exists()
+    refused = server_log.read_text()
+    for route in ("register-node", "unregister-node", "start-run", "stop-run"):
+        assert f"fedlora: refused /v1/control/{route} from 127.0.0.1: not the operator's token" in refused, (
+            route
+        )

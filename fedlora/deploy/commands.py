@@ -1,8 +1,9 @@
-"""The ``flower-superlink`` and ``flower-supernode`` command lines of a fedlora federation."""
+"""The SuperLink and ``flower-supernode`` command lines of a fedlora federation."""
 
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -51,21 +52,26 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 def superlink_command(
     *,
     certs: Certificates | None,
-    host: str = "0.0.0.0",
+    operator_token: Path,
+    host: str,
     port: int = DEFAULT_PORT,
     database: Path | None = None,
 ) -> list[str]:
-    """``flower-superlink`` with TLS and SuperNode authentication (``certs=None``: insecure, no auth).
+    """Flower's SuperLink with TLS, SuperNode authentication and the operator's Control API.
 
-    The SuperLink serves the Fleet, Control and Runtime APIs on ``host:port``. With
-    authentication, only registered node keys are let in.
+    The SuperLink serves the Fleet, Control and Runtime APIs on ``host:port``. It is started
+    through `fedlora.deploy.superlink`: the Control API answers only calls carrying the
+    operator's token, the Runtime API only this machine. With node authentication, only
+    registered node keys are let in.
 
     Parameters
     ----------
     certs : Certificates or None
         The CA and the SuperLink's certificate; None for no TLS and no node authentication.
+    operator_token : Path
+        The operator token's file (`fedlora.deploy.operator_token`).
     host : str
-        The address to listen on.
+        The address to listen on (``0.0.0.0``: every interface).
     port : int
         The port to listen on.
     database : Path or None
@@ -77,7 +83,9 @@ def superlink_command(
         The command line.
 
     """
-    command = [flower_script("flower-superlink"), "--host", host, "--port", str(port)]
+    command = [sys.executable, "-m", "fedlora.deploy.superlink"]
+    command += ["--operator-token-file", str(operator_token.expanduser().resolve())]
+    command += ["--host", host, "--port", str(port)]
     if certs is None:
         command.append("--insecure")
     else:
