@@ -100,3 +100,35 @@ def test_flwr_home_gets_the_token_in_flowers_credential_store(tmp_path):
     store = FileCredentialStore(path)
     assert store.get(ACCESS_TOKEN_STORE_KEY % "127.0.0.1:9092") == b"s" * 43
     assert store.get(AUTHN_TYPE_STORE_KEY % "127.0.0.1:9092") == b"oidc"
+
+
+def test_fedloras_own_fab_hash_is_that_of_the_app_submit_sends(tmp_path):
+    import hashlib
+
+    from flwr.cli.build import build_fab_from_disk
+
+    from fedlora.config import RunConfig
+    from fedlora.deploy.runtime import fedlora_fab_hash
+    from fedlora.launch import write_app
+
+    sent = hashlib.sha256(build_fab_from_disk(write_app(tmp_path / "elsewhere", RunConfig()))).hexdigest()
+    assert fedlora_fab_hash() == sent == fedlora_fab_hash()  # Flower's FAB build is deterministic
+
+
+def test_runtime_command_and_its_allowlist_flag(tmp_path):
+    from fedlora.deploy import runtime_command
+    from fedlora.deploy.runtime import main
+
+    command = runtime_command(9100, superexec_secret=tmp_path / "s", allow_fab_hashes=["ab" * 32])
+    assert command[1:] == [
+        "-m",
+        "fedlora.deploy.runtime",
+        "--runtime-api-address",
+        "127.0.0.1:9100",
+        "--superexec-auth-secret-file",
+        str(tmp_path / "s"),
+        "--allow-fab-hash",
+        "ab" * 32,
+    ]
+    with pytest.raises(SystemExit):
+        main(["--runtime-api-address", "127.0.0.1:1", "--allow-fab-hash", "not-a-hash"])

@@ -119,6 +119,8 @@ def test_supernode_command_refuses_a_key_without_tls(tmp_path):
         "x=1",
         "--port",
         "7",
+        "--isolation",
+        "process",
     ]
     with pytest.raises(ConfigError, match="key: node authentication needs TLS"):
         supernode_command("h:1", root_cert=None, key=tmp_path / "k", config="")
@@ -210,9 +212,12 @@ class _Processes:
         self.mark = f"FEDLORA_TEST_DEPLOYMENT={uuid.uuid4().hex}"
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, name: str, *args: str, home: Path | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+    def start(
+        self, name: str, *args: str, home: Path | None = None, program: tuple[str, ...] | None = None
+    ) -> tuple[subprocess.Popen[bytes], Path]:
         key, value = self.mark.split("=")
-        env = {**os.environ, key: value, "FLWR_HOME": str(self.root / f"flwr-home-{name}")}
+        # Flower starts its helpers (flower-superexec) from PATH: this environment's first.
+        env = {**flower_env(), key: value, "FLWR_HOME": str(self.root / f"flwr-home-{name}")}
         # Each process and whatever it starts (SuperNode, SuperExec, ClientApps) carries its name.
         env["FEDLORA_TEST_PROCESS"] = name
         if home is not None:
@@ -220,7 +225,7 @@ class _Processes:
         log = self.root / f"{name}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "fedlora.cli", *args],
+                [*(program or (sys.executable, "-m", "fedlora.cli")), *args],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -515,3 +520,142 @@ def test_only_the_operator_controls_the_federation(tmp_path, processes):
         assert f"fedlora: refused /v1/control/{route} from 127.0.0.1: not the operator's token" in refused, (
             route
         )
+
+
+_ROGUE_SERVER = """
+import json, time
+from flwr.app import Message, RecordDict
+from flwr.serverapp import ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid, context):
+    nodes = []
+    while not nodes:
+        nodes = list(grid.get_node_ids())
+        time.sleep(0.5)
+    messages = [Message(RecordDict(), message_type="train", dst_node_id=n) for n in nodes]
+    replies = [
+        {"code": r.error.code, "reason": r.error.reason} if r.has_error() else {"code": None}
+        for r in grid.send_and_receive(messages, timeout=60)
+    ]
+    with open(context.run_config["out"], "w") as fh:
+        json.dump(replies, fh)
+"""
+
+
+def _tree(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+def _round_seconds(out: Path) -> list[float]:
+    """Wall seconds of each round after the first, from the run's round events."""
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    times = [e["t"] for e in events if e.get("event") == "round"]
+    return [b - a for a, b in zip(times, times[1:], strict=False)]
+
+
+@pytest.mark.slow
+@pytest.mark.federation
+def test_a_device_runs_only_approved_apps_and_its_own_runtime_is_faster(tmp_path, processes):
+    # Prepare: a TLS SuperLink, two registered device keys, one device's data; a rogue app
+    # whose ClientApp would leave a marker, and whose ServerApp records the replies.
+    certs = make_certificates(tmp_path / "certs")
+    keys = [make_node_key(tmp_path / "keys" / f"node{i}")[0] for i in range(2)]
+    write_client(
+        tmp_path / "data",
+        [{"text": f"{TOPICS[t]} {n}", "label": t} for t in ("sport", "music") for n in range(8)],
+        [{"text": f"{TOPICS[t]} x{n}", "label": t} for t in ("sport", "music") for n in range(2)],
+    )
+    marker = tmp_path / "ROGUE_CODE_RAN"
+    rogue = write_app(tmp_path / "rogue", RunConfig())
+    text = (rogue / "pyproject.toml").read_text().replace('name = "fedlora-run"', 'name = "rogue"')
+    text = text.replace("fedlora.server_app:app", "rogue_server:app").replace(
+        "fedlora.client_app:app", "rogue_client:app"
+    )
+    (rogue / "pyproject.toml").write_text(text + f'out = "{tmp_path / "replies.json"}"\n')
+    (rogue / "rogue_server.py").write_text(_ROGUE_SERVER)
+    (rogue / "rogue_client.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\napp = None\n"
+    )
+    port = _free_port()
+    superlink = f"127.0.0.1:{port}"
+    operator = ["--superlink", superlink, "--root-cert", str(certs.ca_cert)]
+    deadline = time.monotonic() + 400
+    server, server_log = processes.start(
+        "server", "server", "--certs", str(tmp_path / "certs"), "--host", "127.0.0.1", "--port", str(port)
+    )
+    _wait_for(_line_or_exit(server, server_log, "Application startup complete"), deadline, "the SuperLink")
+    for i, key in enumerate(keys):
+        code, output = processes.run(
+            f"register{i}", "register", f"{key}.pub", *operator, timeout=60, home=tmp_path
+        )
+        assert code == 0, output
+    state = tmp_path / "state"
+    node, node_log = processes.start(
+        "node",
+        *("client", *operator, "--key", str(keys[0]), "--data", str(tmp_path / "data")),
+        *("--state-dir", str(state), "--node-port", str(_free_port())),
+    )
+    _wait_for(_line_or_exit(node, node_log, "SuperNode ID:"), deadline, "the node to join")
+    run_config = f"labels=music,sport {_tiny_run_config()}"
+
+    def submit(name: str, rounds: int) -> Path:
+        out = tmp_path / name
+        code, output = processes.run(
+            name,
+            *("submit", *operator, "--clients", "1", "--rounds", str(rounds), "--out", str(out)),
+            *("--run-config", run_config),
+            timeout=max(1, deadline - time.monotonic()),
+        )
+        assert code == 0 and f"run finished: {rounds} rounds" in output, output[-3000:]
+        return out
+
+    # The approved app (fedlora's own, as `fedlora submit` sends it) completes rounds.
+    approved = submit("run-approved", 4)
+    assert list(state.glob("*/*.state"))
+    before = _tree(state)
+
+    # A run of another app: the device refuses it with an error reply and a log line.
+    home = tmp_path / "operator-home"
+    token = (tmp_path / "certs" / "operator.token").read_text().strip()
+    conn = write_flwr_home(home, superlink, root_cert=certs.ca_cert, token=token)
+    run = subprocess.run(
+        [flower_script("flwr"), "run", str(rogue), conn, "--stream"],
+        env=flower_env({"FLWR_HOME": str(home), "COLUMNS": "200"}),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    replies = json.loads((tmp_path / "replies.json").read_text())
+    assert [r["code"] for r in replies] == [7]  # Flower's INVALID_FAB
+    assert "is not approved on this device" in replies[0]["reason"]
+    refusals = [line for line in node_log.read_text().splitlines() if "refused run" in line]
+    assert len(refusals) == 1 and "is not approved on this device; nothing of it ran" in refusals[0]
+    assert not marker.exists() and _tree(state) == before
+
+    # The same rounds under Flower's subprocess isolation (a ClientApp process per message).
+    _signal_group(node.pid, signal.SIGTERM)
+    assert node.wait(timeout=30) in (0, 130, 143)
+    config = node_config(tmp_path / "data", state_dir=tmp_path / "state-flower")
+    flower_node, flower_log = processes.start(
+        "flower-node",
+        *supernode_command(
+            superlink,
+            root_cert=certs.ca_cert,
+            key=keys[1],
+            config=config,
+            port=_free_port(),
+            own_runtime=False,
+        )[1:],
+        program=(flower_script("flower-supernode"),),
+    )
+    _wait_for(_line_or_exit(flower_node, flower_log, "SuperNode ID:"), deadline, "Flower's node to join")
+    baseline = submit("run-subprocess", 4)
+    ours, theirs = _round_seconds(approved), _round_seconds(baseline)
+    ratio = (sum(ours) / len(ours)) / (sum(theirs) / len(theirs))
+    print(f"round seconds: fedlora runtime {ours}, subprocess isolation {theirs}, ratio {ratio:.2f}")
+    assert ratio < 1.0

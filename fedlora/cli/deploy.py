@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from fedlora.deploy import (
     DEFAULT_STATE_DIR,
     OPERATOR_TOKEN,
     Certificates,
+    companion,
     ensure_operator_token,
     make_certificates,
     make_node_key,
@@ -27,6 +30,7 @@ from fedlora.deploy import (
     node_refused,
     read_operator_token,
     register_node,
+    runtime_command,
     submit,
     superlink_command,
     supernode_command,
@@ -147,14 +151,30 @@ def _client(args: argparse.Namespace) -> int:
         partition_id=args.partition_id,
         num_partitions=args.num_partitions,
     )
-    command = supernode_command(
-        args.superlink, root_cert=_tls(args), key=key, config=config, port=args.node_port
-    )
+    root_cert = _tls(args)
     state.expanduser().mkdir(parents=True, exist_ok=True)
-    _say(f"SuperNode for {args.superlink} with node config: {config}")
-    return supervise(
-        command, env=flower_env(), retry_when=node_refused, retry_for=args.retry_for, report=_say
-    )
+    with tempfile.TemporaryDirectory(prefix="fedlora-node-") as private:  # 0700
+        secret = Path(private) / "superexec.secret"
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(os.urandom(32))
+        command = supernode_command(
+            args.superlink,
+            root_cert=root_cert,
+            key=key,
+            config=config,
+            port=args.node_port,
+            superexec_secret=secret,
+        )
+        runtime = runtime_command(
+            args.node_port, superexec_secret=secret, allow_fab_hashes=args.allow_fab_hash
+        )
+        _say(f"SuperNode for {args.superlink} with node config: {config}")
+        _say("ClientApps run by fedlora's runtime: fedlora's own app, for approved FABs only")
+        with companion(runtime, env=flower_env()):
+            return supervise(
+                command, env=flower_env(), retry_when=node_refused, retry_for=args.retry_for, report=_say
+            )
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -292,6 +312,14 @@ def add_deploy_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         type=float,
         default=300.0,
         help="seconds to keep restarting while the SuperLink refuses the node (default 300)",
+    )
+    client.add_argument(
+        "--allow-fab-hash",
+        action="append",
+        default=[],
+        metavar="SHA256",
+        help="also run runs of this FAB (an operator's own app; repeatable); fedlora's own is "
+        "always approved, and either way this device's installed fedlora ClientApp is what runs",
     )
     client.set_defaults(func=_client)
 

@@ -22,6 +22,7 @@ from fedlora.deploy.commands import (
     NODE_STATE_DIR,
     node_config,
     node_refused,
+    runtime_command,
     superlink_command,
     supernode_command,
 )
@@ -39,7 +40,7 @@ from fedlora.deploy.operator_token import (
     read_operator_token,
     write_operator_credentials,
 )
-from fedlora.deploy.supervisor import supervise
+from fedlora.deploy.supervisor import companion, supervise
 
 __all__ = [
     "DEFAULT_DATABASE",
@@ -56,6 +57,7 @@ __all__ = [
     "NODE_STATE_DIR",
     "OPERATOR_TOKEN",
     "Certificates",
+    "companion",
     "ensure_operator_token",
     "make_certificates",
     "make_node_key",
@@ -63,6 +65,7 @@ __all__ = [
     "node_refused",
     "read_operator_token",
     "register_node",
+    "runtime_command",
     "submit",
     "superlink_command",
     "supernode_command",

@@ -24,6 +24,7 @@ __all__ = [
     "NODE_STATE_DIR",
     "node_config",
     "node_refused",
+    "runtime_command",
     "superlink_command",
     "supernode_command",
 ]
@@ -163,8 +164,13 @@ def supernode_command(
     key: Path | None,
     config: str,
     port: int = DEFAULT_NODE_PORT,
+    superexec_secret: Path | None = None,
+    own_runtime: bool = True,
 ) -> list[str]:
     """``flower-supernode`` for ``superlink`` (``host:port``); ``root_cert=None``: insecure.
+
+    With ``own_runtime``, the SuperNode runs no ClientApp itself (``--isolation process``):
+    fedlora's runtime (`runtime_command`) takes its tasks.
 
     Parameters
     ----------
@@ -178,6 +184,11 @@ def supernode_command(
         The node config (`node_config`).
     port : int
         The node's own local port, which must differ between nodes on one machine.
+    superexec_secret : Path or None
+        A secret file that the runtime must prove it knows to take the node's tasks.
+    own_runtime : bool
+        Leave the ClientApps to fedlora's runtime; False: Flower starts the FAB's ClientApp
+        in a subprocess for every task.
 
     Returns
     -------
@@ -199,7 +210,43 @@ def supernode_command(
         command += ["--root-certificates", str(root_cert.expanduser().resolve())]
     if key is not None:
         command += ["--auth-supernode-private-key", str(key.expanduser().resolve())]
-    return [*command, "--node-config", config, "--port", str(port)]
+    command += ["--node-config", config, "--port", str(port)]
+    if own_runtime:
+        command += ["--isolation", "process"]
+        if superexec_secret is not None:
+            command += ["--superexec-auth-secret-file", str(superexec_secret.expanduser().resolve())]
+    return command
+
+
+def runtime_command(
+    port: int = DEFAULT_NODE_PORT,
+    *,
+    superexec_secret: Path | None = None,
+    allow_fab_hashes: Sequence[str] = (),
+) -> list[str]:
+    """The command line of fedlora's ClientApp runtime (`fedlora.deploy.runtime`) on ``port``.
+
+    Parameters
+    ----------
+    port : int
+        The SuperNode's local port (`supernode_command`'s).
+    superexec_secret : Path or None
+        The SuperNode's secret file.
+    allow_fab_hashes : Sequence[str]
+        sha256 digests of FABs approved beside fedlora's own.
+
+    Returns
+    -------
+    list[str]
+        The command line.
+
+    """
+    command = [sys.executable, "-m", "fedlora.deploy.runtime", "--runtime-api-address", f"127.0.0.1:{port}"]
+    if superexec_secret is not None:
+        command += ["--superexec-auth-secret-file", str(superexec_secret.expanduser().resolve())]
+    for digest in allow_fab_hashes:
+        command += ["--allow-fab-hash", digest]
+    return command
 
 
 def node_refused(code: int, lines: Sequence[str]) -> str | None:
