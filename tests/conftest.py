@@ -66,7 +66,8 @@ def _starts_flower(args: object) -> bool:
     argv = [str(a) for a in args] if isinstance(args, (list, tuple)) else [str(args)]
     programs = {Path(a).name for a in argv[:1]}
     script = " ".join(argv)
-    return bool(programs & set(_FLOWER_PROGRAMS)) or "fedlora.cli" in script or "ipykernel" in script
+    launchers = ("fedlora.cli", "fedlora.deploy.superlink", "fedlora.deploy.runtime", "ipykernel")
+    return bool(programs & set(_FLOWER_PROGRAMS)) or any(name in script for name in launchers)
 
 
 @pytest.fixture(autouse=True)

@@ -20,6 +20,7 @@ from conftest import write_client
 from helpers import TINY_FEDERATION
 
 from fedlora.client.state import read_state
+from fedlora.config import RunConfig
 from fedlora.core.errors import ConfigError, FedloraError
 from fedlora.core.keys import S_PERSONAL_ROUNDS
 from fedlora.deploy import (
@@ -31,7 +32,7 @@ from fedlora.deploy import (
     supervise,
     write_flwr_home,
 )
-from fedlora.launch import _free_port
+from fedlora.launch import _free_port, flower_env, flower_script, write_app
 
 TOPICS = {"sport": "goal match team", "music": "song band guitar", "cooking": "recipe oven salt"}
 
@@ -118,6 +119,8 @@ def test_supernode_command_refuses_a_key_without_tls(tmp_path):
         "x=1",
         "--port",
         "7",
+        "--isolation",
+        "process",
     ]
     with pytest.raises(ConfigError, match="key: node authentication needs TLS"):
         supernode_command("h:1", root_cert=None, key=tmp_path / "k", config="")
@@ -209,9 +212,12 @@ class _Processes:
         self.mark = f"FEDLORA_TEST_DEPLOYMENT={uuid.uuid4().hex}"
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, name: str, *args: str, home: Path | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+    def start(
+        self, name: str, *args: str, home: Path | None = None, program: tuple[str, ...] | None = None
+    ) -> tuple[subprocess.Popen[bytes], Path]:
         key, value = self.mark.split("=")
-        env = {**os.environ, key: value, "FLWR_HOME": str(self.root / f"flwr-home-{name}")}
+        # Flower starts its helpers (flower-superexec) from PATH: this environment's first.
+        env = {**flower_env(), key: value, "FLWR_HOME": str(self.root / f"flwr-home-{name}")}
         # Each process and whatever it starts (SuperNode, SuperExec, ClientApps) carries its name.
         env["FEDLORA_TEST_PROCESS"] = name
         if home is not None:
@@ -219,7 +225,7 @@ class _Processes:
         log = self.root / f"{name}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "fedlora.cli", *args],
+                [*(program or (sys.executable, "-m", "fedlora.cli")), *args],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -305,6 +311,7 @@ def _tiny_run_config() -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.federation
 def test_fedlora_clients_with_registered_keys_complete_a_tls_federation(tmp_path, processes):
     # Prepare: a CA, four device keys (three registered), three devices' own data folders.
     certs = make_certificates(tmp_path / "certs")
@@ -408,3 +415,247 @@ def test_fedlora_clients_with_registered_keys_complete_a_tls_federation(tmp_path
         assert list((tmp_path / f"state{i}").glob("*/*.state")), f"node {i} kept no state on disk"
     assert all(proc.poll() is None for proc, _ in nodes[:2]) and rejoined.poll() is None
     assert server.poll() is None
+
+
+def _flwr(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The unmodified ``flwr`` CLI with its own Flower home."""
+    return subprocess.run(
+        [flower_script("flwr"), *args],
+        env=flower_env({"FLWR_HOME": str(home), "COLUMNS": "200"}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _rogue_app(directory: Path, marker: Path) -> Path:
+    """A Flower app of someone's own: importing it on either side leaves ``marker``."""
+    write_app(directory, RunConfig())
+    pyproject = (directory / "pyproject.toml").read_text()
+    pyproject = pyproject.replace('name = "fedlora-run"', 'name = "rogue"')
+    pyproject = pyproject.replace("fedlora.server_app:app", "rogue:app").replace(
+        "fedlora.client_app:app", "rogue:app"
+    )
+    (directory / "pyproject.toml").write_text(pyproject)
+    (directory / "rogue.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\napp = None\n"
+    )
+    return directory
+
+
+@pytest.mark.slow
+@pytest.mark.federation
+def test_only_the_operator_controls_the_federation(tmp_path, processes):
+    # Prepare: a CA, a registered device key, a second key; a party holding only ca.crt.
+    certs = make_certificates(tmp_path / "certs")
+    device_key = make_node_key(tmp_path / "keys" / "device")[0]
+    other_key = make_node_key(tmp_path / "keys" / "other")[0]
+    words = TOPICS["sport"]
+    write_client(
+        tmp_path / "data",
+        [{"text": f"{words} {n}", "label": "sport"} for n in range(8)]
+        + [{"text": f"{TOPICS['music']} {n}", "label": "music"} for n in range(8)],
+        [{"text": f"{words} x{n}", "label": "sport"} for n in range(4)],
+    )
+    outsider = tmp_path / "outsider"
+    outsider.mkdir()
+    (outsider / "ca.crt").write_bytes(certs.ca_cert.read_bytes())
+    port = _free_port()
+    superlink = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    server, server_log = processes.start(
+        "server",
+        *("server", "--certs", str(tmp_path / "certs"), "--host", "127.0.0.1", "--port", str(port)),
+        *("--database", str(tmp_path / "superlink.db")),
+    )
+    _wait_for(_line_or_exit(server, server_log, "Application startup complete"), deadline, "the SuperLink")
+    assert server.poll() is None, server_log.read_text()[-2000:]
+    token = tmp_path / "certs" / "operator.token"
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600  # written by `fedlora server`
+    operator = ["--superlink", superlink, "--root-cert", str(certs.ca_cert)]
+    code, output = processes.run(
+        "register", "register", f"{device_key}.pub", *operator, timeout=60, home=tmp_path
+    )
+    assert code == 0 and "registered at" in output, output
+    node_id = output.split("SuperNode ")[1].split()[0]
+
+    # Execute and assert: every Control call of the outsider is refused.
+    code, output = processes.run(
+        "outsider-register",
+        *("register", f"{other_key}.pub", "--superlink", superlink, "--root-cert", str(outsider / "ca.crt")),
+        timeout=60,
+        home=outsider,
+    )
+    assert code != 0 and "not the operator's token" in output, output
+    home = outsider / "flwr-home"
+    conn = write_flwr_home(home, superlink, root_cert=outsider / "ca.crt")
+    unregister = _flwr(home, "supernode", "unregister", node_id, conn)
+    marker = tmp_path / "ROGUE_CODE_RAN"
+    run = _flwr(home, "run", str(_rogue_app(outsider / "app", marker)), conn)
+    for proc in (unregister, run):
+        assert proc.returncode != 0 and "Authentication failed" in proc.stdout + proc.stderr, proc.stdout
+
+    # The operator's run goes on; the outsider cannot stop it.
+    node, node_log = processes.start(
+        "node",
+        *("client", *operator, "--key", str(device_key), "--data", str(tmp_path / "data")),
+        *("--state-dir", str(tmp_path / "state"), "--node-port", str(_free_port())),
+    )
+    _wait_for(_line_or_exit(node, node_log, "SuperNode ID:"), deadline, "the node to join")
+    out = tmp_path / "run"
+    submit, submit_log = processes.start(
+        "submit",
+        *("submit", *operator, "--clients", "1", "--rounds", "2", "--out", str(out)),
+        *("--run-config", f"labels=music,sport {_tiny_run_config()}"),
+    )
+    _wait_for(_line_or_exit(submit, submit_log, "Successfully started run"), deadline, "the run to start")
+    run_id = submit_log.read_text().split("Successfully started run ")[1].split()[0]
+    stop = _flwr(home, "stop", run_id, conn)
+    assert stop.returncode != 0 and "Authentication failed" in stop.stdout + stop.stderr, stop.stdout
+    assert submit.wait(timeout=max(1, deadline + 120 - time.monotonic())) == 0, submit_log.read_text()[-3000:]
+    assert f"run finished: 2 rounds, results in {out}" in submit_log.read_text()
+    assert not marker.exists()
+    refused = server_log.read_text()
+    for route in ("register-node", "unregister-node", "start-run", "stop-run"):
+        assert f"fedlora: refused /v1/control/{route} from 127.0.0.1: not the operator's token" in refused, (
+            route
+        )
+
+
+_ROGUE_SERVER = """
+import json, time
+from flwr.app import Message, RecordDict
+from flwr.serverapp import ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid, context):
+    nodes = []
+    while not nodes:
+        nodes = list(grid.get_node_ids())
+        time.sleep(0.5)
+    messages = [Message(RecordDict(), message_type="train", dst_node_id=n) for n in nodes]
+    replies = [
+        {"code": r.error.code, "reason": r.error.reason} if r.has_error() else {"code": None}
+        for r in grid.send_and_receive(messages, timeout=60)
+    ]
+    with open(context.run_config["out"], "w") as fh:
+        json.dump(replies, fh)
+"""
+
+
+def _tree(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+def _round_seconds(out: Path) -> list[float]:
+    """Wall seconds of each round after the first, from the run's round events."""
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    times = [e["t"] for e in events if e.get("event") == "round"]
+    return [b - a for a, b in zip(times, times[1:], strict=False)]
+
+
+@pytest.mark.slow
+@pytest.mark.federation
+def test_a_device_runs_only_approved_apps_and_its_own_runtime_is_faster(tmp_path, processes):
+    # Prepare: a TLS SuperLink, two registered device keys, one device's data; a rogue app
+    # whose ClientApp would leave a marker, and whose ServerApp records the replies.
+    certs = make_certificates(tmp_path / "certs")
+    keys = [make_node_key(tmp_path / "keys" / f"node{i}")[0] for i in range(2)]
+    write_client(
+        tmp_path / "data",
+        [{"text": f"{TOPICS[t]} {n}", "label": t} for t in ("sport", "music") for n in range(8)],
+        [{"text": f"{TOPICS[t]} x{n}", "label": t} for t in ("sport", "music") for n in range(2)],
+    )
+    marker = tmp_path / "ROGUE_CODE_RAN"
+    rogue = write_app(tmp_path / "rogue", RunConfig())
+    text = (rogue / "pyproject.toml").read_text().replace('name = "fedlora-run"', 'name = "rogue"')
+    text = text.replace("fedlora.server_app:app", "rogue_server:app").replace(
+        "fedlora.client_app:app", "rogue_client:app"
+    )
+    (rogue / "pyproject.toml").write_text(text + f'out = "{tmp_path / "replies.json"}"\n')
+    (rogue / "rogue_server.py").write_text(_ROGUE_SERVER)
+    (rogue / "rogue_client.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\napp = None\n"
+    )
+    port = _free_port()
+    superlink = f"127.0.0.1:{port}"
+    operator = ["--superlink", superlink, "--root-cert", str(certs.ca_cert)]
+    deadline = time.monotonic() + 400
+    server, server_log = processes.start(
+        "server", "server", "--certs", str(tmp_path / "certs"), "--host", "127.0.0.1", "--port", str(port)
+    )
+    _wait_for(_line_or_exit(server, server_log, "Application startup complete"), deadline, "the SuperLink")
+    for i, key in enumerate(keys):
+        code, output = processes.run(
+            f"register{i}", "register", f"{key}.pub", *operator, timeout=60, home=tmp_path
+        )
+        assert code == 0, output
+    state = tmp_path / "state"
+    node, node_log = processes.start(
+        "node",
+        *("client", *operator, "--key", str(keys[0]), "--data", str(tmp_path / "data")),
+        *("--state-dir", str(state), "--node-port", str(_free_port())),
+    )
+    _wait_for(_line_or_exit(node, node_log, "SuperNode ID:"), deadline, "the node to join")
+    run_config = f"labels=music,sport {_tiny_run_config()}"
+
+    def submit(name: str, rounds: int) -> Path:
+        out = tmp_path / name
+        code, output = processes.run(
+            name,
+            *("submit", *operator, "--clients", "1", "--rounds", str(rounds), "--out", str(out)),
+            *("--run-config", run_config),
+            timeout=max(1, deadline - time.monotonic()),
+        )
+        assert code == 0 and f"run finished: {rounds} rounds" in output, output[-3000:]
+        return out
+
+    # The approved app (fedlora's own, as `fedlora submit` sends it) completes rounds.
+    approved = submit("run-approved", 4)
+    assert list(state.glob("*/*.state"))
+    before = _tree(state)
+
+    # A run of another app: the device refuses it with an error reply and a log line.
+    home = tmp_path / "operator-home"
+    token = (tmp_path / "certs" / "operator.token").read_text().strip()
+    conn = write_flwr_home(home, superlink, root_cert=certs.ca_cert, token=token)
+    run = subprocess.run(
+        [flower_script("flwr"), "run", str(rogue), conn, "--stream"],
+        env=flower_env({"FLWR_HOME": str(home), "COLUMNS": "200"}),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    replies = json.loads((tmp_path / "replies.json").read_text())
+    assert [r["code"] for r in replies] == [7]  # Flower's INVALID_FAB
+    assert "is not approved on this device" in replies[0]["reason"]
+    refusals = [line for line in node_log.read_text().splitlines() if "refused run" in line]
+    assert len(refusals) == 1 and "is not approved on this device; nothing of it ran" in refusals[0]
+    assert not marker.exists() and _tree(state) == before
+
+    # The same rounds under Flower's subprocess isolation (a ClientApp process per message).
+    _signal_group(node.pid, signal.SIGTERM)
+    assert node.wait(timeout=30) in (0, 130, 143)
+    config = node_config(tmp_path / "data", state_dir=tmp_path / "state-flower")
+    flower_node, flower_log = processes.start(
+        "flower-node",
+        *supernode_command(
+            superlink,
+            root_cert=certs.ca_cert,
+            key=keys[1],
+            config=config,
+            port=_free_port(),
+            own_runtime=False,
+        )[1:],
+        program=(flower_script("flower-supernode"),),
+    )
+    _wait_for(_line_or_exit(flower_node, flower_log, "SuperNode ID:"), deadline, "Flower's node to join")
+    baseline = submit("run-subprocess", 4)
+    ours, theirs = _round_seconds(approved), _round_seconds(baseline)
+    ratio = (sum(ours) / len(ours)) / (sum(theirs) / len(theirs))
+    print(f"round seconds: fedlora runtime {ours}, subprocess isolation {theirs}, ratio {ratio:.2f}")
+    assert ratio < 1.0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,14 +17,20 @@ from fedlora.deploy import (
     DEFAULT_DATABASE,
     DEFAULT_FLWR_HOME,
     DEFAULT_NODE_PORT,
+    DEFAULT_OPERATOR_TOKEN,
     DEFAULT_PORT,
     DEFAULT_STATE_DIR,
+    OPERATOR_TOKEN,
     Certificates,
+    companion,
+    ensure_operator_token,
     make_certificates,
     make_node_key,
     node_config,
     node_refused,
+    read_operator_token,
     register_node,
+    runtime_command,
     submit,
     superlink_command,
     supernode_command,
@@ -51,11 +59,25 @@ def _tls(args: argparse.Namespace) -> Path | None:
     return root
 
 
+def _token(args: argparse.Namespace) -> str | None:
+    """The operator token of a register or submit: --token-file, else the one beside ca.crt."""
+    if args.token_file:
+        return read_operator_token(Path(args.token_file))
+    beside = (
+        Path(args.root_cert).expanduser().resolve().parent / OPERATOR_TOKEN
+        if args.root_cert and not args.insecure
+        else DEFAULT_OPERATOR_TOKEN.expanduser()
+    )
+    return read_operator_token(beside) if beside.is_file() else None
+
+
 def _certs(args: argparse.Namespace) -> int:
     hosts = list(dict.fromkeys(["127.0.0.1", "localhost", *(args.host or [])]))
     certs = make_certificates(Path(args.dir), hosts)
+    token, _ = ensure_operator_token(certs.ca_cert.parent / OPERATOR_TOKEN)
     print(f"CA certificate (give it to every device): {certs.ca_cert}")
     print(f"SuperLink certificate for {', '.join(hosts)}: {certs.server_cert} (key {certs.server_key})")
+    print(f"operator token (keep it private; only it opens the Control API): {token}")
     return 0
 
 
@@ -76,16 +98,27 @@ def _server(args: argparse.Namespace) -> int:
         for path in (certs.ca_cert, certs.server_cert, certs.server_key):
             if not path.is_file():
                 raise ConfigError(f"certs: {path} is missing; write the folder with `fedlora certs DIR`")
+    if args.token_file:
+        token_file = Path(args.token_file)
+    elif certs is not None:
+        token_file = certs.ca_cert.parent / OPERATOR_TOKEN
+    else:
+        token_file = DEFAULT_OPERATOR_TOKEN
+    token, new = ensure_operator_token(token_file)
+    read_operator_token(token)  # a bad file stops here, not in the SuperLink
     database = Path(args.database).expanduser() if args.database else DEFAULT_DATABASE.expanduser()
     database.parent.mkdir(parents=True, exist_ok=True)
-    command = superlink_command(certs=certs, host=args.host, port=args.port, database=database)
+    command = superlink_command(
+        certs=certs, operator_token=token, host=args.host, port=args.port, database=database
+    )
     _say(f"SuperLink on {args.host}:{args.port}, database {database.resolve()}")
+    _say(f"Control API for the operator's token only: {token}" + (" (new)" if new else ""))
     return supervise(command, env=flower_env())
 
 
 def _register(args: argparse.Namespace) -> int:
     home = Path(args.flwr_home)
-    write_flwr_home(home, args.superlink, root_cert=_tls(args), insecure=args.insecure)
+    write_flwr_home(home, args.superlink, root_cert=_tls(args), insecure=args.insecure, token=_token(args))
     if args.unregister:
         target: Path | int = int(args.key) if args.key.isdigit() else Path(args.key)
         node_id = unregister_node(target, args.superlink, home=home)
@@ -118,14 +151,30 @@ def _client(args: argparse.Namespace) -> int:
         partition_id=args.partition_id,
         num_partitions=args.num_partitions,
     )
-    command = supernode_command(
-        args.superlink, root_cert=_tls(args), key=key, config=config, port=args.node_port
-    )
+    root_cert = _tls(args)
     state.expanduser().mkdir(parents=True, exist_ok=True)
-    _say(f"SuperNode for {args.superlink} with node config: {config}")
-    return supervise(
-        command, env=flower_env(), retry_when=node_refused, retry_for=args.retry_for, report=_say
-    )
+    with tempfile.TemporaryDirectory(prefix="fedlora-node-") as private:  # 0700
+        secret = Path(private) / "superexec.secret"
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(os.urandom(32))
+        command = supernode_command(
+            args.superlink,
+            root_cert=root_cert,
+            key=key,
+            config=config,
+            port=args.node_port,
+            superexec_secret=secret,
+        )
+        runtime = runtime_command(
+            args.node_port, superexec_secret=secret, allow_fab_hashes=args.allow_fab_hash
+        )
+        _say(f"SuperNode for {args.superlink} with node config: {config}")
+        _say("ClientApps run by fedlora's runtime: fedlora's own app, for approved FABs only")
+        with companion(runtime, env=flower_env()):
+            return supervise(
+                command, env=flower_env(), retry_when=node_refused, retry_for=args.retry_for, report=_say
+            )
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -144,6 +193,7 @@ def _submit(args: argparse.Namespace) -> int:
         out_dir=out,
         root_cert=_tls(args),
         insecure=args.insecure,
+        token=_token(args),
         home=Path(args.flwr_home) if args.flwr_home else None,
         echo=lambda line: print(line, end="", file=sys.stderr, flush=True),
     )
@@ -163,6 +213,14 @@ def _connection_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--superlink", required=True, help="the SuperLink's HOST:PORT")
     parser.add_argument("--root-cert", help="the federation's CA certificate (ca.crt from `fedlora certs`)")
     parser.add_argument("--insecure", action="store_true", help="no TLS (local testing only)")
+
+
+def _token_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--token-file",
+        help=f"the operator token (default: {OPERATOR_TOKEN} beside --root-cert, if there; "
+        f"{DEFAULT_OPERATOR_TOKEN} with --insecure)",
+    )
 
 
 def add_deploy_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -192,7 +250,18 @@ def add_deploy_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
     server = sub.add_parser("server", help="run the SuperLink (TLS, only registered devices admitted)")
     server.add_argument("--certs", help="folder written by `fedlora certs`")
-    server.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    server.add_argument(
+        "--host",
+        required=True,
+        help="address to listen on: 0.0.0.0 for every interface (devices on the network), "
+        "127.0.0.1 for this machine only (an SSH tunnel or a proxy in front); no default, "
+        "since it decides who can reach the SuperLink",
+    )
+    server.add_argument(
+        "--token-file",
+        help=f"the operator token (made if missing; default CERTS/{OPERATOR_TOKEN}, "
+        f"or {DEFAULT_OPERATOR_TOKEN} with --insecure)",
+    )
     server.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     server.add_argument("--database", help=f"SuperLink state: nodes, keys, runs (default {DEFAULT_DATABASE})")
     server.add_argument(
@@ -204,6 +273,7 @@ def add_deploy_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     register.add_argument("key", help="the device's KEY.pub (with --unregister: KEY.pub or a node id)")
     _connection_args(register)
     register.add_argument("--unregister", action="store_true", help="revoke the node instead")
+    _token_arg(register)
     register.add_argument(
         "--flwr-home", default=str(DEFAULT_FLWR_HOME), help=f"Flower CLI home (default {DEFAULT_FLWR_HOME})"
     )
@@ -243,6 +313,14 @@ def add_deploy_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         default=300.0,
         help="seconds to keep restarting while the SuperLink refuses the node (default 300)",
     )
+    client.add_argument(
+        "--allow-fab-hash",
+        action="append",
+        default=[],
+        metavar="SHA256",
+        help="also run runs of this FAB (an operator's own app; repeatable); fedlora's own is "
+        "always approved, and either way this device's installed fedlora ClientApp is what runs",
+    )
     client.set_defaults(func=_client)
 
     run = sub.add_parser("submit", help="start a federated run on the deployed SuperLink and wait for it")
@@ -257,4 +335,5 @@ def add_deploy_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     run.add_argument("--strategy", help="aggregation strategy (default fedavg)")
     run.add_argument("--run-config", help='more run-config overrides, e.g. "labels=a,b,c local-steps=10"')
     run.add_argument("--flwr-home", help="Flower CLI home (default: a private temporary one)")
+    _token_arg(run)
     run.set_defaults(func=_submit)

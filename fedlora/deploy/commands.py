@@ -1,8 +1,9 @@
-"""The ``flower-superlink`` and ``flower-supernode`` command lines of a fedlora federation."""
+"""The SuperLink and ``flower-supernode`` command lines of a fedlora federation."""
 
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +24,7 @@ __all__ = [
     "NODE_STATE_DIR",
     "node_config",
     "node_refused",
+    "runtime_command",
     "superlink_command",
     "supernode_command",
 ]
@@ -51,21 +53,26 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 def superlink_command(
     *,
     certs: Certificates | None,
-    host: str = "0.0.0.0",
+    operator_token: Path,
+    host: str,
     port: int = DEFAULT_PORT,
     database: Path | None = None,
 ) -> list[str]:
-    """``flower-superlink`` with TLS and SuperNode authentication (``certs=None``: insecure, no auth).
+    """Flower's SuperLink with TLS, SuperNode authentication and the operator's Control API.
 
-    The SuperLink serves the Fleet, Control and Runtime APIs on ``host:port``. With
-    authentication, only registered node keys are let in.
+    The SuperLink serves the Fleet, Control and Runtime APIs on ``host:port``. It is started
+    through `fedlora.deploy.superlink`: the Control API answers only calls carrying the
+    operator's token, the Runtime API only this machine. With node authentication, only
+    registered node keys are let in.
 
     Parameters
     ----------
     certs : Certificates or None
         The CA and the SuperLink's certificate; None for no TLS and no node authentication.
+    operator_token : Path
+        The operator token's file (`fedlora.deploy.operator_token`).
     host : str
-        The address to listen on.
+        The address to listen on (``0.0.0.0``: every interface).
     port : int
         The port to listen on.
     database : Path or None
@@ -77,7 +84,9 @@ def superlink_command(
         The command line.
 
     """
-    command = [flower_script("flower-superlink"), "--host", host, "--port", str(port)]
+    command = [sys.executable, "-m", "fedlora.deploy.superlink"]
+    command += ["--operator-token-file", str(operator_token.expanduser().resolve())]
+    command += ["--host", host, "--port", str(port)]
     if certs is None:
         command.append("--insecure")
     else:
@@ -155,8 +164,13 @@ def supernode_command(
     key: Path | None,
     config: str,
     port: int = DEFAULT_NODE_PORT,
+    superexec_secret: Path | None = None,
+    own_runtime: bool = True,
 ) -> list[str]:
     """``flower-supernode`` for ``superlink`` (``host:port``); ``root_cert=None``: insecure.
+
+    With ``own_runtime``, the SuperNode runs no ClientApp itself (``--isolation process``):
+    fedlora's runtime (`runtime_command`) takes its tasks.
 
     Parameters
     ----------
@@ -170,6 +184,11 @@ def supernode_command(
         The node config (`node_config`).
     port : int
         The node's own local port, which must differ between nodes on one machine.
+    superexec_secret : Path or None
+        A secret file that the runtime must prove it knows to take the node's tasks.
+    own_runtime : bool
+        Leave the ClientApps to fedlora's runtime; False: Flower starts the FAB's ClientApp
+        in a subprocess for every task.
 
     Returns
     -------
@@ -191,7 +210,43 @@ def supernode_command(
         command += ["--root-certificates", str(root_cert.expanduser().resolve())]
     if key is not None:
         command += ["--auth-supernode-private-key", str(key.expanduser().resolve())]
-    return [*command, "--node-config", config, "--port", str(port)]
+    command += ["--node-config", config, "--port", str(port)]
+    if own_runtime:
+        command += ["--isolation", "process"]
+        if superexec_secret is not None:
+            command += ["--superexec-auth-secret-file", str(superexec_secret.expanduser().resolve())]
+    return command
+
+
+def runtime_command(
+    port: int = DEFAULT_NODE_PORT,
+    *,
+    superexec_secret: Path | None = None,
+    allow_fab_hashes: Sequence[str] = (),
+) -> list[str]:
+    """The command line of fedlora's ClientApp runtime (`fedlora.deploy.runtime`) on ``port``.
+
+    Parameters
+    ----------
+    port : int
+        The SuperNode's local port (`supernode_command`'s).
+    superexec_secret : Path or None
+        The SuperNode's secret file.
+    allow_fab_hashes : Sequence[str]
+        sha256 digests of FABs approved beside fedlora's own.
+
+    Returns
+    -------
+    list[str]
+        The command line.
+
+    """
+    command = [sys.executable, "-m", "fedlora.deploy.runtime", "--runtime-api-address", f"127.0.0.1:{port}"]
+    if superexec_secret is not None:
+        command += ["--superexec-auth-secret-file", str(superexec_secret.expanduser().resolve())]
+    for digest in allow_fab_hashes:
+        command += ["--allow-fab-hash", digest]
+    return command
 
 
 def node_refused(code: int, lines: Sequence[str]) -> str | None:

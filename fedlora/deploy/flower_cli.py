@@ -17,6 +17,7 @@ from fedlora.config import RunConfig
 from fedlora.core.errors import ConfigError, FedloraError
 from fedlora.core.rundir import SUMMARY
 from fedlora.deploy.commands import _ANSI
+from fedlora.deploy.operator_token import OPERATOR_TOKEN, write_operator_credentials
 from fedlora.launch import flower_env, flower_script, toml_value, write_app, write_run_config
 
 __all__ = ["DEFAULT_FLWR_HOME", "register_node", "submit", "unregister_node", "write_flwr_home"]
@@ -31,13 +32,19 @@ def _connection_name(superlink: str) -> str:
 
 
 def write_flwr_home(
-    home: Path, superlink: str, *, root_cert: Path | None = None, insecure: bool = False
+    home: Path,
+    superlink: str,
+    *,
+    root_cert: Path | None = None,
+    insecure: bool = False,
+    token: str | None = None,
 ) -> str:
     """Add a ``[superlink.NAME]`` connection for ``superlink`` to ``home/config.toml``; return NAME.
 
     The `flwr` CLI (``flwr run``, ``flwr supernode register``) reads its connections from
     ``$FLWR_HOME/config.toml``; the new one becomes the default. Other fedlora connections
-    in the file are kept.
+    in the file are kept. With ``token``, the CLI sends the operator's token to that
+    SuperLink on every Control API call (`write_operator_credentials`).
 
     Parameters
     ----------
@@ -49,6 +56,8 @@ def write_flwr_home(
         The federation's CA certificate.
     insecure : bool
         Connect without TLS.
+    token : str or None
+        The operator token; None: the CLI sends none (fedlora's SuperLink then refuses it).
 
     Returns
     -------
@@ -64,7 +73,7 @@ def write_flwr_home(
     if root_cert is None and not insecure:
         raise ConfigError("root-cert: the CA certificate (ca.crt) is needed, or --insecure")
     home = home.expanduser().resolve()
-    home.mkdir(parents=True, exist_ok=True)
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = home / "config.toml"
     existing: dict[str, Any] = tomllib.loads(path.read_text()).get("superlink", {}) if path.exists() else {}
     name = _connection_name(superlink)
@@ -84,6 +93,8 @@ def write_flwr_home(
     for conn, values in connections.items():
         lines += ["", f"[superlink.{conn}]", *(f"{k} = {toml_value(v)}" for k, v in values.items())]
     path.write_text("\n".join(lines) + "\n")
+    if token is not None:
+        write_operator_credentials(home, superlink, token)
     return name
 
 
@@ -112,7 +123,17 @@ def _flwr_error(proc: subprocess.CompletedProcess[str]) -> str:
     message = str(answer.get("error-message") or _ANSI.sub("", proc.stderr or proc.stdout))
     # `flwr` starts its messages with the connection it used: the caller knows it.
     kept = [line for line in message.splitlines() if not line.startswith("Using SuperLink:")]
-    return " ".join(" ".join(kept).split())[-400:] or f"exit code {proc.returncode}"
+    return _token_hint(" ".join(" ".join(kept).split())[-400:] or f"exit code {proc.returncode}")
+
+
+def _token_hint(answer: str) -> str:
+    """Flower's answer, with what its advice to run ``flwr login`` means for fedlora."""
+    if "Authentication failed" not in answer:
+        return answer
+    return (
+        "the SuperLink refused this caller: not the operator's token (give --token-file, the "
+        f"{OPERATOR_TOKEN} that `fedlora certs` or `fedlora server` wrote) [{answer}]"
+    )
 
 
 def _public_key(path: Path) -> str:
@@ -224,6 +245,7 @@ def submit(
     out_dir: Path,
     root_cert: Path | None = None,
     insecure: bool = False,
+    token: str | None = None,
     home: Path | None = None,
     echo: Callable[[str], None] | None = None,
 ) -> dict[str, Any] | None:
@@ -243,6 +265,8 @@ def submit(
         The federation's CA certificate.
     insecure : bool
         Connect without TLS.
+    token : str or None
+        The operator token, which fedlora's SuperLink requires to start a run.
     home : Path or None
         A Flower home to write the connection to; None: a private temporary one.
     echo : callable or None
@@ -270,7 +294,7 @@ def submit(
     summary_path = out_dir / SUMMARY
     summary_path.unlink(missing_ok=True)  # where the SuperLink's folder is visible from here
     with _home(home) as flwr_home, tempfile.TemporaryDirectory(prefix="fedlora-submit-") as tmp:
-        conn = write_flwr_home(flwr_home, superlink, root_cert=root_cert, insecure=insecure)
+        conn = write_flwr_home(flwr_home, superlink, root_cert=root_cert, insecure=insecure, token=token)
         app = write_app(Path(tmp) / "app", RunConfig())
         overrides = write_run_config(Path(tmp) / "run-config.toml", cfg)
         command = [flower_script("flwr"), "run", str(app), conn, "--stream", "--run-config", str(overrides)]
@@ -289,7 +313,8 @@ def submit(
         status = _run_status(run_id, conn, flwr_home) if run_id is not None else None
     if code != 0 or run_id is None:
         box = " ".join(line.strip("│ \n") for line in tail if line.startswith("│"))
-        raise FedloraError(f"submit: the run did not start: {box or _ANSI.sub('', ''.join(tail))[-300:]}")
+        answer = box or _ANSI.sub("", "".join(tail))[-300:]
+        raise FedloraError(f"submit: the run did not start: {_token_hint(answer)}")
     if status is not None and not status.startswith("finished:completed"):
         raise FedloraError(f"submit: run {run_id} ended {status} (its log was streamed above)")
     return json.loads(summary_path.read_text()) if summary_path.exists() else None

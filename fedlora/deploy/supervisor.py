@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import subprocess
@@ -9,10 +10,10 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-__all__ = ["supervise"]
+__all__ = ["companion", "supervise"]
 
 # The package's logger, so that its records keep the name they had before the package split.
 log = logging.getLogger("fedlora.deploy")
@@ -112,3 +113,51 @@ def supervise(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 128 - code if code < 0 else code
+
+
+@contextlib.contextmanager
+def companion(
+    command: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    echo: Callable[[str], None] | None = None,
+    stop_within: float = 10.0,
+) -> Iterator[subprocess.Popen[str]]:
+    """Run ``command`` beside the supervised one, for as long as the ``with`` block lasts.
+
+    Its output is echoed line by line; on leaving the block it gets SIGTERM, then SIGKILL
+    after ``stop_within`` seconds.
+
+    Parameters
+    ----------
+    command : Sequence[str]
+        The companion's command line.
+    env : Mapping[str, str]
+        Its environment.
+    echo : callable or None
+        Gets its output line by line (default: this process's stderr).
+    stop_within : float
+        Seconds it is given to exit after SIGTERM.
+
+    Yields
+    ------
+    subprocess.Popen
+        The running process.
+
+    """
+    child = subprocess.Popen(
+        list(command), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    reader = threading.Thread(target=_pump, args=(child, deque(maxlen=1), echo or _to_stderr), daemon=True)
+    reader.start()
+    try:
+        yield child
+    finally:
+        if child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(timeout=stop_within)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        reader.join(timeout=5)
