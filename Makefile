@@ -23,7 +23,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/fedlora simulate --clients 20 --rounds 5 --out runs/demo
+	$(BIN)/fedlora simulate --clients 20 --rounds 5 --out runs/demo --overwrite
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check fedlora simulations tests
