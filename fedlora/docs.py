@@ -53,9 +53,7 @@ def personalization_table() -> str:
         "|---|---|---|---|",
     ]
     for method in PERSONALIZATIONS.values():
-        rows.append(
-            f"| `{method.name}` | {method.paper or '-'} | {method.keeps} | {method.prediction} |"
-        )
+        rows.append(f"| `{method.name}` | {method.paper or '-'} | {method.keeps} | {method.prediction} |")
     return "\n".join(rows)
 
 

@@ -21,9 +21,10 @@ from typing import Any
 
 from fedlora.config import RunConfig, Scalar
 from fedlora.core.errors import ConfigError, DataError, FedloraError, RunInterrupted
-from fedlora.core.rundir import CHECKPOINT, METRICS, SUMMARY
+from fedlora.core.rundir import CHECKPOINT, ERROR_LINE, METRICS, SUMMARY
 from fedlora.data.federated import validate_data
 from fedlora.models import check_model
+from fedlora.server.runs_root import RUNS_ROOT_ENV, held_run
 
 __all__ = [
     "FLOWER_ENV",
@@ -31,6 +32,7 @@ __all__ = [
     "flower_env",
     "flower_script",
     "flower_session",
+    "last_error",
     "parse_overrides",
     "preflight",
     "refuse_finished_run",
@@ -176,12 +178,13 @@ def refuse_finished_run(out_dir: Path) -> None:
         If ``out_dir`` holds a finished run (``summary.json``) or a resumable one (a checkpoint).
 
     """
-    if (out_dir / SUMMARY).exists():
+    held = held_run(out_dir)
+    if held == "finished":
         raise ConfigError(
             f"out: {out_dir} holds a finished run; choose another folder, pass --overwrite "
             "(overwrite=True) to replace it, or `fedlora resume` to add rounds"
         )
-    if (out_dir / CHECKPOINT).exists():
+    if held == "unfinished":
         raise ConfigError(
             f"out: {out_dir} holds an unfinished run; go on with `fedlora resume {out_dir}`, or pass "
             "--overwrite (overwrite=True) to start afresh"
@@ -285,9 +288,19 @@ class FlowerSession:
         """The ``FLWR_HOME`` of every run in the session."""
         return self.root / "flwr-home"
 
+    @property
+    def runs(self) -> Path:
+        """The session's runs folder: each run's directory is linked into it while the run goes.
+
+        The ServerApp takes it as its runs root (`fedlora.server.runs_root`), so a run config
+        can name only the run directory its `simulate` call chose.
+        """
+        return self.root / "runs"
+
     def env(self) -> dict[str, str]:
         """Environment variables that point `flwr run` at this session's SuperLink."""
         return {
+            RUNS_ROOT_ENV: str(self.runs),
             "FLWR_HOME": str(self.home),
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(self.http_port),
             "FLWR_LOCAL_CONTROL_API_PORT": str(self.control_port),
@@ -353,22 +366,31 @@ def simulate(
         if not cfg.federation.resume:
             shutil.rmtree(out_dir / "clients", ignore_errors=True)
     if cfg.federation.resume:
-        from fedlora.server.checkpoint import load_checkpoint  # noqa: PLC0415 - heavy: Flower's server runtime (0.3 s)
+        from fedlora.server.checkpoint import load_checkpoint  # noqa: PLC0415 - heavy: torch, Flower's server runtime
+        from fedlora.server.loop import build_strategy  # noqa: PLC0415 - heavy: torch, Flower's server runtime
 
-        # Fail here, before Flower starts, on a missing checkpoint or a changed config.
-        load_checkpoint(out_dir, {**cfg.to_flat(), "labels": ",".join(cfg.data.labels)})
+        # Fail here, before Flower starts, on a missing or altered checkpoint or a changed config.
+        checkpoint = load_checkpoint(out_dir, {**cfg.to_flat(), "labels": ",".join(cfg.data.labels)})
+        build_strategy(cfg, checkpoint, lambda: num_clients)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"out: cannot create {out_dir} ({err.strerror or err})") from None
     for stale in (SUMMARY,) if cfg.federation.resume else (SUMMARY, METRICS):
         (out_dir / stale).unlink(missing_ok=True)
+    if not cfg.federation.resume:
+        shutil.rmtree(out_dir / CHECKPOINT, ignore_errors=True)  # --overwrite: the old run's checkpoint too
     with contextlib.ExitStack() as stack:
         if session is None:
             session = stack.enter_context(flower_session())
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="run-", dir=session.root)))
+        # The ServerApp writes only inside the session's runs folder: link this run's directory there.
+        session.runs.mkdir(exist_ok=True)
+        link = session.runs / tmp.name
+        link.symlink_to(out_dir, target_is_directory=True)
+        stack.callback(link.unlink, missing_ok=True)
         app = app_dir.resolve() if app_dir is not None else write_app(tmp / "app", RunConfig())
-        overrides = write_run_config(tmp / "run-config.toml", cfg)
+        overrides = write_run_config(tmp / "run-config.toml", cfg.replace(out_dir=link.name))
         env = flower_env({**session.env(), **(extra_env or {})})
         command = [
             flower_script("flwr"),
@@ -416,14 +438,18 @@ def simulate(
     summary_path = out_dir / SUMMARY
     if not summary_path.exists():
         raise FedloraError(
-            f"the federation did not finish: {_last_error(out_dir / 'flwr.log')} "
-            f"(log: {out_dir / 'flwr.log'})"
+            f"the federation did not finish: {last_error(out_dir / 'flwr.log')} (log: {out_dir / 'flwr.log'})"
         )
     return json.loads(summary_path.read_text())
 
 
-def _last_error(log_path: Path) -> str:
+def last_error(log_path: Path) -> str:
+    """The line of a Flower log that says why a run failed (the ServerApp's own, if it wrote one)."""
     lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
+    # The ServerApp names its own failure in one line (`fedlora.server_app`).
+    for line in reversed(lines):
+        if ERROR_LINE in line:
+            return line[line.index(ERROR_LINE) + len(ERROR_LINE) :].strip()[-300:]
     # `flwr` prints its own errors in a box: return the box's text.
     box = [line.strip("│ ") for line in lines if line.startswith("│")]
     if box:

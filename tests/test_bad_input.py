@@ -20,8 +20,9 @@ from fedlora.config import RunConfig
 from fedlora.core import keys
 from fedlora.core.errors import ConfigError, DataError, ModelError
 from fedlora.data.jsonl import read_jsonl
-from fedlora.launch import preflight
+from fedlora.launch import last_error, preflight
 from fedlora.lora.adapters import to_record
+from fedlora.server.runs_root import RUNS_ROOT_ENV, run_directory
 
 TINY = "model=tiny-bert max-length=16 local-steps=2 personal-steps=1 batch-size=8"
 
@@ -73,7 +74,7 @@ def test_labels_of_any_json_type_are_one_label_each(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert [r["label"] for r in read_jsonl(path, task="classification")] == ["1", "1", "1", "true", "2.5"]
     path.write_text('{"text": "a", "label": null}\n')
-    with pytest.raises(DataError, match="train.jsonl:1: expected a \"label\" field"):
+    with pytest.raises(DataError, match='train.jsonl:1: expected a "label" field'):
         read_jsonl(path, task="classification")
 
 
@@ -170,11 +171,59 @@ def test_an_out_folder_with_a_finished_run_is_refused_and_left_as_it_was(tmp_pat
 def test_an_out_folder_with_a_resumable_run_is_refused_too(tmp_path, capsys, jsonl_dir):
     out = tmp_path / "run"
     (out / "checkpoint").mkdir(parents=True)
-    (out / "checkpoint" / "server.pkl").write_bytes(b"state")
+    (out / "checkpoint" / "server.safetensors").write_bytes(b"state")
     args = ("simulate", "--out", str(out), "--data", str(jsonl_dir), "--run-config", TINY)
     line = _one_line_error(capsys, *args)
     assert line.startswith(f"fedlora: error: out: {out} holds an unfinished run; go on with `fedlora")
-    assert (out / "checkpoint" / "server.pkl").read_bytes() == b"state"
+    assert (out / "checkpoint" / "server.safetensors").read_bytes() == b"state"
+
+
+# --- what a run config may name on the server ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "out_dir",
+    ["../outside", "a/../../outside", "/etc", "~", ".", "", "runs/../.."],
+)
+def test_a_run_config_cannot_name_a_folder_outside_the_runs_root(tmp_path, monkeypatch, out_dir):
+    root = tmp_path / "runs"
+    monkeypatch.setenv(RUNS_ROOT_ENV, str(root))
+    if out_dir == "":  # empty: a fresh folder inside the root, never the root itself
+        assert run_directory(out_dir).parent == root.resolve()
+        return
+    with pytest.raises(ConfigError, match=r"^out-dir: .* is not a folder inside the server's runs folder"):
+        run_directory(out_dir.replace("/etc", str(tmp_path / "etc")))
+
+
+def test_folders_inside_the_runs_root_by_name_or_absolute_path(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    (root / "linked").parent.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (root / "linked").symlink_to(tmp_path / "elsewhere")  # the server owner's own link is followed
+    monkeypatch.setenv(RUNS_ROOT_ENV, str(root))
+    assert run_directory("first") == root.resolve() / "first"
+    assert run_directory("a/b/../c") == root.resolve() / "a" / "c"
+    assert run_directory(str(root / "second")) == root.resolve() / "second"
+    assert run_directory("linked") == (tmp_path / "elsewhere").resolve()
+    with pytest.raises(ConfigError, match="not a folder inside"):
+        run_directory("linked/../../outside")
+    monkeypatch.delenv(RUNS_ROOT_ENV)
+    monkeypatch.chdir(tmp_path)  # without the variable: the working directory, default runs/<timestamp>
+    assert run_directory("").parent == tmp_path.resolve() / "runs"
+    with pytest.raises(ConfigError, match="not a folder inside"):
+        run_directory(str(tmp_path.parent))
+
+
+def test_the_server_names_the_real_error_of_a_failed_run(tmp_path):
+    # A full disk: Flower's traceback, then fedlora's line, then warnings that mention "error".
+    log = tmp_path / "flwr.log"
+    log.write_text(
+        "Traceback (most recent call last):\n"
+        "OSError: [Errno 28] No space left on device\n"
+        "fedlora: error: OSError: [Errno 28] No space left on device\n"
+        "FutureWarning: ray error reporting will change in a future release\n"
+    )
+    assert last_error(log) == "OSError: [Errno 28] No space left on device"
 
 
 # --- what a server may ask of a device -------------------------------------------------------

@@ -332,7 +332,7 @@ def test_fedlora_clients_with_registered_keys_complete_a_tls_federation(tmp_path
     server, server_log = processes.start(
         "server",
         *("server", "--certs", str(tmp_path / "certs"), "--host", "127.0.0.1", "--port", str(port)),
-        *("--database", str(tmp_path / "superlink.db")),
+        *("--database", str(tmp_path / "superlink.db"), "--runs-dir", str(tmp_path)),
     )
     _wait_for(_line_or_exit(server, server_log, "Application startup complete"), deadline, "the SuperLink")
     assert server.poll() is None, server_log.read_text()[-2000:]
@@ -466,7 +466,7 @@ def test_only_the_operator_controls_the_federation(tmp_path, processes):
     server, server_log = processes.start(
         "server",
         *("server", "--certs", str(tmp_path / "certs"), "--host", "127.0.0.1", "--port", str(port)),
-        *("--database", str(tmp_path / "superlink.db")),
+        *("--database", str(tmp_path / "superlink.db"), "--runs-dir", str(tmp_path)),
     )
     _wait_for(_line_or_exit(server, server_log, "Application startup complete"), deadline, "the SuperLink")
     assert server.poll() is None, server_log.read_text()[-2000:]
@@ -585,7 +585,9 @@ def test_a_device_runs_only_approved_apps_and_its_own_runtime_is_faster(tmp_path
     operator = ["--superlink", superlink, "--root-cert", str(certs.ca_cert)]
     deadline = time.monotonic() + 400
     server, server_log = processes.start(
-        "server", "server", "--certs", str(tmp_path / "certs"), "--host", "127.0.0.1", "--port", str(port)
+        "server",
+        *("server", "--certs", str(tmp_path / "certs"), "--host", "127.0.0.1", "--port", str(port)),
+        *("--runs-dir", str(tmp_path)),
     )
     _wait_for(_line_or_exit(server, server_log, "Application startup complete"), deadline, "the SuperLink")
     for i, key in enumerate(keys):
@@ -602,21 +604,39 @@ def test_a_device_runs_only_approved_apps_and_its_own_runtime_is_faster(tmp_path
     _wait_for(_line_or_exit(node, node_log, "SuperNode ID:"), deadline, "the node to join")
     run_config = f"labels=music,sport {_tiny_run_config()}"
 
-    def submit(name: str, rounds: int) -> Path:
-        out = tmp_path / name
-        code, output = processes.run(
+    def submit(name: str, rounds: int, out: str | None = None) -> tuple[int, str]:
+        return processes.run(
             name,
-            *("submit", *operator, "--clients", "1", "--rounds", str(rounds), "--out", str(out)),
+            *("submit", *operator, "--clients", "1", "--rounds", str(rounds), "--out", out or name),
             *("--run-config", run_config),
             timeout=max(1, deadline - time.monotonic()),
         )
-        assert code == 0 and f"run finished: {rounds} rounds" in output, output[-3000:]
+
+    def completed(name: str, rounds: int) -> Path:
+        code, output = submit(name, rounds)
+        out = tmp_path / name  # --out names a folder inside the server's --runs-dir
+        assert code == 0 and f"run finished: {rounds} rounds, results in {out.resolve()}" in output, output[
+            -3000:
+        ]
         return out
 
     # The approved app (fedlora's own, as `fedlora submit` sends it) completes rounds.
-    approved = submit("run-approved", 4)
+    approved = completed("run-approved", 4)
     assert list(state.glob("*/*.state"))
     before = _tree(state)
+
+    # A run config names only folders inside the server's runs folder, and never a finished run's.
+    summary = (approved / "summary.json").read_bytes()
+    for name, out, reason in [
+        ("escape", "../outside", "is not a folder inside the server's runs folder"),
+        ("absolute", str(tmp_path.parent / "outside"), "is not a folder inside the server's runs folder"),
+        ("again", "run-approved", "already holds a run (finished)"),
+    ]:
+        code, output = submit(name, 1, out)
+        refusal = output[output.find("fedlora: error: submit: run") :]
+        assert code != 0 and "ended finished:failed" in refusal and "out-dir: " in refusal, output[-3000:]
+        assert reason in refusal, output[-3000:]
+    assert not (tmp_path.parent / "outside").exists() and (approved / "summary.json").read_bytes() == summary
 
     # A run of another app: the device refuses it with an error reply and a log line.
     home = tmp_path / "operator-home"
@@ -654,7 +674,7 @@ def test_a_device_runs_only_approved_apps_and_its_own_runtime_is_faster(tmp_path
         program=(flower_script("flower-supernode"),),
     )
     _wait_for(_line_or_exit(flower_node, flower_log, "SuperNode ID:"), deadline, "Flower's node to join")
-    baseline = submit("run-subprocess", 4)
+    baseline = completed("run-subprocess", 4)
     ours, theirs = _round_seconds(approved), _round_seconds(baseline)
     ratio = (sum(ours) / len(ours)) / (sum(theirs) / len(theirs))
     print(f"round seconds: fedlora runtime {ours}, subprocess isolation {theirs}, ratio {ratio:.2f}")

@@ -126,7 +126,7 @@ def test_server_killed_mid_run_resumes_to_the_same_global_adapter(tmp_path):
     )
     try:
         deadline = time.monotonic() + 300
-        while not (run / "checkpoint" / "server.pkl").exists():
+        while not (run / "checkpoint" / "server.safetensors").exists():
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"the run ended before round 1: {proc.communicate()[1][-2000:]}")
             time.sleep(0.1)
@@ -200,3 +200,15 @@ def test_sigint_stops_every_process_of_the_run_and_leaves_it_resumable(tmp_path)
     assert not (out / "summary.json").exists()
     resumed = fedlora.resume(out)
     assert [r["round"] for r in resumed.rounds] == [1, 2, 3, 4]
+
+
+@pytest.mark.federation
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_a_full_disk_is_reported_as_a_full_disk(tmp_path):
+    # The summary is written through a temporary file: make that file a full device.
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json.tmp").symlink_to("/dev/full")
+    with pytest.raises(fedlora.FedloraError) as failed:
+        fedlora.run(**TINY_FEDERATION, rounds=1, out=out)
+    assert "the federation did not finish: OSError: [Errno 28] No space left on device" in str(failed.value)

@@ -29,7 +29,9 @@ def test_sessions_use_their_own_home_and_ports(tmp_path):
     assert one.env()["FLWR_HOME"] == str(tmp_path / "a" / "flwr-home")
     assert one.http_port != one.control_port
     assert {one.http_port, one.control_port}.isdisjoint({two.http_port, two.control_port})
+    assert one.env()["FEDLORA_RUNS_ROOT"] == str(tmp_path / "a" / "runs")  # the ServerApp's only runs folder
     assert set(one.env()) == {
+        "FEDLORA_RUNS_ROOT",
         "FLWR_HOME",
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT",
         "FLWR_LOCAL_CONTROL_API_PORT",

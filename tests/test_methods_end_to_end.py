@@ -24,7 +24,6 @@ TINY = {"model": "tiny-bert", "max_length": 16, "local_steps": 2, "personal_step
 MIXED_RANKS = "4,8,16"
 
 
-
 def _cases() -> list[tuple[str, str]]:
     # From the registries, so that a new strategy or method runs here without editing this
     # file: each strategy once, with its own method if it has one, else the general methods

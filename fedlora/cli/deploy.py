@@ -19,6 +19,7 @@ from fedlora.deploy import (
     DEFAULT_NODE_PORT,
     DEFAULT_OPERATOR_TOKEN,
     DEFAULT_PORT,
+    DEFAULT_RUNS_DIR,
     DEFAULT_STATE_DIR,
     OPERATOR_TOKEN,
     Certificates,
@@ -39,6 +40,7 @@ from fedlora.deploy import (
     write_flwr_home,
 )
 from fedlora.launch import flower_env, parse_overrides
+from fedlora.server.runs_root import RUNS_ROOT_ENV
 
 __all__ = ["add_deploy_commands"]
 
@@ -108,12 +110,17 @@ def _server(args: argparse.Namespace) -> int:
     read_operator_token(token)  # a bad file stops here, not in the SuperLink
     database = Path(args.database).expanduser() if args.database else DEFAULT_DATABASE.expanduser()
     database.parent.mkdir(parents=True, exist_ok=True)
+    runs = Path(args.runs_dir).expanduser().resolve()
+    try:
+        runs.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"runs-dir: cannot create {runs} ({err.strerror or err})") from None
     command = superlink_command(
         certs=certs, operator_token=token, host=args.host, port=args.port, database=database
     )
-    _say(f"SuperLink on {args.host}:{args.port}, database {database.resolve()}")
+    _say(f"SuperLink on {args.host}:{args.port}, database {database.resolve()}, runs in {runs}")
     _say(f"Control API for the operator's token only: {token}" + (" (new)" if new else ""))
-    return supervise(command, env=flower_env())
+    return supervise(command, env=flower_env({RUNS_ROOT_ENV: str(runs)}))
 
 
 def _register(args: argparse.Namespace) -> int:
@@ -184,24 +191,25 @@ def _submit(args: argparse.Namespace) -> int:
     if args.rounds is not None:
         flat["num-server-rounds"] = args.rounds
     cfg = RunConfig.from_flat(flat)
-    out = Path(args.out or f"runs/deploy-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}").expanduser()
-    out = out.resolve()
-    summary = submit(
+    out = args.out or f"deploy-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    submitted = submit(
         cfg,
         args.superlink,
         clients=args.clients,
-        out_dir=out,
+        out=out,
         root_cert=_tls(args),
         insecure=args.insecure,
         token=_token(args),
         home=Path(args.flwr_home) if args.flwr_home else None,
         echo=lambda line: print(line, end="", file=sys.stderr, flush=True),
     )
+    where = submitted.run_dir or f"{out} in the server's runs folder"
+    summary = submitted.summary
     if summary is None:
-        print(f"run finished; results are in {out} on the SuperLink's machine")
+        print(f"run finished; results are in {where} on the SuperLink's machine")
         return 0
     final = summary["final"]
-    print(f"run finished: {len(summary['rounds'])} rounds, results in {out}")
+    print(f"run finished: {len(summary['rounds'])} rounds, results in {where}")
     for name in ("global_accuracy", "personalized_accuracy", "local_only_accuracy"):
         value = final.get(name)
         shown = "-" if value is None or value != value else f"{100 * value:.1f}%"
@@ -264,6 +272,12 @@ def add_deploy_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     server.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     server.add_argument("--database", help=f"SuperLink state: nodes, keys, runs (default {DEFAULT_DATABASE})")
+    server.add_argument(
+        "--runs-dir",
+        default=str(DEFAULT_RUNS_DIR),
+        help="the only folder runs write into; a run's --out names a folder inside it "
+        f"(default {DEFAULT_RUNS_DIR})",
+    )
     server.add_argument(
         "--insecure", action="store_true", help="no TLS and no node authentication (testing only)"
     )
@@ -330,7 +344,9 @@ def add_deploy_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     run.add_argument("--rounds", type=int, help="federated rounds (run-config num-server-rounds)")
     run.add_argument(
-        "--out", help="run directory on the SuperLink's machine (default runs/deploy-<timestamp>)"
+        "--out",
+        help="run directory on the SuperLink's machine: a folder name inside the server's --runs-dir "
+        "(or an absolute path inside it; default deploy-<timestamp>)",
     )
     run.add_argument("--strategy", help="aggregation strategy (default fedavg)")
     run.add_argument("--run-config", help='more run-config overrides, e.g. "labels=a,b,c local-steps=10"')

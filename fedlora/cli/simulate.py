@@ -80,9 +80,7 @@ def _table(summary: dict[str, Any], out_dir: Path) -> None:
     table.add_column("model")
     table.add_column("mean accuracy", justify="right")
     table.add_column("worst-10% clients", justify="right")
-    table.add_row(
-        "global adapter only", _pct(final.global_accuracy), _pct(final.global_accuracy_worst10)
-    )
+    table.add_row("global adapter only", _pct(final.global_accuracy), _pct(final.global_accuracy_worst10))
     table.add_row(
         "personalized (global + personal)",
         _pct(final.personalized_accuracy),

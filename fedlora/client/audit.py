@@ -36,6 +36,7 @@ def final_audit(
     Membership inference on every client (training examples against held-out ones), and
     the canary's exposure on the client that holds it.
     """
+
     def losses(data: Tokenized) -> tuple[tuple[float, ...], tuple[float, ...]]:
         on_global = evaluate_adapter(client.loaded, data, local.view.global_state)
         on_personal = client.method.evaluate(dataclasses.replace(local, test=data), stored)

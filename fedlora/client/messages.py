@@ -97,9 +97,7 @@ class Incoming:
         return float(value)
 
 
-def reply(
-    message: Message, metrics: Mapping[str, float | int], arrays: ArrayRecord | None = None
-) -> Message:
+def reply(message: Message, metrics: Mapping[str, float | int], arrays: ArrayRecord | None = None) -> Message:
     """A Message-API reply: the scalar metrics and, for training, the uploaded arrays."""
     content = RecordDict({keys.METRICS: MetricRecord(dict(metrics))})
     if arrays is not None:

@@ -62,6 +62,7 @@ def train(message: Message, context: Context) -> Message:
     respond = legacy_reply if incoming.legacy else reply
     return respond(message, metrics, to_record(sent_parts(client.protocol, state)))
 
+
 def evaluate(message: Message, context: Context) -> Message:
     """Update the personal state against the new global adapter, then evaluate both.
 

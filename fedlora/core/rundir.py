@@ -19,6 +19,8 @@ from fedlora.core.errors import ConfigError
 
 __all__ = [
     "CHECKPOINT",
+    "ERROR_LINE",
+    "RESULTS_LINE",
     "CLIENTS",
     "CONFIG",
     "GLOBAL_ADAPTER",
@@ -41,6 +43,10 @@ GLOBAL_ADAPTER = "global_adapter"
 CHECKPOINT = "checkpoint"
 ROUNDS = "rounds"  # rounds/round-NNN: each round's global adapter
 CLIENTS = "clients"  # where `fedlora simulate` keeps the clients' state
+RESULTS_LINE = "fedlora: writing results to"  # the ServerApp's line naming its run directory
+ERROR_LINE = (
+    "fedlora: error:"  # how a failed ServerApp's last log line starts: `simulate` and `submit` report it
+)
 
 
 def read_config(out_dir: Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ __all__ = [
     "DEFAULT_DATABASE",
     "DEFAULT_NODE_PORT",
     "DEFAULT_PORT",
+    "DEFAULT_RUNS_DIR",
     "DEFAULT_STATE_DIR",
     "NODE_DATA_DIR",
     "NODE_NUM_PARTITIONS",
@@ -34,6 +35,7 @@ DEFAULT_PORT = 9092
 DEFAULT_NODE_PORT = 9094
 DEFAULT_STATE_DIR = Path("~/.fedlora/state")
 DEFAULT_DATABASE = Path("~/.fedlora/superlink.db")
+DEFAULT_RUNS_DIR = Path("~/.fedlora/runs")  # `fedlora server`: where runs write (FEDLORA_RUNS_ROOT)
 # Flower's code (printed as "Exit Code: 305"; the process exits with status 1) of a SuperNode
 # the SuperLink would not activate: its key is not registered, or the node was restarted
 # before its last heartbeat expired.

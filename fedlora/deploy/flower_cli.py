@@ -10,17 +10,18 @@ import tempfile
 import tomllib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedlora.config import RunConfig
 from fedlora.core.errors import ConfigError, FedloraError
-from fedlora.core.rundir import SUMMARY
+from fedlora.core.rundir import ERROR_LINE, RESULTS_LINE, SUMMARY
 from fedlora.deploy.commands import _ANSI
 from fedlora.deploy.operator_token import OPERATOR_TOKEN, write_operator_credentials
 from fedlora.launch import flower_env, flower_script, toml_value, write_app, write_run_config
 
-__all__ = ["DEFAULT_FLWR_HOME", "register_node", "submit", "unregister_node", "write_flwr_home"]
+__all__ = ["DEFAULT_FLWR_HOME", "Submitted", "register_node", "submit", "unregister_node", "write_flwr_home"]
 
 DEFAULT_FLWR_HOME = Path("~/.fedlora/flwr-home")
 
@@ -237,19 +238,27 @@ def _home(home: Path | None) -> Iterator[Path]:
         yield Path(tmp)
 
 
+@dataclass(frozen=True)
+class Submitted:
+    """A finished deployed run: where its ServerApp wrote it, and its summary if readable here."""
+
+    run_dir: Path | None
+    summary: dict[str, Any] | None
+
+
 def submit(
     cfg: RunConfig,
     superlink: str,
     *,
     clients: int,
-    out_dir: Path,
+    out: str,
     root_cert: Path | None = None,
     insecure: bool = False,
     token: str | None = None,
     home: Path | None = None,
     echo: Callable[[str], None] | None = None,
-) -> dict[str, Any] | None:
-    """Start a run on a deployed SuperLink with ``flwr run``, wait for it, return its summary.
+) -> Submitted:
+    """Start a run on a deployed SuperLink with ``flwr run``, wait for it, say where its results are.
 
     Parameters
     ----------
@@ -259,8 +268,9 @@ def submit(
         The SuperLink's ``host:port``.
     clients : int
         The nodes the ServerApp waits for (``min-clients``).
-    out_dir : Path
-        Where the ServerApp writes the run directory, on the SuperLink's machine.
+    out : str
+        The run directory on the SuperLink's machine: a folder inside the server's runs
+        folder (`fedlora server --runs-dir`), by name or by absolute path.
     root_cert : Path or None
         The federation's CA certificate.
     insecure : bool
@@ -274,8 +284,9 @@ def submit(
 
     Returns
     -------
-    dict or None
-        ``summary.json`` if ``out_dir`` can be read from here, else None.
+    Submitted
+        The run directory on the SuperLink's machine (as its ServerApp named it), and its
+        ``summary.json`` if that folder can be read from here.
 
     Raises
     ------
@@ -290,9 +301,8 @@ def submit(
         raise ConfigError(
             'labels: a deployed classification run needs them, e.g. --run-config "labels=a,b,c"'
         )
-    cfg = cfg.replace(out_dir=str(out_dir), min_clients=clients)
-    summary_path = out_dir / SUMMARY
-    summary_path.unlink(missing_ok=True)  # where the SuperLink's folder is visible from here
+    cfg = cfg.replace(out_dir=out, min_clients=clients)
+    run_dir: Path | None = None
     with _home(home) as flwr_home, tempfile.TemporaryDirectory(prefix="fedlora-submit-") as tmp:
         conn = write_flwr_home(flwr_home, superlink, root_cert=root_cert, insecure=insecure, token=token)
         app = write_app(Path(tmp) / "app", RunConfig())
@@ -309,6 +319,8 @@ def submit(
                 echo(line)
             if run_id is None and (found := re.search(r"Successfully started run (\d+)", line)):
                 run_id = int(found.group(1))
+            if run_dir is None and (found := re.search(f"{RESULTS_LINE} (.+)$", line.rstrip())):
+                run_dir = Path(found.group(1))
         code = proc.wait()
         status = _run_status(run_id, conn, flwr_home) if run_id is not None else None
     if code != 0 or run_id is None:
@@ -316,8 +328,13 @@ def submit(
         answer = box or _ANSI.sub("", "".join(tail))[-300:]
         raise FedloraError(f"submit: the run did not start: {_token_hint(answer)}")
     if status is not None and not status.startswith("finished:completed"):
-        raise FedloraError(f"submit: run {run_id} ended {status} (its log was streamed above)")
-    return json.loads(summary_path.read_text()) if summary_path.exists() else None
+        failed = [line for line in tail if ERROR_LINE in line]
+        reason = failed[-1].split(ERROR_LINE, 1)[1].strip() if failed else "its log was streamed above"
+        raise FedloraError(f"submit: run {run_id} ended {status}: {_ANSI.sub('', reason)}")
+    summary = run_dir / SUMMARY if run_dir is not None else None
+    return Submitted(
+        run_dir, json.loads(summary.read_text()) if summary is not None and summary.exists() else None
+    )
 
 
 def _run_status(run_id: int, conn: str, home: Path) -> str | None:

@@ -303,7 +303,6 @@ def build_model(cfg: ModelConfig, num_labels: int, *, seed: int = 0) -> LoadedMo
     import torch  # noqa: PLC0415 - heavy: torch
     from peft import get_peft_model  # noqa: PLC0415 - heavy: peft
 
-
     if cfg.task == "classification" and num_labels < 2:
         raise ModelError(f"labels: classification needs at least 2 labels, got {num_labels}")
     base, tokenizer = load_base(cfg, num_labels, seed=seed)

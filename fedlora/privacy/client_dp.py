@@ -24,9 +24,9 @@ if TYPE_CHECKING:
     from fedlora.config import RunConfig
 from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 from flwr.serverapp.strategy import (
-        DifferentialPrivacyClientSideFixedClipping,
-        DifferentialPrivacyServerSideFixedClipping,
-    )
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+)
 
 __all__ = ["sampled_per_round", "wait_for_nodes", "with_client_dp"]
 

@@ -11,38 +11,35 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from fedlora import plan
 from fedlora.config import RunConfig
 from fedlora.core import keys
-from fedlora.core.rundir import GLOBAL_ADAPTER, ROUNDS
+from fedlora.core.errors import ConfigError
+from fedlora.core.rundir import GLOBAL_ADAPTER, RESULTS_LINE, ROUNDS
 from fedlora.data import resolve_labels
 from fedlora.lora.adapters import from_record, save_peft_adapter, to_record
 from fedlora.models import build_model, lora_config
 from fedlora.privacy.client_dp import wait_for_nodes, with_client_dp
-from fedlora.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedlora.server.checkpoint import Checkpoint, load_checkpoint, restore_strategy, save_checkpoint
 from fedlora.server.recorder import RunRecorder
 from fedlora.server.recording import Recorded
 from fedlora.server.replies import client_id
+from fedlora.server.runs_root import held_run, run_directory
 from fedlora.server.secure import run_secure
 from fedlora.server.validation import UploadCheck
 from fedlora.strategies.base import checkpoint_state, initial_record
 
-__all__ = ["run_federation", "default_out_dir"]
+__all__ = ["build_strategy", "run_federation"]
 
 log = logging.getLogger(__name__)
-
-
-def default_out_dir() -> Path:
-    """``./runs/<UTC timestamp>`` relative to the ServerApp's working directory."""
-    return Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
 
 
 def _local_only(grid: Grid, cfg: RunConfig, recorder: RunRecorder) -> None:
@@ -72,6 +69,30 @@ def _local_only(grid: Grid, cfg: RunConfig, recorder: RunRecorder) -> None:
             recorder.local_only_loss[client] = float(loss)
 
 
+def build_strategy(
+    cfg: RunConfig, resumed: Checkpoint | None, count_nodes: Callable[[], int]
+) -> tuple[Strategy, int | None]:
+    """The run's strategy, wrapped for client-level DP if asked, with ``resumed``'s state set on it.
+
+    Returns the strategy and the population its DP accountant was built for (None without
+    client-level DP): counted by ``count_nodes`` in a fresh run, kept by the checkpoint
+    for a resumed one.
+
+    Raises
+    ------
+    ConfigError
+        If ``resumed`` holds state that does not fit this strategy.
+
+    """
+    strategy, num_nodes = plan.resolve(cfg).strategy.builder(cfg), None
+    if cfg.privacy.client_level:
+        num_nodes = resumed.num_nodes if resumed and resumed.num_nodes else count_nodes()
+        strategy = with_client_dp(strategy, cfg, num_nodes)
+    if resumed is not None:
+        restore_strategy(strategy, resumed)
+    return strategy, num_nodes
+
+
 def run_federation(grid: Grid, cfg: RunConfig, context: Context) -> dict[str, Any]:
     """Run the configured strategy for ``num-server-rounds`` and write the run directory.
 
@@ -84,10 +105,15 @@ def run_federation(grid: Grid, cfg: RunConfig, context: Context) -> dict[str, An
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     fed = cfg.federation
+    out_dir = run_directory(fed.out_dir)  # inside the server's runs folder, whatever the run config says
+    if not fed.resume and (held := held_run(out_dir)):
+        # A second run into one folder never replaces the first's results.
+        raise ConfigError(
+            f"out-dir: {out_dir} already holds a run ({held}); name another folder, or resume it"
+        )
     labels = resolve_labels(cfg.data, cfg.model.task)
     loaded = build_model(cfg.model, len(labels), seed=fed.seed)
-    out_dir = Path(fed.out_dir or default_out_dir()).expanduser().resolve()
-    config = {**cfg.to_flat(), "labels": ",".join(labels)}
+    config = {**cfg.to_flat(), "out-dir": str(out_dir), "labels": ",".join(labels)}
     resumed = None
     if fed.resume:
         resumed = load_checkpoint(out_dir, config)
@@ -98,7 +124,7 @@ def run_federation(grid: Grid, cfg: RunConfig, context: Context) -> dict[str, An
         rounds=resumed.rounds if resumed else None,
         wall_s=resumed.wall_s if resumed else 0.0,
     )
-    log.info("fedlora: writing results to %s", out_dir)
+    log.info("%s %s", RESULTS_LINE, out_dir)
     if resumed:
         recorder.event("resume", from_round=resumed.round, num_rounds=fed.num_server_rounds)
     recorder.event("start", num_rounds=fed.num_server_rounds, out_dir=str(out_dir))
@@ -127,13 +153,11 @@ def run_federation(grid: Grid, cfg: RunConfig, context: Context) -> dict[str, An
         save(out_dir / GLOBAL_ADAPTER, to_record(final))
         return _finish(grid, cfg, recorder, labels)
 
+    strategy, num_nodes = build_strategy(cfg, resumed, lambda: wait_for_nodes(grid, fed.min_clients))
     if resumed is not None:
-        strategy, first_round, arrays = resumed.strategy, resumed.round + 1, to_record(resumed.arrays)
+        first_round, arrays = resumed.round + 1, resumed.record()
     else:
-        strategy, first_round = info.builder(cfg), 1
-        arrays = to_record(initial_record(info, loaded.initial_global))
-        if cfg.privacy.client_level:
-            strategy = with_client_dp(strategy, cfg, wait_for_nodes(grid, fed.min_clients))
+        first_round, arrays = 1, to_record(initial_record(info, loaded.initial_global))
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         server_round += first_round - 1
@@ -141,9 +165,9 @@ def run_federation(grid: Grid, cfg: RunConfig, context: Context) -> dict[str, An
             save(out_dir / ROUNDS / f"round-{server_round:03d}", arrays)
             recorder.end_round(server_round)
             state = Checkpoint(
-                server_round, from_record(arrays), strategy, recorder.rounds, config, recorder.elapsed()
+                server_round, from_record(arrays), recorder.rounds, config, recorder.elapsed(), num_nodes
             )
-            save_checkpoint(out_dir, state)
+            save_checkpoint(out_dir, state, strategy)
         return None
 
     check = UploadCheck.for_run(

@@ -25,7 +25,6 @@ from fedlora.core.rundir import (
 __all__ = ["CHECKPOINT", "GLOBAL_ADAPTER", "RoundRecord", "RunRecorder", "perplexity", "worst_fraction_mean"]
 
 
-
 def worst_fraction_mean(values: Sequence[float], fraction: float = 0.1) -> float:
     """Mean of the worst ``ceil(fraction * n)`` values (at least one): the tail clients.
 

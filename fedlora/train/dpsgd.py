@@ -48,7 +48,6 @@ def dp_train_steps(
     from opacus import GradSampleModule  # noqa: PLC0415 - heavy: opacus
     from opacus.optimizers import DPOptimizer  # noqa: PLC0415 - heavy: opacus
 
-
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("dp_train_steps: the model has no trainable parameters")
