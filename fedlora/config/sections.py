@@ -247,7 +247,9 @@ class FederationConfig:
     seed: int = setting(0, "seed of partitioning, initialisation and local sampling", identity=True)
     out_dir: str = setting(
         "",
-        "run directory; empty: `runs/<timestamp>` under the ServerApp's working directory",
+        "run directory: a folder inside the server's runs folder (`FEDLORA_RUNS_ROOT` where the ServerApp "
+        "runs, else its working directory), by relative or absolute path; empty: `runs/<timestamp>` under "
+        "the working directory (`<timestamp>` under `FEDLORA_RUNS_ROOT`)",
         resumable=True,
         placement=True,
     )
