@@ -24,6 +24,7 @@ from fedlora.core.errors import ConfigError, DataError, FedloraError, RunInterru
 from fedlora.core.rundir import CHECKPOINT, ERROR_LINE, METRICS, SUMMARY
 from fedlora.data.federated import validate_data
 from fedlora.models import check_model
+from fedlora.models.device import check_compute
 from fedlora.server.runs_root import RUNS_ROOT_ENV, held_run
 
 __all__ = [
@@ -160,6 +161,7 @@ def preflight(cfg: RunConfig, num_clients: int) -> RunConfig:
     if num_clients <= 0:
         raise ConfigError(f"clients: must be a positive integer, got {num_clients}")
     check_model(cfg.model)
+    check_compute(cfg.model)
     labels = validate_data(cfg.data, cfg.model.task, num_clients, cfg.federation.seed)
     if cfg.model.task == "classification" and len(labels) < 2:
         raise DataError(

@@ -84,6 +84,23 @@ def _check_pairing(strategy: StrategyInfo, method: type[Personalization], cfg: R
 
 def _check_privacy(strategy: StrategyInfo, method: type[Personalization], cfg: RunConfig) -> None:
     privacy, fed = cfg.privacy, cfg.federation
+    if cfg.model.quantization != "none" and strategy.protocol.base_update:
+        updating = ", ".join(s.name for s in STRATEGIES.values() if s.protocol.base_update)
+        raise ConfigError(
+            f"quantization: strategy {fed.strategy!r} adds dense updates to the frozen base weights, which "
+            f"a {cfg.model.quantization} base cannot take; use quantization=none or a strategy other than "
+            f"{updating}"
+        )
+    if privacy.enabled and cfg.model.precision != "fp32":
+        raise ConfigError(
+            f"precision: DP-SGD clips per-example gradients computed in float32; use precision=fp32 "
+            f"(base-dtype=bfloat16 still halves the base's memory), got {cfg.model.precision!r}"
+        )
+    if privacy.enabled and cfg.train.micro_batch_size:
+        raise ConfigError(
+            "micro-batch-size: DP-SGD draws a Poisson batch per step and clips each example's gradient; "
+            "gradient accumulation is not available with it (set micro-batch-size=0)"
+        )
     if cfg.model.client_ranks and not strategy.protocol.heterogeneous_ranks:
         raise ConfigError(
             f"client-ranks: per-client ranks need strategy {' or '.join(_heterogeneous())} "

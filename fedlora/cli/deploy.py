@@ -157,6 +157,7 @@ def _client(args: argparse.Namespace) -> int:
         profile=args.profile or "",
         partition_id=args.partition_id,
         num_partitions=args.num_partitions,
+        device=args.device or "",
     )
     root_cert = _tls(args)
     state.expanduser().mkdir(parents=True, exist_ok=True)
@@ -309,6 +310,9 @@ def add_deploy_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         help=f"where the personal adapter and privacy ledger are kept (default {DEFAULT_STATE_DIR})",
     )
     client.add_argument("--profile", help="device profile: phone, pi, laptop (caps on local work)")
+    client.add_argument(
+        "--device", help="where this device computes: cpu, cuda, cuda:N, mps or auto (default: the run's)"
+    )
     client.add_argument(
         "--partition-id", type=int, default=0, help="client subfolder of --data to use (default 0)"
     )

@@ -47,6 +47,7 @@ def train(message: Message, context: Context) -> Message:
         frozen=client.protocol.frozen,
         proximal_mu=mu,
         dp=dp,
+        progress=(server_round, client.cfg.federation.num_server_rounds),
     )
     client.spend(result.steps, dp)
     client.keep(state)
@@ -78,7 +79,10 @@ def evaluate(message: Message, context: Context) -> Message:
     seed = client.seed(server_round, 1)
     # With dp-personal off, the personal adapter (which never leaves the client) trains without DP.
     personal_dp = dp if client.cfg.privacy.dp_personal else None
-    local = Local(client.loaded, client.train, client.test, view, client.cfg.train, seed, personal_dp)
+    progress = (server_round, client.cfg.federation.num_server_rounds)
+    local = Local(
+        client.loaded, client.train, client.test, view, client.cfg.train, seed, personal_dp, progress
+    )
     stored, result = client.personal(), None
     # A client that declined a round for its budget stops training altogether, personal
     # adapter included, and only evaluates; otherwise the personal steps complete its round.

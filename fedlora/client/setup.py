@@ -19,6 +19,7 @@ from fedlora.lora.adapters import from_record, to_record
 from fedlora.lora.maths import part_of
 from fedlora.lora.protocol import ClientView, receive
 from fedlora.models import cached_model
+from fedlora.models.device import check_compute
 from fedlora.personalization import get_personalization
 from fedlora.privacy import PrivacyLedger, noise_multiplier
 from fedlora.privacy.canary import canary_text
@@ -95,6 +96,10 @@ class Client:
                 f"which strategy {cfg.federation.strategy!r} needs on every client"
             )
         model_cfg = dataclasses.replace(cfg.model, lora_rank=rank, client_ranks=())
+        if node.get(keys.NODE_DEVICE):
+            # The node knows its own hardware: its device wins over the run's.
+            model_cfg = dataclasses.replace(model_cfg, device=str(node[keys.NODE_DEVICE]))
+        check_compute(model_cfg)  # a device or format this node lacks: one line, before loading
         self.loaded = cached_model(model_cfg, len(labels), cfg.federation.seed)
         self.data, self.train, self.test = _client_data(cfg, model_cfg, self.partition_id, num_partitions)
         self.method = get_personalization(plan.resolved_personalization(cfg))

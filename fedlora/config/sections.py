@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 from dataclasses import dataclass
 
 from fedlora.config.fields import fail, setting
 from fedlora.core.errors import ConfigError
 
 __all__ = [
+    "BASE_DTYPES",
     "CLIENT_DP_MODES",
+    "LR_SCHEDULES",
+    "PRECISIONS",
+    "QUANTIZATIONS",
     "DP_ACCOUNTANTS",
     "TASKS",
     "DataConfig",
@@ -23,11 +28,17 @@ __all__ = [
 TASKS = ("classification", "causal-lm")
 # Client-level DP: where each client's whole update is clipped before the server adds noise.
 CLIENT_DP_MODES = ("off", "server-clipping", "client-clipping")
+# Compute placement and number formats (`fedlora.models.device`).
+BASE_DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "8bit", "4bit")
+PRECISIONS = ("fp32", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "cosine")
 # Opacus accountants a client's privacy ledger can use.
 DP_ACCOUNTANTS = ("rdp", "prv")
 # Upper bounds that catch a typo (an extra zero) before it costs a run. The rank is also
 # checked against the model's own layer sizes (`fedlora.models.check_model`).
 MAX_RANK, MAX_LENGTH, MAX_BATCH, MAX_STEPS, MAX_ROUNDS = 1024, 32_768, 4096, 100_000, 100_000
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 
 
 def _require_module(module: str, key: str, install: str) -> None:
@@ -74,6 +85,31 @@ class ModelConfig:
         "for all",
         identity=True,
     )
+    device: str = setting(
+        "auto",
+        "where the model, its batches and evaluation run: `auto` (CUDA, then Apple MPS, then the CPU), "
+        "`cpu`, `cuda`, `cuda:N`, `mps`; a deployed node's own `device` node config wins. Adapters are "
+        "exchanged and stored as float32 CPU tensors whatever the device",
+        resumable=True,
+    )
+    base_dtype: str = setting(
+        "float32",
+        "dtype of the frozen base weights: `float32`, `bfloat16` (half the memory, also on the CPU), "
+        "`float16` (GPU only); the LoRA adapters and the task head stay float32",
+    )
+    quantization: str = setting(
+        "none",
+        "a quantized frozen base on CUDA (bitsandbytes): `none`, `8bit` (LLM.int8), `4bit` (NF4 with double "
+        "quantization, QLoRA-style); adapters stay float32",
+    )
+    precision: str = setting(
+        "fp32",
+        "compute precision of training and evaluation: `fp32`, `bf16` (autocast; CPU or GPU), `fp16` "
+        "(autocast with a gradient scaler; GPU only)",
+    )
+    gradient_checkpointing: bool = setting(
+        False, "recompute activations in the backward pass instead of keeping them (less memory, more time)"
+    )
 
     def __post_init__(self) -> None:
         if not self.model.strip():
@@ -92,6 +128,14 @@ class ModelConfig:
             raise fail("lora-dropout", "a number in [0, 1)", self.lora_dropout)
         if not all(r.isdigit() and 0 < int(r) <= MAX_RANK for r in self.client_ranks):
             raise fail("client-ranks", "comma-separated positive integers", ",".join(self.client_ranks))
+        if not _DEVICE.fullmatch(self.device):
+            raise fail("device", "auto, cpu, cuda, cuda:N or mps", self.device)
+        if self.base_dtype not in BASE_DTYPES:
+            raise fail("base-dtype", f"one of {', '.join(BASE_DTYPES)}", self.base_dtype)
+        if self.quantization not in QUANTIZATIONS:
+            raise fail("quantization", f"one of {', '.join(QUANTIZATIONS)}", self.quantization)
+        if self.precision not in PRECISIONS:
+            raise fail("precision", f"one of {', '.join(PRECISIONS)}", self.precision)
 
     def ranks(self) -> list[int]:
         """Every LoRA rank in use: ``client-ranks`` if given, else ``lora-rank``."""
@@ -173,6 +217,19 @@ class TrainConfig:
     )
     ditto_lambda: float = setting(0.1, "`ditto`: weight of `||v - w_global||^2 / 2` in the personal loss")
     num_threads: int = setting(1, "torch threads per client process (0: torch's default)", resumable=True)
+    micro_batch_size: int = setting(
+        0,
+        "gradient accumulation: each step's batch is run in micro-batches of at most this many examples "
+        "(the same update as the whole batch, less memory); 0: the whole batch at once",
+    )
+    lr_schedule: str = setting(
+        "constant",
+        "`constant`, or `cosine`: the learning rate decays to 0 along a cosine over the federation's rounds "
+        "(each client's own steps, round after round)",
+    )
+    lr_warmup_fraction: float = setting(
+        0.0, "share of the federation's local steps over which the learning rate rises linearly from 0"
+    )
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
@@ -189,6 +246,16 @@ class TrainConfig:
             raise fail("ditto-lambda", "a number >= 0", self.ditto_lambda)
         if self.num_threads < 0:
             raise fail("num-threads", "an integer >= 0 (0 keeps torch's default)", self.num_threads)
+        if not 0 <= self.micro_batch_size <= MAX_BATCH:
+            raise fail(
+                "micro-batch-size",
+                f"an integer in [0, {MAX_BATCH}] (0: no accumulation)",
+                self.micro_batch_size,
+            )
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise fail("lr-schedule", f"one of {', '.join(LR_SCHEDULES)}", self.lr_schedule)
+        if not 0.0 <= self.lr_warmup_fraction < 1.0:
+            raise fail("lr-warmup-fraction", "a number in [0, 1)", self.lr_warmup_fraction)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ __all__ = [
     "C_LOCAL_STEPS",
     "C_PROXIMAL_MU",
     "NODE_DATA_DIR",
+    "NODE_DEVICE",
     "NODE_LORA_RANK",
     "NODE_NUM_PARTITIONS",
     "NODE_PARTITION_ID",
@@ -100,6 +101,7 @@ NODE_DATA_DIR = "data-dir"  # a device's own data folder: wins over the run conf
 NODE_STATE_DIR = "state-dir"  # where a device keeps its state between messages and restarts
 NODE_PROFILE = "profile"  # a device profile (fedlora.client.profiles)
 NODE_LORA_RANK = "lora-rank"  # a node's own LoRA rank, where the strategy takes mixed ranks
+NODE_DEVICE = "device"  # where a node computes (cpu, cuda, cuda:N, mps, auto): wins over the run config's
 NODE_WIRE_LOG = "audit-wire-log"  # a device's own wire log (the run config's is ignored there)
 # Node-config keys that make a node's state belong to a different federation.
 NODE_IDENTITY = (NODE_PROFILE, NODE_LORA_RANK, NODE_DATA_DIR)

@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedlora.config import ModelConfig
+from fedlora.core import keys
 from fedlora.core.errors import ConfigError
 from fedlora.deploy.certificates import Certificates
 from fedlora.launch import flower_script, toml_value
@@ -113,6 +115,7 @@ def node_config(
     profile: str = "",
     partition_id: int = 0,
     num_partitions: int = 1,
+    device: str = "",
 ) -> str:
     """The ``--node-config`` string of a fedlora SuperNode (strings quoted, paths absolute).
 
@@ -128,6 +131,9 @@ def node_config(
         The client subfolder of ``data_dir`` this node uses.
     num_partitions : int
         The client subfolders shared by the nodes.
+    device : str
+        Where this node computes (``cpu``, ``cuda``, ``cuda:N``, ``mps``, ``auto``); empty:
+        the run's ``device``.
 
     Returns
     -------
@@ -150,6 +156,9 @@ def node_config(
     }
     if profile:
         pairs[NODE_PROFILE] = profile
+    if device:
+        ModelConfig(device=device)  # the same check as the run config's key
+        pairs[keys.NODE_DEVICE] = device
     pairs[NODE_PARTITION_ID] = partition_id
     pairs[NODE_NUM_PARTITIONS] = num_partitions
     for key, value in pairs.items():

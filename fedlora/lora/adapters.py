@@ -34,14 +34,16 @@ AdapterState = dict[str, "torch.Tensor"]
 
 
 def adapter_state(model: PeftModel, name: str) -> AdapterState:
-    """A detached copy of one adapter's tensors, keyed as in PEFT's saved format.
+    """A detached float32 CPU copy of one adapter's tensors, keyed as in PEFT's saved format.
 
-    For classification this includes the adapter's copy of the task head.
+    For classification this includes the adapter's copy of the task head. Whatever device
+    and base dtype the model computes with, what is exchanged and stored is the same.
     """
+    import torch  # noqa: PLC0415 - heavy: torch
     from peft import get_peft_model_state_dict  # noqa: PLC0415 - heavy: peft
 
     state = get_peft_model_state_dict(model, adapter_name=name)
-    return OrderedDict((k, v.detach().clone()) for k, v in state.items())
+    return OrderedDict((k, v.detach().to("cpu", torch.float32, copy=True)) for k, v in state.items())
 
 
 def load_adapter_state(model: PeftModel, name: str, state: AdapterState) -> None:
@@ -110,7 +112,7 @@ def proximal_term(
     ICML 2021) alike: it pulls a locally trained adapter toward a reference adapter.
     """
     pairs = [
-        (param, reference[state_key(param_name, name)].to(param.dtype))
+        (param, reference[state_key(param_name, name)].to(param.device, param.dtype))
         for param_name, param in model.named_parameters()
         if param.requires_grad and f".{name}." in param_name
     ]

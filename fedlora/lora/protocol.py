@@ -47,6 +47,9 @@ class ClientProtocol:
         rank at least the client's; the client keeps its leading ``r`` directions (FlexLoRA).
     heterogeneous_ranks : bool
         Clients may use different LoRA ranks.
+    base_update : bool
+        The server's arrays also carry ``base-delta`` updates that clients add to their
+        frozen base weights (FedEx-LoRA, FLoRA): the base must be a dense, unquantized one.
     proximal : bool
         Add FedProx's proximal term ``mu/2 ||w - w_global||^2`` to the local loss.
 
@@ -58,6 +61,7 @@ class ClientProtocol:
     fresh: bool = False
     factored: bool = False
     heterogeneous_ranks: bool = False
+    base_update: bool = False
     proximal: bool = False
 
     def __post_init__(self) -> None:

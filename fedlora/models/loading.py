@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel
     from transformers import PreTrainedTokenizerBase
 from fedlora.lora.adapters import adapter_state
+from fedlora.models.device import resolve_device, torch_dtype
 from fedlora.models.smollm2 import smollm2_path
 
 __all__ = [
@@ -275,16 +276,22 @@ def _load_base(cfg: ModelConfig, num_labels: int) -> tuple[Any, Any]:
 
     source = model_source(cfg.model)
     classification = cfg.task == "classification"
+    # Loaded straight in the asked dtype (no float32 copy first); quantized on its GPU.
+    formats: dict[str, Any] = {"dtype": torch_dtype(cfg.base_dtype)}
+    if cfg.quantization != "none":
+        formats.update(_quantized(cfg))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         tiny = BUNDLED_MODELS.get(cfg.model, (None, None))[1]
         if tiny is not None:
             auto = AutoModelForSequenceClassification if classification else AutoModelForCausalLM
-            model = auto.from_config(tiny(max(num_labels, 1)))
+            model = auto.from_config(tiny(max(num_labels, 1)), dtype=formats["dtype"])
         elif classification:
-            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source, num_labels=num_labels, **formats
+            )
         else:
-            model = AutoModelForCausalLM.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, **formats)
     except (OSError, ValueError) as err:
         raise ModelError(f"model: cannot load {cfg.model!r}: {err}") from None
     if tokenizer.pad_token is None:
@@ -292,6 +299,39 @@ def _load_base(cfg: ModelConfig, num_labels: int) -> tuple[Any, Any]:
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _quantized(cfg: ModelConfig) -> dict[str, Any]:
+    """``from_pretrained`` arguments of a bitsandbytes base on the configured GPU (QLoRA's NF4 for 4bit)."""
+    import torch  # noqa: PLC0415 - heavy: torch
+    from transformers import BitsAndBytesConfig  # noqa: PLC0415 - heavy: transformers
+
+    compute = torch.float32 if cfg.base_dtype == "float32" else torch_dtype(cfg.base_dtype)
+    if cfg.quantization == "4bit":
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )
+    else:
+        bnb = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": bnb, "device_map": {"": str(resolve_device(cfg.device))}}
+
+
+def _float32_head(model: Any) -> None:
+    """Train the task head's copies in float32 over a lower-precision base, as the LoRA tensors are."""
+    import torch  # noqa: PLC0415 - heavy: torch
+    from peft.utils import ModulesToSaveWrapper  # noqa: PLC0415 - heavy: peft
+
+    def to_float32(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            for copy in module.modules_to_save.values():
+                copy.float()
+                copy.register_forward_pre_hook(to_float32)
 
 
 def build_model(cfg: ModelConfig, num_labels: int, *, seed: int = 0) -> LoadedModel:
@@ -305,24 +345,37 @@ def build_model(cfg: ModelConfig, num_labels: int, *, seed: int = 0) -> LoadedMo
 
     if cfg.task == "classification" and num_labels < 2:
         raise ModelError(f"labels: classification needs at least 2 labels, got {num_labels}")
+    device = resolve_device(cfg.device)
     base, tokenizer = load_base(cfg, num_labels, seed=seed)
-    # What full fine-tuning would upload per round: every base weight, head included.
-    full_model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    # What full fine-tuning would upload per round: every base weight, head included, as float32.
+    full_model_bytes = sum(p.numel() * 4 for p in base.parameters())
+    if cfg.quantization != "none":
+        from peft import prepare_model_for_kbit_training  # noqa: PLC0415 - heavy: peft
+
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    elif cfg.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         try:
+            # PEFT keeps LoRA tensors float32 over a bfloat16/float16 base (autocast_adapter_dtype).
             model = get_peft_model(base, lora_config(cfg), adapter_name=GLOBAL)
             model.add_adapter(PERSONAL, lora_config(cfg))
         except ValueError as err:
             raise ModelError(f"lora-target-modules: {err}") from None
+    if cfg.base_dtype != "float32" or cfg.quantization != "none":
+        _float32_head(model)
+    if cfg.quantization == "none":
+        model.to(device)
     model.eval()
     from peft.tuners.lora import LoraLayer  # noqa: PLC0415 - heavy: peft
 
-    # Pretrained weights of the adapted modules, to restore after a base delta.
+    # Pretrained weights of the adapted modules, to restore after a base delta (none when
+    # quantized: such a base cannot take a dense update, and the plan refuses strategies that send one).
     base_weights = {
         name: module.get_base_layer().weight.detach().clone()  # type: ignore[operator]
         for name, module in model.named_modules()
-        if isinstance(module, LoraLayer)
+        if isinstance(module, LoraLayer) and cfg.quantization == "none"
     }
     return LoadedModel(
         model=model,

@@ -25,7 +25,8 @@ class Local:
     """What a personalization method works with on one client in one round.
 
     ``view`` is the client's reading of the new global adapter; ``seed`` seeds this
-    round's personal training; ``dp``, when set, makes it DP-SGD.
+    round's personal training; ``dp``, when set, makes it DP-SGD; ``progress`` places it
+    in the learning-rate schedule.
     """
 
     loaded: LoadedModel
@@ -35,6 +36,7 @@ class Local:
     cfg: TrainConfig
     seed: int
     dp: DPSettings | None = None
+    progress: tuple[int, int] = (1, 1)  # (server round, rounds): where the LR schedule is
 
 
 class Personalization(ABC):
@@ -73,7 +75,7 @@ class Personalization(ABC):
     def evaluate(self, local: Local, stored: AdapterState | None) -> EvalResult:
         """Held-out metrics of the personalized model."""
         self.prepare(local, stored)
-        return evaluate(local.loaded.model, local.test)
+        return evaluate(local.loaded.model, local.test, precision=local.loaded.config.precision)
 
 
 PERSONALIZATIONS: Registry[type[Personalization]] = Registry("personalization")

@@ -42,7 +42,14 @@ class Ditto(Personalization):
         activate(model, [PERSONAL], trainable=[PERSONAL])
         pull = proximal_term(model, PERSONAL, local.view.global_state, cfg.ditto_lambda)
         result = train_adapter(
-            local.loaded, local.train, [PERSONAL], cfg.personal_steps, cfg, seed=local.seed, regularizer=pull
+            local.loaded,
+            local.train,
+            [PERSONAL],
+            cfg.personal_steps,
+            cfg,
+            seed=local.seed,
+            regularizer=pull,
+            progress=local.progress,
         )
         return adapter_state(model, PERSONAL), result
 

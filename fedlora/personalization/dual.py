@@ -73,6 +73,7 @@ class Dual(Personalization):
             local.cfg,
             seed=local.seed,
             dp=local.dp,
+            progress=local.progress,
         )
         return _head_plus(adapter_state(model, PERSONAL), glob, -1.0), result
 

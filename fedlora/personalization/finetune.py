@@ -46,6 +46,7 @@ class FineTune(Personalization):
             local.cfg,
             seed=local.seed,
             dp=local.dp,
+            progress=local.progress,
         )
         return adapter_state(model, PERSONAL), result
 

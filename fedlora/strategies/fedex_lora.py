@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from fedlora.config import RunConfig
 from fedlora.lora.maths import BASE_DELTA, base_deltas, part_of, products, weighted_mean
+from fedlora.lora.protocol import ClientProtocol
 from fedlora.strategies.base import LoraAggregation
 from fedlora.strategies.registry import register
 
@@ -48,6 +49,7 @@ class FedExLoRA(LoraAggregation):
 @register(
     "fedex-lora",
     family="lora",
+    protocol=ClientProtocol(base_update=True),
     paper="Singhal et al., ACL 2025",
     exact=True,
     description=(

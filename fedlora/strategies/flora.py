@@ -74,7 +74,7 @@ class FLoRA(LoraAggregation):
 @register(
     "flora",
     family="lora",
-    protocol=ClientProtocol(fresh=True, heterogeneous_ranks=True),
+    protocol=ClientProtocol(fresh=True, heterogeneous_ranks=True, base_update=True),
     paper="Wang et al., NeurIPS 2024",
     exact=True,
     description=(

@@ -2,10 +2,13 @@
 
 from fedlora.train.loops import (
     EvalResult,
+    Schedule,
     Tokenized,
     TrainResult,
+    backward_batch,
     batch_loss,
     evaluate,
+    micro_batches,
     sample_batches,
     tokenize,
     train_steps,
@@ -13,10 +16,13 @@ from fedlora.train.loops import (
 
 __all__ = [
     "EvalResult",
+    "Schedule",
     "Tokenized",
     "TrainResult",
+    "backward_batch",
     "batch_loss",
     "evaluate",
+    "micro_batches",
     "sample_batches",
     "tokenize",
     "train_steps",

@@ -48,10 +48,13 @@ def dp_train_steps(
     from opacus import GradSampleModule  # noqa: PLC0415 - heavy: opacus
     from opacus.optimizers import DPOptimizer  # noqa: PLC0415 - heavy: opacus
 
+    from fedlora.models.device import model_device  # noqa: PLC0415 - heavy: torch
+
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("dp_train_steps: the model has no trainable parameters")
     n = len(data)
+    device = model_device(model)  # wrapped where it already is: Opacus' hooks follow the model
     model.train()
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     optimizer = DPOptimizer(
@@ -69,7 +72,7 @@ def dp_train_steps(
             for _ in range(steps):
                 chosen = (torch.rand(n, generator=generator) < dp.sample_rate).nonzero().flatten().tolist()
                 # An empty Poisson batch still takes a (noise-only) step: the accountant counts it.
-                batch = data.batch(chosen or [0])
+                batch = {k: v.to(device) for k, v in data.batch(chosen or [0]).items()}
                 loss = batch_loss(wrapped, batch) * (1.0 if chosen else 0.0)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from fedlora.config import TrainConfig
 from fedlora.lora.adapters import AdapterState, activate, adapter_state, load_adapter_state, proximal_term
 from fedlora.models import GLOBAL, LoadedModel
-from fedlora.train import EvalResult, Tokenized, TrainResult, evaluate, train_steps
+from fedlora.train import EvalResult, Schedule, Tokenized, TrainResult, evaluate, train_steps
 
 if TYPE_CHECKING:
     import torch
@@ -30,10 +30,12 @@ def train_adapter(
     frozen: Collection[str] = (),
     regularizer: Callable[[], torch.Tensor] | None = None,
     dp: DPSettings | None = None,
+    progress: tuple[int, int] = (1, 1),
 ) -> TrainResult:
     """Train the last adapter in ``names`` (all of them compute) for ``steps`` steps.
 
-    With ``dp``, the steps are DP-SGD steps (`fedlora.train.dpsgd`).
+    With ``dp``, the steps are DP-SGD steps (`fedlora.train.dpsgd`). ``progress`` is
+    ``(server_round, rounds)``: where these steps fall in the learning-rate schedule.
     """
     activate(loaded.model, names, trainable=names[-1:], frozen=frozen)
     if dp is not None:
@@ -51,6 +53,9 @@ def train_adapter(
         learning_rate=cfg.learning_rate,
         seed=seed,
         regularizer=regularizer,
+        precision=loaded.config.precision,
+        micro_batch_size=cfg.micro_batch_size,
+        schedule=Schedule.for_round(cfg.lr_schedule, cfg.lr_warmup_fraction, *progress, steps),
     )
 
 
@@ -64,6 +69,7 @@ def train_shared(
     frozen: Collection[str] = (),
     proximal_mu: float = 0.0,
     dp: DPSettings | None = None,
+    progress: tuple[int, int] = (1, 1),
 ) -> tuple[AdapterState, TrainResult]:
     """Train the shared adapter alone for ``local_steps`` from ``start``: what the client sends back.
 
@@ -83,6 +89,7 @@ def train_shared(
         frozen=frozen,
         regularizer=regularizer,
         dp=dp,
+        progress=progress,
     )
     return adapter_state(loaded.model, GLOBAL), result
 
@@ -98,7 +105,7 @@ def evaluate_adapter(
 ) -> EvalResult:
     """Held-out metrics of one adapter alone, loaded from ``state``."""
     use_adapter(loaded, state, name)
-    return evaluate(loaded.model, test)
+    return evaluate(loaded.model, test, precision=loaded.config.precision)
 
 
 def local_only(
@@ -109,4 +116,4 @@ def local_only(
     load_adapter_state(loaded.model, GLOBAL, loaded.initial_global)
     result = train_adapter(loaded, train, [GLOBAL], steps, cfg, seed=seed)
     activate(loaded.model, [GLOBAL], trainable=[])
-    return result, evaluate(loaded.model, test)
+    return result, evaluate(loaded.model, test, precision=loaded.config.precision)

@@ -15,14 +15,21 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EvalResult",
+    "Schedule",
     "Tokenized",
     "TrainResult",
+    "backward_batch",
     "batch_loss",
+    "micro_batches",
     "evaluate",
     "sample_batches",
     "tokenize",
     "train_steps",
 ]
+
+
+# Rows of causal-LM logits turned into float32 at once in `evaluate`.
+_LM_ROWS = 4
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,90 @@ def sample_batches(n: int, batch_size: int, steps: int, seed: int) -> Iterator[l
         yield take
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """The learning-rate multiplier of each local step, along the whole federation.
+
+    A client's ``steps`` steps of round ``r`` (of ``rounds``) are steps ``(r-1)*steps``
+    to ``r*steps - 1`` of ``rounds*steps``: ``cosine`` decays the rate to 0 over them,
+    and the first ``warmup_fraction`` of them rise linearly from 0. The default is flat.
+    """
+
+    kind: str = "constant"
+    warmup_fraction: float = 0.0
+    start: int = 0
+    total: int = 1
+
+    @classmethod
+    def for_round(
+        cls, kind: str, warmup_fraction: float, server_round: int, rounds: int, steps: int
+    ) -> Schedule:
+        """The schedule of ``steps`` local steps in ``server_round`` (1-based) of ``rounds``."""
+        return cls(kind, warmup_fraction, (max(server_round, 1) - 1) * steps, max(rounds * steps, 1))
+
+    def __call__(self, step: int) -> float:
+        """The multiplier of this call's ``step`` (0-based)."""
+        done = self.start + step
+        warm = self.warmup_fraction * self.total
+        if done < warm:
+            return (done + 1) / (warm + 1)
+        if self.kind == "cosine":
+            progress = (done - warm) / max(self.total - warm, 1)
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+
+
+def micro_batches(
+    batch: dict[str, torch.Tensor], size: int
+) -> Iterator[tuple[dict[str, torch.Tensor], float]]:
+    """Split ``batch`` into row chunks of at most ``size`` (0: whole), each with its share of the loss.
+
+    The shares make the chunks' weighted losses add up to the whole batch's mean loss:
+    examples for classification, predicted tokens for causal LMs (the model's loss is a
+    mean over the batch's target tokens).
+    """
+    rows = int(batch["input_ids"].shape[0])
+    if size <= 0 or size >= rows:
+        yield batch, 1.0
+        return
+    classify = "labels" in batch
+    targets = batch["attention_mask"][:, 1:].sum(dim=1)  # tokens each row predicts
+    total = float(targets.sum()) if not classify else float(rows)
+    for lo in range(0, rows, size):
+        chunk = {k: v[lo : lo + size] for k, v in batch.items()}
+        share = (
+            len(chunk["input_ids"]) / rows
+            if classify
+            else float(targets[lo : lo + size].sum()) / max(total, 1.0)
+        )
+        yield chunk, share
+
+
+def backward_batch(
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    micro_batch_size: int = 0,
+    precision: str = "fp32",
+    scaler: torch.amp.GradScaler | None = None,
+) -> float:
+    """Add the gradient of ``batch``'s mean loss to the trainable tensors; return the loss.
+
+    In micro-batches of at most ``micro_batch_size`` rows (0: at once), each loss weighted
+    by its share, so the gradient is the whole batch's; on the model's device, autocast to
+    ``precision``; through ``scaler`` (fp16's loss scaling) if given.
+    """
+    from fedlora.models.device import autocast, model_device  # noqa: PLC0415 - heavy: torch
+
+    device = model_device(model)
+    loss = 0.0
+    for chunk, share in micro_batches(batch, micro_batch_size):
+        with autocast(precision, device):
+            part = batch_loss(model, {k: v.to(device) for k, v in chunk.items()}) * share
+        (scaler.scale(part) if scaler is not None else part).backward()
+        loss += float(part.detach())
+    return loss
+
+
 def batch_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean loss of one batch: cross-entropy for classification, next-token loss for causal LMs."""
     if "labels" in batch:
@@ -116,66 +207,93 @@ def train_steps(
     learning_rate: float,
     seed: int,
     regularizer: Callable[[], torch.Tensor] | None = None,
+    precision: str = "fp32",
+    micro_batch_size: int = 0,
+    schedule: Schedule | None = None,
 ) -> TrainResult:
     """Run ``steps`` AdamW steps on the model's trainable parameters.
 
     A fresh optimizer is built on every call: the model may be a process-wide cached
     object shared by many clients, whose trainable tensors were just overwritten.
-    ``regularizer`` (e.g. a proximal term) is added to every batch loss.
+    ``regularizer`` (e.g. a proximal term) is added to every batch loss. Batches go to the
+    model's device; ``precision`` ``bf16``/``fp16`` autocasts the forward pass (fp16 with
+    a gradient scaler); ``micro_batch_size`` accumulates each step's gradient over chunks
+    of the batch (the same update, less memory); ``schedule`` scales the rate per step.
     """
     import torch  # noqa: PLC0415 - heavy: torch
+
+    from fedlora.models.device import model_device  # noqa: PLC0415 - heavy: torch
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("train_steps: the model has no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    device = model_device(model)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     model.train()
     start, total, examples = time.perf_counter(), 0.0, 0
     # Dropout draws from torch's RNG: seed it so that a round is reproducible.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for indices in sample_batches(len(data), batch_size, steps, seed):
-            loss = batch_loss(model, data.batch(indices))
-            if regularizer is not None:
-                loss = loss + regularizer()
+        for step, indices in enumerate(sample_batches(len(data), batch_size, steps, seed)):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate * (schedule(step) if schedule is not None else 1.0)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach())
+            loss = backward_batch(model, data.batch(indices), micro_batch_size, precision, scaler)
+            if regularizer is not None:
+                penalty = regularizer()
+                scaler.scale(penalty).backward()
+                loss += float(penalty.detach())
+            scaler.step(optimizer)
+            scaler.update()
+            total += loss
             examples += len(indices)
     model.eval()
     return TrainResult(total / max(steps, 1), steps, examples, time.perf_counter() - start)
 
 
-def evaluate(model: Any, data: Tokenized, *, batch_size: int = 32) -> EvalResult:
-    """Held-out loss and accuracy of the model as it is currently activated."""
+def evaluate(model: Any, data: Tokenized, *, batch_size: int = 32, precision: str = "fp32") -> EvalResult:
+    """Held-out loss and accuracy of the model as it is currently activated, on its device.
+
+    Losses are computed in float32 from the logits whatever the ``precision``.
+    """
     import torch  # noqa: PLC0415 - heavy: torch
 
+    from fedlora.models.device import autocast, model_device  # noqa: PLC0415 - heavy: torch
+
     model.eval()
+    device = model_device(model)
     loss_sum, correct, counted = 0.0, 0, 0
     per_example: list[float] = []
     with torch.no_grad():
         for lo in range(0, len(data), batch_size):
-            batch = data.batch(range(lo, min(lo + batch_size, len(data))))
+            batch = {
+                k: v.to(device) for k, v in data.batch(range(lo, min(lo + batch_size, len(data)))).items()
+            }
+            with autocast(precision, device):
+                logits = model(**batch).logits
             if "labels" in batch:
-                logits = model(**batch).logits  # (B, num_labels)
+                logits = logits.float()  # (B, num_labels)
                 losses = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
                 per_example += losses.tolist()
                 loss_sum += float(losses.sum())
                 correct += int((logits.argmax(-1) == batch["labels"]).sum())
                 counted += int(batch["labels"].numel())
-            else:
-                logits = model(**batch).logits[:, :-1]  # (B, L-1, V): predicts token t+1
-                target = batch["input_ids"][:, 1:]
-                keep = batch["attention_mask"][:, 1:]
+                continue
+            # Causal LM: a few rows at a time, so that float32 logits (rows x L x vocabulary) stay small.
+            for row in range(0, logits.shape[0], _LM_ROWS):
+                rows = slice(row, row + _LM_ROWS)
+                predicted = logits[rows, :-1].float()  # (b, L-1, V): predicts token t+1
+                target = batch["input_ids"][rows, 1:]
+                keep = batch["attention_mask"][rows, 1:]
                 token_losses = torch.nn.functional.cross_entropy(
-                    logits.transpose(1, 2), target, reduction="none"
-                )  # (B, L-1)
+                    predicted.transpose(1, 2), target, reduction="none"
+                )  # (b, L-1)
                 token_losses = token_losses * keep
                 per_example += (token_losses.sum(1) / keep.sum(1).clamp(min=1)).tolist()
                 loss_sum += float(token_losses.sum())
                 mask = keep.bool()
-                correct += int((logits.argmax(-1)[mask] == target[mask]).sum())
+                correct += int((predicted.argmax(-1)[mask] == target[mask]).sum())
                 counted += int(keep.sum())
     if counted == 0:
         return EvalResult(math.nan, math.nan, 0)
