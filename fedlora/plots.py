@@ -18,14 +18,16 @@ def plot_accuracy(summary: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415 - heavy: matplotlib
 
-    rounds = [r["round"] for r in summary["rounds"]]
+    # Rounds without an evaluation (evaluate-every) have no point: the line joins the others.
+    measured = [r for r in summary["rounds"] if r["global_accuracy"] == r["global_accuracy"]]
+    rounds = [r["round"] for r in measured]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for key, label, color in (
         ("personalized_accuracy", "personalized (global + personal)", "tab:green"),
         ("global_accuracy", "global adapter only", "tab:blue"),
     ):
-        mean = [100 * r[key] for r in summary["rounds"]]
-        worst = [100 * r[f"{key}_worst10"] for r in summary["rounds"]]
+        mean = [100 * r[key] for r in measured]
+        worst = [100 * r[f"{key}_worst10"] for r in measured]
         ax.plot(rounds, mean, marker="o", color=color, label=label)
         ax.fill_between(rounds, worst, mean, color=color, alpha=0.12)
     local = summary["final"].get("local_only_accuracy")

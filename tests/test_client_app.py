@@ -226,3 +226,67 @@ def test_a_node_with_its_own_rank_is_refused_where_the_strategy_needs_one_rank(c
     assert "lora-rank: this node's rank 4 differs from the run's 8, which strategy 'fedavg' needs" in (
         caplog.text
     )
+
+
+@pytest.fixture
+def three_labels(cfg):
+    from fedlora.models import build_model
+
+    return build_model(cfg.model, 3, seed=0)
+
+
+def _evaluate(cfg, context, server_round, loaded):
+    arrays = to_record(loaded.initial_global)
+    config = ConfigRecord({keys.C_SERVER_ROUND: server_round})
+    reply = app(_message("evaluate", {keys.ARRAYS: arrays, keys.CONFIG: config}), context)
+    _assert_only_scalar_metrics(reply)
+    return dict(reply.content.metric_records[keys.METRICS])
+
+
+def _count_evaluations(monkeypatch) -> list[int]:
+    import fedlora.personalization.base
+    import fedlora.train.local
+
+    calls: list[int] = []
+    real = fedlora.train.loops.evaluate
+
+    def counted(model, data, **kwargs):
+        calls.append(len(data))
+        return real(model, data, **kwargs)
+
+    monkeypatch.setattr(fedlora.train.local, "evaluate", counted)
+    monkeypatch.setattr(fedlora.personalization.base, "evaluate", counted)
+    return calls
+
+
+def test_rounds_between_evaluations_train_but_measure_nothing(cfg, three_labels, monkeypatch):
+    cfg = cfg.replace(evaluate_every=2, num_server_rounds=3)
+    context, calls = _context(cfg), _count_evaluations(monkeypatch)
+    first = _evaluate(cfg, context, 1, three_labels)
+    assert keys.M_ACCURACY_GLOBAL not in first and keys.M_ACCURACY_PERSONALIZED not in first
+    assert first[keys.M_PERSONAL_STEPS] == cfg.train.personal_steps and calls == []  # trained, measured nothing
+    second = _evaluate(cfg, context, 2, three_labels)
+    assert keys.M_ACCURACY_GLOBAL in second and keys.M_MIA_GLOBAL not in second
+    assert len(calls) == 2  # global and personalized
+    third = _evaluate(cfg, context, 3, three_labels)  # the last round: always, with the audit
+    assert keys.M_ACCURACY_GLOBAL in third and keys.M_MIA_GLOBAL in third
+
+
+def test_a_personalized_model_that_is_the_global_one_is_measured_once(cfg, three_labels, monkeypatch):
+    cfg = cfg.replace(personalization="none", num_server_rounds=1)
+    context, calls = _context(cfg), _count_evaluations(monkeypatch)
+    metrics = _evaluate(cfg, context, 1, three_labels)
+    assert metrics[keys.M_ACCURACY_GLOBAL] == metrics[keys.M_ACCURACY_PERSONALIZED]
+    assert metrics[keys.M_MIA_GLOBAL] == metrics[keys.M_MIA_PERSONALIZED]
+    # Once on the held-out split, once on the training examples of the audit.
+    assert len(calls) == 2
+
+
+def test_the_audit_compares_a_bounded_sample_and_reports_its_size(cfg, three_labels, monkeypatch):
+    cfg = cfg.replace(num_server_rounds=1, audit_examples=3)
+    context, calls = _context(cfg), _count_evaluations(monkeypatch)
+    metrics = _evaluate(cfg, context, 1, three_labels)
+    assert metrics[keys.M_MIA_EXAMPLES] == 6  # 3 training + 3 held-out examples
+    assert sorted(calls)[:2] == [3, 3]  # the audit's two passes (global, personalized) over 3 examples
+    off = _evaluate(cfg.replace(audit_examples=0), _context(cfg.replace(audit_examples=0)), 1, three_labels)
+    assert keys.M_MIA_GLOBAL not in off and keys.M_ACCURACY_GLOBAL in off

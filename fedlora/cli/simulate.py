@@ -125,7 +125,13 @@ def _table(summary: dict[str, Any], out_dir: Path) -> None:
     if all(v is not None and not math.isnan(v) for v in mia):
         console.print(
             f"membership inference (loss threshold) advantage: global {mia[0]:.3f}, "
-            f"personalized {mia[1]:.3f} (chance level {final.mia_advantage_chance:.3f})"
+            f"personalized {mia[1]:.3f} (chance level {final.mia_advantage_chance:.3f}; "
+            f"{final.mia_examples:.0f} training + held-out examples per client)"
+        )
+    evaluated = [r.round for r in record.rounds if r.evaluated]
+    if len(evaluated) < len(record.rounds):
+        console.print(
+            f"held-out accuracy measured in rounds {', '.join(map(str, evaluated))} (evaluate-every)"
         )
     console.print(f"wall time: {final.wall_s:.1f} s in the ServerApp")
 

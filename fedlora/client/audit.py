@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 
 from fedlora.client.setup import Client
 from fedlora.core import keys
@@ -20,6 +21,11 @@ from fedlora.train.local import evaluate_adapter
 __all__ = ["CANARY_ALTERNATIVES", "final_audit"]
 
 
+def _sample(rng: random.Random, n: int, at_most: int) -> list[int]:
+    """All of ``range(n)`` if it fits, else a sorted seeded sample of ``at_most`` of them."""
+    return list(range(n)) if n <= at_most else sorted(rng.sample(range(n), at_most))
+
+
 # Canary audit: how many other secrets the canary is ranked against.
 CANARY_ALTERNATIVES = 1000
 
@@ -30,25 +36,38 @@ def final_audit(
     stored: AdapterState | None,
     global_only: EvalResult,
     personalized: EvalResult,
+    same: bool = False,
 ) -> dict[str, float]:
     """Audits of the final global and personalized models; only the scalars leave the client.
 
-    Membership inference on every client (training examples against held-out ones), and
-    the canary's exposure on the client that holds it.
+    Membership inference on every client: the losses of at most ``audit-examples``
+    training examples against as many held-out ones (a seeded sample of each; the count
+    is reported), and the canary's exposure on the client that holds it. ``same``: the
+    personalized model is the global one, measured once.
     """
 
     def losses(data: Tokenized) -> tuple[tuple[float, ...], tuple[float, ...]]:
         on_global = evaluate_adapter(client.loaded, data, local.view.global_state)
+        if same:
+            return on_global.example_losses, on_global.example_losses
         on_personal = client.method.evaluate(dataclasses.replace(local, test=data), stored)
         return on_global.example_losses, on_personal.example_losses
 
-    train_global, train_personal = losses(client.train)
-    audit = {
-        keys.M_MIA_GLOBAL: loss_threshold_advantage(train_global, global_only.example_losses),
-        keys.M_MIA_PERSONALIZED: loss_threshold_advantage(train_personal, personalized.example_losses),
-        keys.M_MIA_CHANCE: chance_advantage(len(train_global), len(global_only.example_losses)),
-    }
     privacy, seed = client.cfg.privacy, client.cfg.federation.seed
+    audit: dict[str, float] = {}
+    if privacy.audit_examples:
+        rng = random.Random(seed * 7919 + client.partition_id)
+        train_rows = _sample(rng, len(client.train), privacy.audit_examples)
+        test_rows = _sample(rng, len(global_only.example_losses), privacy.audit_examples)
+        train_global, train_personal = losses(client.train.subset(train_rows))
+        test_global = [global_only.example_losses[i] for i in test_rows]
+        test_personal = [personalized.example_losses[i] for i in test_rows]
+        audit = {
+            keys.M_MIA_GLOBAL: loss_threshold_advantage(train_global, test_global),
+            keys.M_MIA_PERSONALIZED: loss_threshold_advantage(train_personal, test_personal),
+            keys.M_MIA_CHANCE: chance_advantage(len(train_global), len(test_global)),
+            keys.M_MIA_EXAMPLES: len(train_rows) + len(test_rows),
+        }
     if privacy.canary_repeats:
         # Flower's aggregation wants the same keys from every client: NaN where there is no canary.
         audit[keys.M_CANARY_GLOBAL] = audit[keys.M_CANARY_PERSONALIZED] = math.nan

@@ -12,6 +12,8 @@ alone. Personal state stays in ``context.state`` (on the node's disk between mes
 
 from __future__ import annotations
 
+import math
+
 from flwr.app import ConfigRecord, Context, Message
 
 from fedlora.client.audit import final_audit
@@ -96,26 +98,36 @@ def evaluate(message: Message, context: Context) -> Message:
         client.state[keys.S_PERSONAL] = to_record(stored)
     personal_rounds = client.personal_rounds() + (result is not None)
     client.state[keys.S_PERSONAL_ROUNDS] = ConfigRecord({"rounds": personal_rounds})
-    global_only = evaluate_adapter(client.loaded, client.test, view.global_state)
-    personalized = client.method.evaluate(local, stored)
-    final = server_round == client.cfg.federation.num_server_rounds
-    audit = final_audit(client, local, stored, global_only, personalized) if final else {}
+    fed = client.cfg.federation
+    measured: dict[str, float] = {}
+    num_examples = len(client.test)
+    if fed.evaluates(server_round):
+        global_only = evaluate_adapter(client.loaded, client.test, view.global_state)
+        # A personalized model that is the global one is measured once.
+        same = client.method.same_as_global(client.cfg.train)
+        personalized = global_only if same else client.method.evaluate(local, stored)
+        final = server_round >= fed.num_server_rounds
+        audit = final_audit(client, local, stored, global_only, personalized, same) if final else {}
+        num_examples = global_only.num_examples
+        measured = {
+            keys.M_ACCURACY_GLOBAL: global_only.accuracy,
+            keys.M_ACCURACY_PERSONALIZED: personalized.accuracy,
+            keys.M_LOSS_GLOBAL: global_only.loss,
+            keys.M_LOSS_PERSONALIZED: personalized.loss,
+            **audit,
+        }
     metrics = {
-        keys.M_NUM_EXAMPLES: global_only.num_examples,
+        keys.M_NUM_EXAMPLES: num_examples,
         **client.identity(),
-        keys.M_ACCURACY_GLOBAL: global_only.accuracy,
-        keys.M_ACCURACY_PERSONALIZED: personalized.accuracy,
-        keys.M_LOSS_GLOBAL: global_only.loss,
-        keys.M_LOSS_PERSONALIZED: personalized.loss,
+        **measured,
         keys.M_PERSONAL_STEPS: result.steps if result else 0,
         keys.M_PERSONAL_LOSS: result.loss if result else 0.0,
         keys.M_PERSONAL_ROUNDS: personal_rounds,
         **client.privacy_metrics(dp),
         **client.weight(),
-        **audit,
     }
     if incoming.legacy:
-        return legacy_reply(message, metrics, loss=global_only.loss)
+        return legacy_reply(message, metrics, loss=measured.get(keys.M_LOSS_GLOBAL, math.nan))
     return reply(message, metrics)
 
 

@@ -320,6 +320,13 @@ class FederationConfig:
         resumable=True,
         placement=True,
     )
+    evaluate_every: int = setting(
+        1,
+        "clients measure the global and personalized adapters on their held-out split every this many "
+        "rounds, and always in the last one; in the other rounds they train (personal steps too) and "
+        "report no accuracy",
+        resumable=True,
+    )
     round_timeout: float = setting(
         3600.0,
         "seconds the server waits for a round's replies; a client that has not answered by then is counted "
@@ -346,6 +353,10 @@ class FederationConfig:
         "simulate`, the node's memory otherwise",
         placement=True,
     )
+
+    def evaluates(self, server_round: int) -> bool:
+        """Whether clients measure held-out accuracy in ``server_round`` (1-based)."""
+        return server_round % self.evaluate_every == 0 or server_round >= self.num_server_rounds
 
     def __post_init__(self) -> None:
         if not 0 < self.num_server_rounds <= MAX_ROUNDS:
@@ -376,6 +387,8 @@ class FederationConfig:
             raise fail("max-examples-per-client", "a positive integer", self.max_examples_per_client)
         if not self.max_update_norm > 0:
             raise fail("max-update-norm", "a positive number (inf: no bound)", self.max_update_norm)
+        if not 1 <= self.evaluate_every <= MAX_ROUNDS:
+            raise fail("evaluate-every", f"an integer in [1, {MAX_ROUNDS}]", self.evaluate_every)
         if not self.round_timeout > 0:
             raise fail("round-timeout", "a positive number of seconds", self.round_timeout)
         if not 0.0 <= self.min_reply_fraction <= 1.0:
@@ -452,6 +465,11 @@ class PrivacyConfig:
         "exposure (bits) at the end; 0: off",
     )
     canary_client: int = setting(0, "the partition id of the client that holds the canary")
+    audit_examples: int = setting(
+        256,
+        "the final round's membership-inference audit compares the losses of at most this many training "
+        "and this many held-out examples per client (a seeded sample; the count is reported); 0: no audit",
+    )
     audit_wire_log: str = setting(
         "",
         "a file where every client appends the shape (keys, dtypes, sizes; no values) of each reply, for "
@@ -503,6 +521,8 @@ class PrivacyConfig:
             raise fail("secagg-clipping-range", "a positive number", self.secagg_clipping_range)
         if self.canary_repeats < 0:
             raise fail("canary-repeats", "an integer >= 0 (0: no canary)", self.canary_repeats)
+        if not 0 <= self.audit_examples <= 1_000_000:
+            raise fail("audit-examples", "an integer in [0, 1000000] (0: no audit)", self.audit_examples)
         if self.canary_client < 0:
             raise fail("canary-client", "a partition id >= 0", self.canary_client)
         if not self.secagg_max_weight > 0:

@@ -26,6 +26,7 @@ __all__ = [
     "M_MIA_GLOBAL",
     "M_MIA_PERSONALIZED",
     "M_MIA_CHANCE",
+    "M_MIA_EXAMPLES",
     "M_CANARY_GLOBAL",
     "M_CANARY_PERSONALIZED",
     "M_PERSONAL_STEPS",
@@ -88,6 +89,7 @@ M_BUDGET_EXHAUSTED = "budget-exhausted"  # DP: 1 when the next round would excee
 M_MIA_GLOBAL = "mia-advantage-global"
 M_MIA_PERSONALIZED = "mia-advantage-personalized"
 M_MIA_CHANCE = "mia-advantage-chance"  # what the attack shows without leakage, for these sample sizes
+M_MIA_EXAMPLES = "mia-examples"  # training plus held-out examples the audit compared
 # Final round, on the client holding the canary (causal LMs): its exposure in bits.
 M_CANARY_GLOBAL = "canary-exposure-global"
 M_CANARY_PERSONALIZED = "canary-exposure-personalized"

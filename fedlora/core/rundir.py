@@ -90,6 +90,7 @@ class ClientRecord:
     mia_advantage_global: float | None = None
     mia_advantage_personalized: float | None = None
     mia_advantage_chance: float | None = None
+    mia_examples: float | None = None
     canary_exposure_global: float | None = None
     canary_exposure_personalized: float | None = None
 
@@ -132,7 +133,9 @@ class RoundRecord:
     mia_advantage_chance: float = math.nan
     canary_exposure_global: float = math.nan
     canary_exposure_personalized: float = math.nan
+    mia_examples: float = math.nan
     wall_s: float = 0.0
+    evaluated: bool = False  # whether clients measured held-out accuracy this round (evaluate-every)
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,7 @@ class RoundSummary:
     epsilon_max: float = math.nan
     client_dp_epsilon: float = math.nan
     wall_s: float = math.nan
+    evaluated: bool = False
 
     @classmethod
     def of(cls, record: RoundRecord) -> RoundSummary:
@@ -190,6 +194,8 @@ class FinalSummary:
     mia_advantage_global: float = math.nan
     mia_advantage_personalized: float = math.nan
     mia_advantage_chance: float = math.nan
+    # Training plus held-out examples each client's audit compared (mean over clients; audit-examples).
+    mia_examples: float = math.nan
     # Canary audit (causal LMs): exposure in bits of the canary client's secret.
     canary_exposure_global: float = math.nan
     canary_exposure_personalized: float = math.nan

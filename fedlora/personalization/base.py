@@ -72,6 +72,13 @@ class Personalization(ABC):
     def prepare(self, local: Local, stored: AdapterState | None) -> None:
         """Set ``local.loaded.model`` up as this client's personalized model."""
 
+    def same_as_global(self, cfg: TrainConfig) -> bool:
+        """Whether the personalized model is the global one, so that it need not be measured twice.
+
+        By default: when no personal step is taken (an untrained personal part adds nothing).
+        """
+        return cfg.personal_steps == 0
+
     def evaluate(self, local: Local, stored: AdapterState | None) -> EvalResult:
         """Held-out metrics of the personalized model."""
         self.prepare(local, stored)

@@ -12,6 +12,7 @@ from fedlora.personalization.base import Local, Personalization, register
 from fedlora.train.local import use_adapter
 
 if TYPE_CHECKING:
+    from fedlora.config import TrainConfig
     from fedlora.lora.adapters import AdapterState
 
 __all__ = ["FedSALoRA"]
@@ -30,6 +31,10 @@ class FedSALoRA(Personalization):
     keeps = "its LoRA B matrices (trained with A during the shared round)"
     prediction = "global A and head with the client's own B"
     strategy = "fedsa-lora"
+
+    def same_as_global(self, cfg: TrainConfig) -> bool:
+        """Never: the client's own B differs from the global one even without personal steps."""
+        return False
 
     def prepare(self, local: Local, stored: AdapterState | None) -> None:
         """The client's own variant (global A, own B)."""

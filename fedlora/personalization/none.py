@@ -8,6 +8,7 @@ from fedlora.personalization.base import Local, Personalization, register
 from fedlora.train.local import use_adapter
 
 if TYPE_CHECKING:
+    from fedlora.config import TrainConfig
     from fedlora.lora.adapters import AdapterState
 
 __all__ = ["NoPersonalization"]
@@ -22,6 +23,10 @@ class NoPersonalization(Personalization):
     summary = "predict with the global adapter; nothing kept"
     keeps = "nothing"
     prediction = "the global adapter"
+
+    def same_as_global(self, cfg: TrainConfig) -> bool:
+        """Always: it predicts with the global adapter."""
+        return True
 
     def prepare(self, local: Local, stored: AdapterState | None) -> None:
         """The global adapter alone."""

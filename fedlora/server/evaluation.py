@@ -36,6 +36,7 @@ def client_record(m: Mapping[str, Any]) -> ClientRecord:
         mia_advantage_global=_optional(m, keys.M_MIA_GLOBAL, audited),
         mia_advantage_personalized=_optional(m, keys.M_MIA_PERSONALIZED, audited),
         mia_advantage_chance=_optional(m, keys.M_MIA_CHANCE, audited),
+        mia_examples=_optional(m, keys.M_MIA_EXAMPLES, audited),
         canary_exposure_global=_optional(m, keys.M_CANARY_GLOBAL, canary),
         canary_exposure_personalized=_optional(m, keys.M_CANARY_PERSONALIZED, canary),
     )
@@ -53,6 +54,7 @@ def record_evaluation(
         "mia_advantage_global",
         "mia_advantage_personalized",
         "mia_advantage_chance",
+        "mia_examples",
         "canary_exposure_global",
         "canary_exposure_personalized",
     ):
@@ -61,6 +63,7 @@ def record_evaluation(
     spent = [c["epsilon"] for c in record.per_client.values() if "epsilon" in c]
     record.epsilon_max = max(spent) if spent else math.nan
     glob = [c["global_accuracy"] for c in record.per_client.values()]
+    record.evaluated = any(not math.isnan(a) for a in glob)
     pers = [c["personalized_accuracy"] for c in record.per_client.values()]
     # Personalization papers report the unweighted mean over clients: every user counts once.
     record.global_accuracy = sum(glob) / len(glob) if glob else math.nan

@@ -132,6 +132,7 @@ class RunRecorder:
             mia_advantage_global=last.mia_advantage_global,
             mia_advantage_personalized=last.mia_advantage_personalized,
             mia_advantage_chance=last.mia_advantage_chance,
+            mia_examples=last.mia_examples,
             canary_exposure_global=last.canary_exposure_global,
             canary_exposure_personalized=last.canary_exposure_personalized,
             full_model_bytes=self.full_model_bytes,

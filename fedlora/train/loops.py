@@ -43,6 +43,14 @@ class Tokenized:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def subset(self, indices: Sequence[int]) -> Tokenized:
+        """The given rows only."""
+        import torch  # noqa: PLC0415 - heavy: torch
+
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        labels = self.labels[idx] if self.labels is not None else None
+        return Tokenized(self.input_ids[idx], self.attention_mask[idx], labels)
+
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """Model inputs for the given rows, trimmed to their longest sequence."""
         import torch  # noqa: PLC0415 - heavy: torch
