@@ -264,7 +264,8 @@ def test_rounds_between_evaluations_train_but_measure_nothing(cfg, three_labels,
     context, calls = _context(cfg), _count_evaluations(monkeypatch)
     first = _evaluate(cfg, context, 1, three_labels)
     assert keys.M_ACCURACY_GLOBAL not in first and keys.M_ACCURACY_PERSONALIZED not in first
-    assert first[keys.M_PERSONAL_STEPS] == cfg.train.personal_steps and calls == []  # trained, measured nothing
+    # Trained its personal steps, measured nothing.
+    assert first[keys.M_PERSONAL_STEPS] == cfg.train.personal_steps and calls == []
     second = _evaluate(cfg, context, 2, three_labels)
     assert keys.M_ACCURACY_GLOBAL in second and keys.M_MIA_GLOBAL not in second
     assert len(calls) == 2  # global and personalized
