@@ -1,0 +1,58 @@
+"""Benchmark: what evaluation adds to a round, and what the last round adds to an ordinary one.
+
+Two simulated federations of the same workload, one after the other on one SuperLink:
+``evaluate-every=1`` (the default: every round measures the global and personalized
+adapters on each client's held-out split) and training only (``evaluate-every`` beyond
+the run, so only the last round measures). Both train the same shared and personal steps
+every round. A round's time is the difference of the server's wall clock at the end of
+consecutive rounds; round 1 (workers loading the model) is left out of "ordinary". Usage:
+
+    python simulations/bench_rounds.py [--clients 6] [--rounds 5] [--run-config "..."]
+
+Prints both runs' round times and the two ratios: an ordinary round with evaluation over
+one without, and the last round (evaluation and the membership-inference audit) over an
+ordinary evaluated round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+import fedlora
+from fedlora.launch import flower_session, parse_overrides
+
+
+def round_seconds(summary: dict) -> list[float]:
+    """Each round's duration from the cumulative wall clock the server records."""
+    ends = [r["wall_s"] for r in summary["rounds"]]
+    return [b - a for a, b in zip([0.0, *ends[:-1]], ends, strict=True)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--run-config", default="", help="more run-config overrides, as for fedlora simulate")
+    args = parser.parse_args()
+    extra = {k.replace("-", "_"): v for k, v in parse_overrides(args.run_config).items()}
+    common = {"clients": args.clients, "rounds": args.rounds, "local_only_baseline": False, **extra}
+    times = {}
+    with tempfile.TemporaryDirectory() as tmp, flower_session() as session:
+        for label, every in (("evaluated", 1), ("training only", args.rounds + 1)):
+            result = fedlora.run(out=Path(tmp) / str(every), session=session, evaluate_every=every, **common)
+            times[label] = round_seconds(result.summary)
+            print(f"{label:14} round seconds: {', '.join(f'{t:.1f}' for t in times[label])}")
+    ordinary = statistics.mean(times["evaluated"][1:-1])
+    training = statistics.mean(times["training only"][1:-1])
+    print(
+        f"ordinary round, evaluated / training only: {ordinary:.1f} s / {training:.1f} s = {ordinary / training:.2f}"
+    )
+    last = times["evaluated"][-1]
+    print(f"last round / ordinary evaluated round: {last:.1f} s / {ordinary:.1f} s = {last / ordinary:.2f}")
+
+
+if __name__ == "__main__":
+    main()
