@@ -47,9 +47,8 @@ def main() -> None:
             print(f"{label:14} round seconds: {', '.join(f'{t:.1f}' for t in times[label])}")
     ordinary = statistics.mean(times["evaluated"][1:-1])
     training = statistics.mean(times["training only"][1:-1])
-    print(
-        f"ordinary round, evaluated / training only: {ordinary:.1f} s / {training:.1f} s = {ordinary / training:.2f}"
-    )
+    ratio = ordinary / training
+    print(f"ordinary round, evaluated / training only: {ordinary:.1f} s / {training:.1f} s = {ratio:.2f}")
     last = times["evaluated"][-1]
     print(f"last round / ordinary evaluated round: {last:.1f} s / {ordinary:.1f} s = {last / ordinary:.2f}")
 
