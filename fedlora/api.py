@@ -142,6 +142,8 @@ def run(
     out: str | Path | None = None,
     data: str | Path | None = None,
     cpus_per_client: float = 1.0,
+    gpus_per_client: float = 0.0,
+    ray_address: str = "",
     on_event: Callable[[dict[str, Any]], None] | None = None,
     session: FlowerSession | None = None,
     preset: str | None = None,
@@ -165,6 +167,12 @@ def run(
         A folder with one subfolder per client holding ``train.jsonl`` and ``test.jsonl``.
     cpus_per_client : float
         CPU cores per simulated client.
+    gpus_per_client : float
+        GPUs per simulated client (Flower's ``client-resources-num-gpus``; 0.25: four
+        clients share one GPU).
+    ray_address : str
+        Run on this existing Ray cluster (``HOST:PORT`` of its head, or ``auto``) instead of
+        a Ray of the run's own.
     on_event : callable, optional
         Called with every progress event (``metrics.jsonl`` lines) as the run goes.
     session : FlowerSession, optional
@@ -203,6 +211,8 @@ def run(
         num_clients=num_clients,
         out_dir=out_dir,
         cpus_per_client=cpus_per_client,
+        gpus_per_client=gpus_per_client,
+        ray_address=ray_address,
         on_event=on_event,
         session=session,
         overwrite=overwrite or reuse,
@@ -215,6 +225,8 @@ def resume(
     *,
     rounds: int | None = None,
     cpus_per_client: float = 1.0,
+    gpus_per_client: float = 0.0,
+    ray_address: str = "",
     on_event: Callable[[dict[str, Any]], None] | None = None,
 ) -> Results:
     """Go on with an interrupted (or finished) run from its last checkpoint.
@@ -241,6 +253,8 @@ def resume(
         num_clients=cfg.federation.min_clients,
         out_dir=path,
         cpus_per_client=cpus_per_client,
+        gpus_per_client=gpus_per_client,
+        ray_address=ray_address,
         on_event=on_event,
     )
     return Results(summary, path)
@@ -253,7 +267,17 @@ def default_clients(cfg: RunConfig) -> int:
     return DEFAULT_CLIENTS
 
 
-_RUN_ARGS = ("clients", "rounds", "data", "cpus_per_client", "on_event", "session", "overwrite")
+_RUN_ARGS = (
+    "clients",
+    "rounds",
+    "data",
+    "cpus_per_client",
+    "gpus_per_client",
+    "ray_address",
+    "on_event",
+    "session",
+    "overwrite",
+)
 
 
 def _config_of(flat: Mapping[str, Any], strategy: str, personalization: str) -> RunConfig:

@@ -30,6 +30,7 @@ from fedlora.server.runs_root import RUNS_ROOT_ENV, held_run
 __all__ = [
     "FLOWER_ENV",
     "FlowerSession",
+    "check_gpus",
     "flower_env",
     "flower_script",
     "flower_session",
@@ -171,6 +172,32 @@ def preflight(cfg: RunConfig, num_clients: int) -> RunConfig:
     return cfg.replace(labels=",".join(labels)) if labels and not cfg.data.labels else cfg
 
 
+def check_gpus(gpus_per_client: float, *, cluster: bool = False) -> None:
+    """Refuse a GPU share per simulated client that this machine (or any machine) cannot give.
+
+    ``cluster``: the simulation runs on a Ray cluster, whose GPUs Ray counts; only the
+    value itself is checked here.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``gpus-per-client``, what it got, and the GPUs there are.
+
+    """
+    if not 0 <= gpus_per_client <= 64:
+        raise ConfigError(f"gpus-per-client: must be a number in [0, 64], got {gpus_per_client!r}")
+    if gpus_per_client == 0 or cluster:
+        return
+    import torch  # noqa: PLC0415 - heavy: torch, only when GPUs are asked for
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus_per_client > count:
+        raise ConfigError(
+            f"gpus-per-client: {gpus_per_client:g} GPUs per client asked for, and this machine has {count} "
+            f"CUDA GPU(s); use at most {count}" + (" (fractions share one GPU, e.g. 0.25)" if count else "")
+        )
+
+
 def refuse_finished_run(out_dir: Path) -> None:
     """Refuse to start a new run in ``out_dir`` when that would lose an earlier one.
 
@@ -284,6 +311,8 @@ class FlowerSession:
     root: Path
     http_port: int = field(default_factory=_free_port)
     control_port: int = field(default_factory=_free_port)
+    # An existing Ray cluster (`ray start`) the simulation runs on, else a Ray of its own.
+    ray_address: str = ""
 
     @property
     def home(self) -> Path:
@@ -306,18 +335,21 @@ class FlowerSession:
             "FLWR_HOME": str(self.home),
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(self.http_port),
             "FLWR_LOCAL_CONTROL_API_PORT": str(self.control_port),
+            # Flower's simulation calls ray.init(), which joins the cluster RAY_ADDRESS names.
+            **({"RAY_ADDRESS": self.ray_address} if self.ray_address else {}),
         }
 
 
 @contextlib.contextmanager
-def flower_session() -> Iterator[FlowerSession]:
+def flower_session(ray_address: str = "") -> Iterator[FlowerSession]:
     """Let several `simulate` calls share one local SuperLink, stopped when the block ends.
 
     Saves the SuperLink's start-up (several seconds) on every run after the first; runs
-    stay independent (each has its own run id, config and results).
+    stay independent (each has its own run id, config and results). ``ray_address``: run
+    the simulations on that existing Ray cluster (``HOST:PORT`` of its head, or ``auto``).
     """
     with tempfile.TemporaryDirectory(prefix="fedlora-") as tmp:
-        session = FlowerSession(Path(tmp))
+        session = FlowerSession(Path(tmp), ray_address=ray_address)
         try:
             yield session
         finally:
@@ -330,6 +362,8 @@ def simulate(
     num_clients: int,
     out_dir: Path,
     cpus_per_client: float = 1.0,
+    gpus_per_client: float = 0.0,
+    ray_address: str = "",
     on_event: Callable[[dict[str, Any]], None] | None = None,
     extra_env: Mapping[str, str] | None = None,
     app_dir: Path | None = None,
@@ -358,6 +392,12 @@ def simulate(
     out_dir = out_dir.expanduser().resolve()
     if not cpus_per_client > 0:
         raise ConfigError(f"cpus-per-client: must be a positive number, got {cpus_per_client!r}")
+    if session is not None and ray_address and ray_address != session.ray_address:
+        raise ConfigError(
+            f"ray-address: the session runs on {session.ray_address or 'its own Ray'}, got {ray_address!r}; "
+            "give it to flower_session(ray_address=...)"
+        )
+    check_gpus(gpus_per_client, cluster=bool(ray_address or (session and session.ray_address)))
     if not cfg.federation.resume and not overwrite:
         refuse_finished_run(out_dir)
     cfg = preflight(cfg, num_clients)
@@ -384,7 +424,7 @@ def simulate(
         shutil.rmtree(out_dir / CHECKPOINT, ignore_errors=True)  # --overwrite: the old run's checkpoint too
     with contextlib.ExitStack() as stack:
         if session is None:
-            session = stack.enter_context(flower_session())
+            session = stack.enter_context(flower_session(ray_address))
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="run-", dir=session.root)))
         # The ServerApp writes only inside the session's runs folder: link this run's directory there.
         session.runs.mkdir(exist_ok=True)
@@ -402,7 +442,8 @@ def simulate(
             "--run-config",
             str(overrides),
             "--federation-config",
-            f"num-supernodes={num_clients} client-resources-num-cpus={toml_value(_whole(cpus_per_client))}",
+            f"num-supernodes={num_clients} client-resources-num-cpus={toml_value(_whole(cpus_per_client))}"
+            + (f" client-resources-num-gpus={toml_value(float(gpus_per_client))}" if gpus_per_client else ""),
         ]
         seen = 0
         with (out_dir / "flwr.log").open("w") as logfile:

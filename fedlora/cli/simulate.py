@@ -136,6 +136,19 @@ def _table(summary: dict[str, Any], out_dir: Path) -> None:
     console.print(f"wall time: {final.wall_s:.1f} s in the ServerApp")
 
 
+def _placement(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--gpus-per-client",
+        type=float,
+        default=0.0,
+        help="GPUs per simulated client, fractions share one (0.25: four per GPU; default 0)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        help="run on this existing Ray cluster (HOST:PORT of its head, from `ray start --head`; or auto)",
+    )
+
+
 def _simulate(args: argparse.Namespace) -> int:
     flat = parse_overrides(args.run_config or "")
     if args.preset:
@@ -157,6 +170,8 @@ def _simulate(args: argparse.Namespace) -> int:
             out=args.out,
             data=args.data,
             cpus_per_client=args.cpus_per_client,
+            gpus_per_client=args.gpus_per_client,
+            ray_address=args.ray_address or "",
             on_event=on_event,
             preset=args.preset,
             overwrite=args.overwrite,
@@ -176,7 +191,12 @@ def _resume(args: argparse.Namespace) -> int:
     progress, on_event = _progress(rounds)
     with progress:
         results = api.resume(
-            run_dir, rounds=args.rounds, cpus_per_client=args.cpus_per_client, on_event=on_event
+            run_dir,
+            rounds=args.rounds,
+            cpus_per_client=args.cpus_per_client,
+            gpus_per_client=args.gpus_per_client,
+            ray_address=args.ray_address or "",
+            on_event=on_event,
         )
     _table(results.summary, results.out_dir)
     print(f"accuracy per round: {plot_accuracy(results.summary, results.out_dir / 'accuracy.png')}")
@@ -245,6 +265,7 @@ def add_simulate_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
         default=1.0,
         help="CPU cores per simulated client; cores / this = clients trained at once (default 1)",
     )
+    _placement(sim)
     sim.set_defaults(func=_simulate)
     res = sub.add_parser(
         "resume",
@@ -253,4 +274,5 @@ def add_simulate_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     res.add_argument("run_dir", help="the run directory of the interrupted run")
     res.add_argument("--rounds", type=int, help="new total number of rounds (default: the run's own)")
     res.add_argument("--cpus-per-client", type=float, default=1.0, help="as for simulate (default 1)")
+    _placement(res)
     res.set_defaults(func=_resume)

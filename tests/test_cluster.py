@@ -1,0 +1,61 @@
+"""A simulation on an existing two-node Ray cluster, started here on this machine."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from helpers import TINY_FEDERATION
+
+import fedlora
+from fedlora.core.errors import ConfigError
+from fedlora.launch import check_gpus
+
+
+@pytest.mark.federation
+def test_a_simulation_runs_on_a_two_node_ray_cluster(tmp_path):
+    cluster_utils = pytest.importorskip("ray.cluster_utils")
+    # Two Ray nodes of one CPU each: Flower's pool can hold two one-CPU clients only by using both.
+    cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    try:
+        cluster.wait_for_nodes()
+        result = fedlora.run(**TINY_FEDERATION, rounds=2, out=tmp_path / "run", ray_address=cluster.address)
+    finally:
+        cluster.shutdown()
+    assert [r["round"] for r in result.summary["rounds"]] == [1, 2]
+    assert all(
+        math.isfinite(result.summary["final"][k]) for k in ("global_accuracy", "personalized_accuracy")
+    )
+    log = (tmp_path / "run" / "flwr.log").read_text()
+    assert "Constructed ActorPool with: 2 actors" in log, log[-3000:]
+
+
+def test_more_gpus_per_client_than_the_machine_has_is_one_line():
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(
+        ConfigError,
+        match=f"gpus-per-client: {count + 1:g} GPUs per client asked for, and this machine has {count}",
+    ):
+        check_gpus(count + 1)
+    with pytest.raises(ConfigError, match=r"gpus-per-client: must be a number in \[0, 64\]"):
+        check_gpus(-0.5)
+    check_gpus(count + 1, cluster=True)  # a Ray cluster counts its own GPUs
+    check_gpus(0)
+
+
+def test_the_command_line_refuses_gpus_it_does_not_have_before_flower_starts(capsys, jsonl_dir):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from fedlora import cli
+
+    code = cli.main(
+        ["simulate", "--data", str(jsonl_dir), "--gpus-per-client", "0.5", "--run-config", "model=tiny-bert"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    expected = "gpus-per-client: 0.5 GPUs per client asked for, and this machine has 0 CUDA GPU(s); use at most 0"
+    assert code == 2 and err == [f"fedlora: error: {expected}"]
