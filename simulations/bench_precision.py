@@ -1,0 +1,127 @@
+"""Benchmark: one client's peak memory, step time and held-out quality, float32 vs bfloat16 base.
+
+Each variant runs in a fresh interpreter that does what a client process does: resolve
+its configuration and load the model and its data through fedlora's client setup
+(`fedlora.client.setup.Client`), then train the shared adapter and evaluate it on the
+client's held-out split. Step time is measured after two warm-up steps (one-time costs
+of the first batches); peak resident set size (``ru_maxrss``) is read after loading and
+after training and evaluation. Usage:
+
+    python simulations/bench_precision.py [--steps 24] [--models smollm2,minilm]
+
+``smollm2`` runs client 0 of the Shakespeare preset (causal LM, held-out perplexity);
+``minilm`` client 0 of the default preset (bbc-news) (classification, held-out accuracy and loss).
+Variants: ``base-dtype=float32`` (the default), ``base-dtype=bfloat16`` (compute in the
+base's dtype, adapters float32), and ``bfloat16`` with ``precision=bf16`` autocast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+
+from fedlora.presets import PRESETS
+
+ONE_CLIENT = r"""
+import json, math, resource, sys, time
+import torch
+from flwr.app import Context, RecordDict
+from fedlora.client.setup import Client
+from fedlora.config import RunConfig
+from fedlora.lora.adapters import activate
+from fedlora.models import GLOBAL
+from fedlora.train import train_steps
+from fedlora.train.local import evaluate_adapter
+
+flat, clients, steps = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(1)
+cuda = flat.get("device", "cpu").startswith("cuda")
+cfg = RunConfig.from_flat(flat)
+node = {"partition-id": 0, "num-partitions": clients}
+context = Context(run_id=1, node_id=1, state=RecordDict(), run_config=cfg.to_flat(), node_config=node)
+client = Client(context)
+loaded_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+model, train = client.loaded.model, client.train
+activate(model, [GLOBAL], trainable=[GLOBAL])
+kwargs = dict(batch_size=cfg.train.batch_size, learning_rate=cfg.train.learning_rate,
+              precision=cfg.model.precision)
+train_steps(model, train, steps=2, seed=0, **kwargs)  # warm-up
+activate(model, [GLOBAL], trainable=[GLOBAL])
+if cuda:
+    torch.cuda.synchronize()
+result = train_steps(model, train, steps=steps, seed=1, **kwargs)
+if cuda:
+    torch.cuda.synchronize()
+from fedlora.lora.adapters import adapter_state
+ev = evaluate_adapter(client.loaded, client.test, adapter_state(model, GLOBAL))
+print(json.dumps({
+    "loaded_mb": loaded_mb, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "step_s": result.wall_s / steps, "train_loss": result.loss, "test_loss": ev.loss,
+    "test_accuracy": ev.accuracy, "test_examples": ev.num_examples,
+    "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+}))
+"""
+
+VARIANTS = {
+    "float32": {},
+    "bfloat16 base": {"base-dtype": "bfloat16"},
+    "bfloat16 base + bf16 autocast": {"base-dtype": "bfloat16", "precision": "bf16"},
+}
+# On a CUDA GPU also: a 4-bit NF4 base (QLoRA), computing in bfloat16.
+CUDA_VARIANTS = {
+    **VARIANTS,
+    "4-bit NF4 base + bf16": {"quantization": "4bit", "base-dtype": "bfloat16", "precision": "bf16"},
+}
+WORKLOADS = {"smollm2": "shakespeare", "minilm": "bbc-news"}
+
+
+def measure(flat: dict, clients: int, steps: int) -> dict:
+    """One variant in a fresh interpreter; its JSON line."""
+    proc = subprocess.run(
+        [sys.executable, "-c", ONE_CLIENT, json.dumps(flat), str(clients), str(steps)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table(name: str, steps: int, device: str = "cpu") -> dict[str, dict]:
+    """Measure every variant of one model on ``device``, print the table, return the rows."""
+    preset = PRESETS[WORKLOADS[name]]
+    flat = {**preset.config, "model": name, "device": device}
+    variants = CUDA_VARIANTS if device.startswith("cuda") else VARIANTS
+    rows = {label: measure({**flat, **extra}, preset.clients, steps) for label, extra in variants.items()}
+    causal = flat.get("task") == "causal-lm"
+    base = rows["float32"]
+    print(f"\n{name} (client 0 of preset {WORKLOADS[name]!r}, {steps} steps, {device}, 1 thread)")
+    quality = "test perplexity" if causal else "test accuracy"
+    header = f"{'variant':32} {'loaded MB':>10} {'peak MB':>9} {'x':>5} {'step s':>8} {'x':>5}"
+    print(f"{header} {quality:>16} {'x':>6}")
+    for label, row in rows.items():
+        value = math.exp(row["test_loss"]) if causal else row["test_accuracy"]
+        reference = math.exp(base["test_loss"]) if causal else base["test_accuracy"]
+        memory = f"{row['loaded_mb']:10.0f} {row['peak_mb']:9.0f} {row['peak_mb'] / base['peak_mb']:5.2f}"
+        speed = f"{row['step_s']:8.3f} {row['step_s'] / base['step_s']:5.2f}"
+        gpu = f"  GPU peak {row['gpu_peak_mb']:.0f} MB" if row.get("gpu_peak_mb") is not None else ""
+        print(f"{label:32} {memory} {speed} {value:16.3f} {value / reference:6.3f}{gpu}")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=24, help="measured training steps per variant")
+    parser.add_argument("--models", default="smollm2,minilm", help="comma-separated: smollm2, minilm")
+    parser.add_argument("--device", default="cpu", help="cpu (default), or cuda: also a 4-bit base")
+    args = parser.parse_args()
+    for name in args.models.split(","):
+        table(name, args.steps, args.device)
+
+
+if __name__ == "__main__":
+    main()
