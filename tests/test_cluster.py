@@ -58,7 +58,6 @@ def test_the_command_line_refuses_gpus_it_does_not_have_before_flower_starts(cap
     )
     err = capsys.readouterr().err.strip().splitlines()
     expected = (
-        "gpus-per-client: 0.5 GPUs per client asked for, and this machine has 0 CUDA GPU(s); "
-        "use at most 0"
+        "gpus-per-client: 0.5 GPUs per client asked for, and this machine has 0 CUDA GPU(s); use at most 0"
     )
     assert code == 2 and err == [f"fedlora: error: {expected}"]

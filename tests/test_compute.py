@@ -15,7 +15,7 @@ from fedlora.launch import preflight
 from fedlora.lora.adapters import activate, adapter_state
 from fedlora.models import GLOBAL, build_model
 from fedlora.models.device import check_compute, resolve_device
-from fedlora.train import Schedule, Tokenized, backward_batch, evaluate, tokenize, train_steps
+from fedlora.train import Schedule, Tokenized, backward_batch, batch_loss, evaluate, tokenize, train_steps
 
 TEXTS = [
     f"sentence number {i} about {'music' if i % 2 else 'sport'} and more words" * (1 + i % 3)
@@ -209,3 +209,38 @@ def test_a_node_s_own_device_wins_over_the_run_s(tmp_path):
     with pytest.raises(ConfigError, match="device: must be auto, cpu"):
         node_config(tmp_path, device="tpu")
     assert dataclasses.replace(RunConfig().model, device="cpu").device == "cpu"
+
+
+def test_the_chunked_next_token_loss_is_transformers_own():
+    loaded = _model(model="tiny-llama", task="causal-lm")
+    data = _data(loaded, "causal-lm")
+    batch = data.batch(range(len(data)))
+    assert int(batch["attention_mask"][:, 1:].sum()) > 128  # two chunks, and padding
+    activate(loaded.model, [GLOBAL], trainable=[GLOBAL])
+    loaded.model.eval()
+    results = []
+    for ours in (True, False):
+        loaded.model.zero_grad(set_to_none=True)
+        if ours:
+            loss = batch_loss(loaded.model, batch)
+        else:
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            loss = loaded.model(**batch, labels=labels).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in loaded.model.named_parameters() if p.grad is not None}
+        results.append((float(loss), grads))
+    (mine, my_grads), (theirs, their_grads) = results
+    assert abs(mine - theirs) < 1e-6 and my_grads.keys() == their_grads.keys() and my_grads
+    assert max(float((my_grads[k] - their_grads[k]).abs().max()) for k in my_grads) < 1e-6
+
+
+def test_evaluating_a_causal_lm_a_few_rows_of_logits_at_a_time_changes_nothing(monkeypatch):
+    import fedlora.train.loops as loops
+
+    loaded = _model(model="tiny-llama", task="causal-lm")
+    data = _data(loaded, "causal-lm")
+    chunked = evaluate(loaded.model, data)
+    monkeypatch.setattr(loops, "_PLAIN_LM_HEADS", frozenset())  # the model's own logits, whole
+    whole = evaluate(loaded.model, data)
+    assert abs(chunked.loss - whole.loss) < 1e-6 and chunked.accuracy == whole.accuracy
+    assert max(abs(a - b) for a, b in zip(chunked.example_losses, whole.example_losses, strict=True)) < 1e-5

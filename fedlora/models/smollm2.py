@@ -11,7 +11,7 @@ from pathlib import Path
 from fedlora.core.errors import ModelError
 from fedlora.models.cache import build_once, cache_dir
 
-__all__ = ["GGUF_FILE", "convert_gguf", "gguf_path", "smollm2_path"]
+__all__ = ["GGUF_FILE", "cast_copy", "convert_gguf", "gguf_path", "smollm2_path"]
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +80,45 @@ def convert_gguf(source: Path, out: Path) -> None:
     log.info("converted %s in %.1f s", source.name, time.perf_counter() - start)
 
 
-def smollm2_path() -> str:
+def smollm2_path(dtype: str = "float32") -> str:
     """The folder of SmolLM2-135M-Instruct as safetensors, converted from the GGUF on first use.
 
     The copy lives in ``$FEDLORA_CACHE`` (default ``~/.cache/fedlora``) under the package's
     version, so that an updated package is converted again. It is written atomically:
-    concurrent processes wait for one conversion and never see half a copy.
+    concurrent processes wait for one conversion and never see half a copy. ``dtype``
+    ``bfloat16`` or ``float16``: a second copy in that dtype, made once from the float32
+    one, so that a half-precision base loads without reading float32 weights.
     """
     source = gguf_path()
     version = importlib.metadata.version(_PACKAGE)
     target = cache_dir() / f"smollm2-135m-instruct-{version}"
-    return str(build_once(target, lambda tmp: convert_gguf(source, tmp)))
+    full = build_once(target, lambda tmp: convert_gguf(source, tmp))
+    if dtype == "float32":
+        return str(full)
+    half = cache_dir() / f"smollm2-135m-instruct-{version}-{dtype}"
+    return str(build_once(half, lambda tmp: cast_copy(Path(full), tmp, dtype)))
+
+
+def cast_copy(source: Path, out: Path, dtype: str) -> None:
+    """Copy a transformers folder into ``out`` with its floating-point weights cast to ``dtype``.
+
+    Tensor by tensor from the memory-mapped source: at most one float32 tensor in memory.
+    """
+    import shutil  # noqa: PLC0415 - only here
+
+    import torch  # noqa: PLC0415 - heavy: torch
+    from safetensors import safe_open  # noqa: PLC0415 - heavy: with torch
+    from safetensors.torch import save_file  # noqa: PLC0415 - heavy: with torch
+
+    target = getattr(torch, dtype)
+    for path in source.iterdir():
+        if path.suffix != ".safetensors":
+            shutil.copy2(path, out / path.name)
+            continue
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata()
+            tensors = {}
+            for name in fh.keys():
+                tensor = fh.get_tensor(name)
+                tensors[name] = tensor.to(target) if tensor.is_floating_point() else tensor
+        save_file(tensors, str(out / path.name), metadata=metadata)

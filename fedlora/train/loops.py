@@ -198,12 +198,50 @@ def backward_batch(
     return loss
 
 
+# Causal LMs whose logits are exactly ``lm_head(last hidden state)``: their next-token loss
+# is computed a few tokens at a time (see `_chunked_lm_loss`).
+_PLAIN_LM_HEADS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2"})
+_LM_TOKENS = 128  # predicted tokens whose logits exist at once in `_chunked_lm_loss`
+
+
 def batch_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean loss of one batch: cross-entropy for classification, next-token loss for causal LMs."""
     if "labels" in batch:
         return model(**batch).loss
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else None
+    if inner is not None and getattr(inner.config, "model_type", "") in _PLAIN_LM_HEADS:
+        return _chunked_lm_loss(inner, batch)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     return model(**batch, labels=labels).loss
+
+
+def _chunked_lm_loss(inner: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's own next-token loss, without ever holding the whole batch's logits.
+
+    The (tokens x vocabulary) logits are the largest tensors of a small LM's step (a 49k
+    vocabulary: 75 MB per 384 tokens in float32, more in the loss's copies and gradients).
+    Here the LM head runs on ``_LM_TOKENS`` predicted tokens at a time, recomputed in the
+    backward pass (activation checkpointing), and only those tokens (not padding) count:
+    the same mean as transformers' loss, in float32.
+    """
+    import torch  # noqa: PLC0415 - heavy: torch
+    from torch.utils.checkpoint import checkpoint  # noqa: PLC0415 - heavy: torch
+
+    hidden = inner.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+    head = inner.get_output_embeddings()
+    targets = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100).reshape(-1)
+    states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    kept = (targets != -100).nonzero().squeeze(1)
+    states, targets = states[kept], targets[kept]
+
+    def summed(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(head(h).float(), t, reduction="sum")
+
+    total = sum(
+        checkpoint(summed, states[lo : lo + _LM_TOKENS], targets[lo : lo + _LM_TOKENS], use_reentrant=False)
+        for lo in range(0, len(targets), _LM_TOKENS)
+    )
+    return total / max(len(targets), 1)
 
 
 def train_steps(
@@ -271,6 +309,8 @@ def evaluate(model: Any, data: Tokenized, *, batch_size: int = 32, precision: st
 
     model.eval()
     device = model_device(model)
+    inner: Any = model.get_base_model() if hasattr(model, "get_base_model") else None
+    plain_head = inner is not None and getattr(inner.config, "model_type", "") in _PLAIN_LM_HEADS
     loss_sum, correct, counted = 0.0, 0, 0
     per_example: list[float] = []
     with torch.no_grad():
@@ -279,7 +319,11 @@ def evaluate(model: Any, data: Tokenized, *, batch_size: int = 32, precision: st
                 k: v.to(device) for k, v in data.batch(range(lo, min(lo + batch_size, len(data)))).items()
             }
             with autocast(precision, device):
-                logits = model(**batch).logits
+                if plain_head and "labels" not in batch:
+                    # Causal LM: the last hidden states; the logits a few rows at a time below.
+                    hidden = inner.base_model(**batch)[0]
+                else:
+                    logits = model(**batch).logits
             if "labels" in batch:
                 logits = logits.float()  # (B, num_labels)
                 losses = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
@@ -289,9 +333,14 @@ def evaluate(model: Any, data: Tokenized, *, batch_size: int = 32, precision: st
                 counted += int(batch["labels"].numel())
                 continue
             # Causal LM: a few rows at a time, so that float32 logits (rows x L x vocabulary) stay small.
-            for row in range(0, logits.shape[0], _LM_ROWS):
+            for row in range(0, batch["input_ids"].shape[0], _LM_ROWS):
                 rows = slice(row, row + _LM_ROWS)
-                predicted = logits[rows, :-1].float()  # (b, L-1, V): predicts token t+1
+                if plain_head:
+                    with autocast(precision, device):
+                        # Contiguous: a strided bfloat16 input takes a path that copies the head to float32.
+                        predicted = inner.get_output_embeddings()(hidden[rows, :-1].contiguous()).float()
+                else:
+                    predicted = logits[rows, :-1].float()  # (b, L-1, V): predicts token t+1
                 target = batch["input_ids"][rows, 1:]
                 keep = batch["attention_mask"][rows, 1:]
                 token_losses = torch.nn.functional.cross_entropy(
