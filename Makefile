@@ -46,6 +46,8 @@ bench: $(BIN)/.installed
 	$(BIN)/python simulations/bench_dp.py
 	$(BIN)/python simulations/bench_profiles.py
 	$(BIN)/python simulations/bench_scale.py
+	$(BIN)/python simulations/bench_precision.py
+	$(BIN)/python simulations/bench_rounds.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
