@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -85,6 +86,9 @@ def toml_value(value: Scalar) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     return json.dumps(value)
+
+
+_RAY_ADDRESS = re.compile(r"auto|(ray://)?[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}")
 
 
 def _whole(value: float) -> float | int:
@@ -392,6 +396,10 @@ def simulate(
     out_dir = out_dir.expanduser().resolve()
     if not cpus_per_client > 0:
         raise ConfigError(f"cpus-per-client: must be a positive number, got {cpus_per_client!r}")
+    if ray_address and not _RAY_ADDRESS.fullmatch(ray_address):
+        raise ConfigError(
+            f"ray-address: must be auto or HOST:PORT of a Ray head (ray start --head), got {ray_address!r}"
+        )
     if session is not None and ray_address and ray_address != session.ray_address:
         raise ConfigError(
             f"ray-address: the session runs on {session.ray_address or 'its own Ray'}, got {ray_address!r}; "

@@ -32,7 +32,7 @@ def main(grid: Grid, context: Context) -> None:
 
         run_federation(grid, RunConfig.from_flat(context.run_config), context)
     except Exception as err:
-        # One line naming the real error (a full disk, a refused out-dir), after the traceback.
+        # One line naming the real error (a full disk, a refused out-dir); Flower prints the traceback.
         log.error(
             "%s %s", ERROR_LINE, err if isinstance(err, FedloraError) else f"{type(err).__name__}: {err}"
         )

@@ -71,6 +71,17 @@ def test_the_command_line_refuses_gpus_it_does_not_have_before_flower_starts(cap
     assert code == 2 and err == [f"fedlora: error: {expected}"]
 
 
+@pytest.mark.parametrize("address", ["head", "10.0.0.5", "10.0.0.5:port", "x:6379; rm -rf /"])
+def test_a_ray_address_that_is_not_one_is_one_line_before_anything_starts(tmp_path, address, jsonl_dir):
+    from fedlora.config import RunConfig
+    from fedlora.launch import simulate
+
+    cfg = RunConfig.from_flat({"model": "tiny-bert", "data-dir": str(jsonl_dir)})
+    with pytest.raises(ConfigError, match="ray-address: must be auto or HOST:PORT"):
+        simulate(cfg, num_clients=3, out_dir=tmp_path / "run", ray_address=address)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_session_on_a_ray_cluster_points_flower_s_ray_at_it(tmp_path):
     from fedlora.launch import FlowerSession
 

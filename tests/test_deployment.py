@@ -196,6 +196,17 @@ def test_supervise_forwards_sigterm_and_returns_the_childs_code(tmp_path):
 # ---------------------------------------------------------------------------
 
 
+def _start_server(processes, tmp_path: Path, port: int, deadline: float, *extra: str):
+    """`fedlora server` with the certificates in ``tmp_path/certs``, runs in ``tmp_path``; once it listens."""
+    server, server_log = processes.start(
+        "server",
+        *("server", "--certs", str(tmp_path / "certs"), "--host", "127.0.0.1", "--port", str(port)),
+        *("--runs-dir", str(tmp_path), *extra),
+    )
+    _wait_for(_line_or_exit(server, server_log, "Application startup complete"), deadline, "the SuperLink")
+    return server, server_log
+
+
 def _wait_for(condition: Callable[[], bool], deadline: float, what: str) -> None:
     while not condition():
         if time.monotonic() > deadline:
@@ -329,12 +340,9 @@ def test_fedlora_clients_with_registered_keys_complete_a_tls_federation(tmp_path
     deadline = time.monotonic() + 240
 
     # Execute: the SuperLink (TLS, node authentication, a database), then registrations.
-    server, server_log = processes.start(
-        "server",
-        *("server", "--certs", str(tmp_path / "certs"), "--host", "127.0.0.1", "--port", str(port)),
-        *("--database", str(tmp_path / "superlink.db"), "--runs-dir", str(tmp_path)),
+    server, server_log = _start_server(
+        processes, tmp_path, port, deadline, "--database", str(tmp_path / "superlink.db")
     )
-    _wait_for(_line_or_exit(server, server_log, "Application startup complete"), deadline, "the SuperLink")
     assert server.poll() is None, server_log.read_text()[-2000:]
     for i, key in enumerate(keys[:3]):
         # `fedlora register` keeps its Flower connection in ~/.fedlora/flwr-home.
@@ -463,12 +471,9 @@ def test_only_the_operator_controls_the_federation(tmp_path, processes):
     port = _free_port()
     superlink = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 240
-    server, server_log = processes.start(
-        "server",
-        *("server", "--certs", str(tmp_path / "certs"), "--host", "127.0.0.1", "--port", str(port)),
-        *("--database", str(tmp_path / "superlink.db"), "--runs-dir", str(tmp_path)),
+    server, server_log = _start_server(
+        processes, tmp_path, port, deadline, "--database", str(tmp_path / "superlink.db")
     )
-    _wait_for(_line_or_exit(server, server_log, "Application startup complete"), deadline, "the SuperLink")
     assert server.poll() is None, server_log.read_text()[-2000:]
     token = tmp_path / "certs" / "operator.token"
     assert stat.S_IMODE(token.stat().st_mode) == 0o600  # written by `fedlora server`
@@ -584,12 +589,7 @@ def test_a_device_runs_only_approved_apps_and_its_own_runtime_is_faster(tmp_path
     superlink = f"127.0.0.1:{port}"
     operator = ["--superlink", superlink, "--root-cert", str(certs.ca_cert)]
     deadline = time.monotonic() + 400
-    server, server_log = processes.start(
-        "server",
-        *("server", "--certs", str(tmp_path / "certs"), "--host", "127.0.0.1", "--port", str(port)),
-        *("--runs-dir", str(tmp_path)),
-    )
-    _wait_for(_line_or_exit(server, server_log, "Application startup complete"), deadline, "the SuperLink")
+    server, server_log = _start_server(processes, tmp_path, port, deadline)
     for i, key in enumerate(keys):
         code, output = processes.run(
             f"register{i}", "register", f"{key}.pub", *operator, timeout=60, home=tmp_path
