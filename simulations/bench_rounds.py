@@ -7,7 +7,7 @@ the run, so only the last round measures). Both train the same shared and person
 every round. A round's time is the difference of the server's wall clock at the end of
 consecutive rounds; round 1 (workers loading the model) is left out of "ordinary". Usage:
 
-    python simulations/bench_rounds.py [--clients 6] [--rounds 5] [--run-config "..."]
+    python simulations/bench_rounds.py [--clients 20] [--rounds 5] [--run-config "..."]
 
 Prints both runs' round times and the two ratios: an ordinary round with evaluation over
 one without, and the last round (evaluation and the membership-inference audit) over an
@@ -33,7 +33,7 @@ def round_seconds(summary: dict) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--clients", type=int, default=6)
+    parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--run-config", default="", help="more run-config overrides, as for fedlora simulate")
     args = parser.parse_args()
@@ -45,6 +45,8 @@ def main() -> None:
             result = fedlora.run(out=Path(tmp) / str(every), session=session, evaluate_every=every, **common)
             times[label] = round_seconds(result.summary)
             print(f"{label:14} round seconds: {', '.join(f'{t:.1f}' for t in times[label])}")
+            held_out = [r["held_out_examples"] for r in result.summary["rounds"]]
+            print(f"{label:14} held-out examples measured: {', '.join(map(str, held_out))}")
     ordinary = statistics.mean(times["evaluated"][1:-1])
     training = statistics.mean(times["training only"][1:-1])
     ratio = ordinary / training

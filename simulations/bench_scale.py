@@ -135,7 +135,13 @@ def one_run(flat: dict, total: int, sampled: int, out: Path) -> tuple[float, flo
     """(mean seconds of rounds 2+, peak MB, clients trained per round) with ``total`` clients."""
     fraction = sampled / total
     cfg = RunConfig.from_flat(
-        {**flat, "fraction-train": fraction, "fraction-evaluate": fraction, "local-only-baseline": False}
+        {
+            **flat,
+            "fraction-train": fraction,
+            "fraction-evaluate": fraction,
+            "local-only-baseline": False,
+            "audit-examples": 256,  # the last round includes the membership audit
+        }
     )
     tag = f"FEDLORA_BENCH_SCALE={uuid.uuid4().hex}"
     key, value = tag.split("=")

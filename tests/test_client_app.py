@@ -6,7 +6,9 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from helpers import as_server
 
+import fedlora.train.loops
 from fedlora.client_app import app
+from fedlora.config import RunConfig
 from fedlora.core import keys
 from fedlora.lora.adapters import from_record, to_record
 from fedlora.models import load_base
@@ -260,7 +262,7 @@ def _count_evaluations(monkeypatch) -> list[int]:
 
 
 def test_rounds_between_evaluations_train_but_measure_nothing(cfg, three_labels, monkeypatch):
-    cfg = cfg.replace(evaluate_every=2, num_server_rounds=3)
+    cfg = cfg.replace(evaluate_every=2, num_server_rounds=3, audit_examples=256)
     context, calls = _context(cfg), _count_evaluations(monkeypatch)
     first = _evaluate(cfg, context, 1, three_labels)
     assert keys.M_ACCURACY_GLOBAL not in first and keys.M_ACCURACY_PERSONALIZED not in first
@@ -274,7 +276,7 @@ def test_rounds_between_evaluations_train_but_measure_nothing(cfg, three_labels,
 
 
 def test_a_personalized_model_that_is_the_global_one_is_measured_once(cfg, three_labels, monkeypatch):
-    cfg = cfg.replace(personalization="none", num_server_rounds=1)
+    cfg = cfg.replace(personalization="none", num_server_rounds=1, audit_examples=256)
     context, calls = _context(cfg), _count_evaluations(monkeypatch)
     metrics = _evaluate(cfg, context, 1, three_labels)
     assert metrics[keys.M_ACCURACY_GLOBAL] == metrics[keys.M_ACCURACY_PERSONALIZED]
@@ -291,3 +293,36 @@ def test_the_audit_compares_a_bounded_sample_and_reports_its_size(cfg, three_lab
     assert sorted(calls)[:2] == [3, 3]  # the audit's two passes (global, personalized) over 3 examples
     off = _evaluate(cfg.replace(audit_examples=0), _context(cfg.replace(audit_examples=0)), 1, three_labels)
     assert keys.M_MIA_GLOBAL not in off and keys.M_ACCURACY_GLOBAL in off
+    assert RunConfig.from_flat({}).privacy.audit_examples == 0  # the audit is opt-in
+
+
+def _held_out_size(cfg, partition_id=0):
+    from fedlora.data import load_client_data
+
+    return len(load_client_data(cfg.data, cfg.model.task, partition_id, 3, cfg.federation.seed).test_texts)
+
+
+def test_rounds_before_the_last_measure_the_same_seeded_sample(cfg, three_labels, monkeypatch):
+    cfg = cfg.replace(num_server_rounds=3, eval_examples=2)
+    context, calls = _context(cfg), _count_evaluations(monkeypatch)
+    held_out = _held_out_size(cfg)
+    assert held_out > 2
+    first = _evaluate(cfg, context, 1, three_labels)
+    assert first[keys.M_NUM_EXAMPLES] == 2 and calls == [2, 2]  # global and personalized, on the sample
+    seen: list[list[int]] = []
+    real_subset = fedlora.train.loops.Tokenized.subset
+
+    def recorded(self, rows):
+        seen.append(list(rows))
+        return real_subset(self, rows)
+
+    monkeypatch.setattr(fedlora.train.loops.Tokenized, "subset", recorded)
+    _evaluate(cfg, context, 2, three_labels)
+    _evaluate(cfg, context, 1, three_labels)
+    assert len(seen) == 2 and seen[0] == seen[1]  # the same rows, round after round
+    calls.clear()
+    last = _evaluate(cfg, context, 3, three_labels)  # the last round measures the whole split
+    assert last[keys.M_NUM_EXAMPLES] == held_out and calls == [held_out, held_out]
+    everything = cfg.replace(eval_examples=0)
+    calls.clear()
+    assert _evaluate(everything, _context(everything), 1, three_labels)[keys.M_NUM_EXAMPLES] == held_out

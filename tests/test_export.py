@@ -72,7 +72,9 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[f
 
     root = tmp_path_factory.mktemp("export")
     flat = {k.replace("_", "-"): v for k, v in TINY_FEDERATION.items() if k != "clients"}
-    cfg = RunConfig.from_flat({**flat, "labels": LABELS, "client-state-dir": str(root / "clients")})
+    cfg = RunConfig.from_flat(
+        {**flat, "num-server-rounds": 2, "labels": LABELS, "client-state-dir": str(root / "clients")}
+    )
     contexts = [
         Context(
             run_id=1,

@@ -253,6 +253,7 @@ def test_client_level_dp_reports_server_epsilon_each_round_and_stops_at_its_budg
         client_dp_noise_multiplier=noise,
         client_dp_clipping_norm=0.05,
         client_dp_epsilon_budget=budget,
+        audit_examples=256,
     )
     rounds = result.rounds
     # Two releases fit the budget; the third round is not trained, and the run completes.
@@ -378,6 +379,7 @@ def test_dp_lowers_canary_exposure_and_membership_advantage_of_a_causal_lm(tmp_p
         learning_rate=0.01,
         local_only_baseline=False,
         canary_repeats=10,
+        audit_examples=256,
     )
     plain = run(out=tmp_path / "plain", **common).final
     private = run(out=tmp_path / "dp", dp_noise_multiplier=1.0, **common).final

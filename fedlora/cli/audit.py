@@ -68,6 +68,8 @@ def _audit(args: argparse.Namespace) -> int:
             f"{statistics.fmean(p):.3f} (max {max(p):.3f}), over {len(mia)} clients; chance level "
             f"{statistics.fmean(chance):.3f}"
         )
+    else:
+        console.print("membership inference: not run (opt-in: `audit-examples=256` in the run config)")
     canary = final.canary_exposure_personalized
     if canary is not None and not math.isnan(canary):
         console.print(

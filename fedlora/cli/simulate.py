@@ -128,10 +128,14 @@ def _table(summary: dict[str, Any], out_dir: Path) -> None:
             f"personalized {mia[1]:.3f} (chance level {final.mia_advantage_chance:.3f}; "
             f"{final.mia_examples:.0f} training + held-out examples per client)"
         )
-    evaluated = [r.round for r in record.rounds if r.evaluated]
+    evaluated = [r for r in record.rounds if r.evaluated]
     if len(evaluated) < len(record.rounds):
+        measured = ", ".join(str(r.round) for r in evaluated)
+        console.print(f"held-out accuracy measured in rounds {measured} (evaluate-every)")
+    if len(evaluated) > 1 and evaluated[0].held_out_examples < evaluated[-1].held_out_examples:
         console.print(
-            f"held-out accuracy measured in rounds {', '.join(map(str, evaluated))} (evaluate-every)"
+            f"held-out examples measured: {evaluated[0].held_out_examples} in each earlier round "
+            f"(a sample, eval-examples), {evaluated[-1].held_out_examples} in the last (all)"
         )
     console.print(f"wall time: {final.wall_s:.1f} s in the ServerApp")
 

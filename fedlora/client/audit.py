@@ -9,7 +9,7 @@ import dataclasses
 import math
 import random
 
-from fedlora.client.setup import Client
+from fedlora.client.setup import Client, sample_rows
 from fedlora.core import keys
 from fedlora.lora.adapters import AdapterState
 from fedlora.personalization import Local
@@ -19,11 +19,6 @@ from fedlora.train import EvalResult, Tokenized, tokenize
 from fedlora.train.local import evaluate_adapter
 
 __all__ = ["CANARY_ALTERNATIVES", "final_audit"]
-
-
-def _sample(rng: random.Random, n: int, at_most: int) -> list[int]:
-    """All of ``range(n)`` if it fits, else a sorted seeded sample of ``at_most`` of them."""
-    return list(range(n)) if n <= at_most else sorted(rng.sample(range(n), at_most))
 
 
 # Canary audit: how many other secrets the canary is ranked against.
@@ -57,8 +52,8 @@ def final_audit(
     audit: dict[str, float] = {}
     if privacy.audit_examples:
         rng = random.Random(seed * 7919 + client.partition_id)
-        train_rows = _sample(rng, len(client.train), privacy.audit_examples)
-        test_rows = _sample(rng, len(global_only.example_losses), privacy.audit_examples)
+        train_rows = sample_rows(rng, len(client.train), privacy.audit_examples)
+        test_rows = sample_rows(rng, len(global_only.example_losses), privacy.audit_examples)
         train_global, train_personal = losses(client.train.subset(train_rows))
         test_global = [global_only.example_losses[i] for i in test_rows]
         test_personal = [personalized.example_losses[i] for i in test_rows]

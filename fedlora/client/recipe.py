@@ -12,6 +12,7 @@ alone. Personal state stays in ``context.state`` (on the node's disk between mes
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from flwr.app import ConfigRecord, Context, Message
@@ -102,10 +103,14 @@ def evaluate(message: Message, context: Context) -> Message:
     measured: dict[str, float] = {}
     num_examples = len(client.test)
     if fed.evaluates(server_round):
-        global_only = evaluate_adapter(client.loaded, client.test, view.global_state)
+        # Rounds before the last measure a sample of the held-out split (eval-examples).
+        held_out = client.held_out(server_round)
+        global_only = evaluate_adapter(client.loaded, held_out, view.global_state)
         # A personalized model that is the global one is measured once.
         same = client.method.same_as_global(client.cfg.train)
-        personalized = global_only if same else client.method.evaluate(local, stored)
+        personalized = (
+            global_only if same else client.method.evaluate(dataclasses.replace(local, test=held_out), stored)
+        )
         final = server_round >= fed.num_server_rounds
         audit = final_audit(client, local, stored, global_only, personalized, same) if final else {}
         num_examples = global_only.num_examples

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,12 @@ from fedlora.train.dpsgd import DPSettings
 if TYPE_CHECKING:
     from fedlora.lora.adapters import AdapterState
 
-__all__ = ["Client"]
+__all__ = ["Client", "sample_rows"]
+
+
+def sample_rows(rng: random.Random, n: int, at_most: int) -> list[int]:
+    """All of ``range(n)`` if it fits, else a sorted seeded sample of ``at_most`` of them."""
+    return list(range(n)) if n <= at_most else sorted(rng.sample(range(n), at_most))
 
 
 @lru_cache(maxsize=1)
@@ -229,6 +235,18 @@ class Client:
     def weight(self) -> dict[str, int]:
         """Under client-level DP every client weighs the same in the server's means."""
         return {keys.M_UNIT_WEIGHT: 1} if self.cfg.privacy.client_level else {}
+
+    def held_out(self, server_round: int) -> Tokenized:
+        """What ``server_round`` measures: the held-out split, or its seeded sample (``eval-examples``).
+
+        The sample is the same every round, so that the rounds' figures compare; the last
+        round measures the whole split.
+        """
+        fed = self.cfg.federation
+        if not fed.samples_held_out(server_round) or len(self.test) <= fed.eval_examples:
+            return self.test
+        rng = random.Random(fed.seed * 7907 + self.partition_id)
+        return self.test.subset(sample_rows(rng, len(self.test), fed.eval_examples))
 
     def seed(self, server_round: int, salt: int = 0) -> int:
         """A seed for this client's work in ``server_round`` (``salt`` tells the kinds of work apart)."""

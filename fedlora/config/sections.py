@@ -327,6 +327,13 @@ class FederationConfig:
         "report no accuracy",
         resumable=True,
     )
+    eval_examples: int = setting(
+        32,
+        "rounds before the last measure a seeded sample of at most this many held-out examples per client "
+        "(the same sample every round); the last round measures every held-out example; 0: every round "
+        "measures them all",
+        resumable=True,
+    )
     round_timeout: float = setting(
         3600.0,
         "seconds the server waits for a round's replies; a client that has not answered by then is counted "
@@ -358,6 +365,10 @@ class FederationConfig:
         """Whether clients measure held-out accuracy in ``server_round`` (1-based)."""
         return server_round % self.evaluate_every == 0 or server_round >= self.num_server_rounds
 
+    def samples_held_out(self, server_round: int) -> bool:
+        """Whether ``server_round`` measures a sample of the held-out split (``eval-examples``)."""
+        return self.eval_examples > 0 and server_round < self.num_server_rounds
+
     def __post_init__(self) -> None:
         if not 0 < self.num_server_rounds <= MAX_ROUNDS:
             raise fail("num-server-rounds", f"an integer in [1, {MAX_ROUNDS}]", self.num_server_rounds)
@@ -387,6 +398,8 @@ class FederationConfig:
             raise fail("max-examples-per-client", "a positive integer", self.max_examples_per_client)
         if not self.max_update_norm > 0:
             raise fail("max-update-norm", "a positive number (inf: no bound)", self.max_update_norm)
+        if self.eval_examples < 0:
+            raise fail("eval-examples", "an integer >= 0 (0: every held-out example)", self.eval_examples)
         if not 1 <= self.evaluate_every <= MAX_ROUNDS:
             raise fail("evaluate-every", f"an integer in [1, {MAX_ROUNDS}]", self.evaluate_every)
         if not self.round_timeout > 0:
@@ -466,9 +479,10 @@ class PrivacyConfig:
     )
     canary_client: int = setting(0, "the partition id of the client that holds the canary")
     audit_examples: int = setting(
-        256,
-        "the final round's membership-inference audit compares the losses of at most this many training "
-        "and this many held-out examples per client (a seeded sample; the count is reported); 0: no audit",
+        0,
+        "opt-in: the final round's membership-inference audit compares the losses of at most this many "
+        "training and this many held-out examples per client (a seeded sample; the count is reported); "
+        "0: no audit",
     )
     audit_wire_log: str = setting(
         "",

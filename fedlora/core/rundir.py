@@ -136,6 +136,7 @@ class RoundRecord:
     mia_examples: float = math.nan
     wall_s: float = 0.0
     evaluated: bool = False  # whether clients measured held-out accuracy this round (evaluate-every)
+    held_out_examples: int = 0  # held-out examples measured this round, all clients (eval-examples)
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,7 @@ class RoundSummary:
     client_dp_epsilon: float = math.nan
     wall_s: float = math.nan
     evaluated: bool = False
+    held_out_examples: int = 0
 
     @classmethod
     def of(cls, record: RoundRecord) -> RoundSummary:

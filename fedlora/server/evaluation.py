@@ -64,6 +64,9 @@ def record_evaluation(
     record.epsilon_max = max(spent) if spent else math.nan
     glob = [c["global_accuracy"] for c in record.per_client.values()]
     record.evaluated = any(not math.isnan(a) for a in glob)
+    if record.evaluated:
+        counts = [c.get("num_test_examples", math.nan) for c in record.per_client.values()]
+        record.held_out_examples = int(sum(n for n in counts if not math.isnan(n)))
     pers = [c["personalized_accuracy"] for c in record.per_client.values()]
     # Personalization papers report the unweighted mean over clients: every user counts once.
     record.global_accuracy = sum(glob) / len(glob) if glob else math.nan
