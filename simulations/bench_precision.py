@@ -5,7 +5,9 @@ its configuration and load the model and its data through fedlora's client setup
 (`fedlora.client.setup.Client`), then train the shared adapter and evaluate it on the
 client's held-out split. Step time is measured after two warm-up steps (one-time costs
 of the first batches); peak resident set size (``ru_maxrss``) is read after loading and
-after training and evaluation. Usage:
+after training and evaluation. On the CPU the same client on a tiny random model of the
+same family gives the fixed cost of a client process (libraries and their code pages), and
+each variant's peak above it is printed too. Usage:
 
     python simulations/bench_precision.py [--steps 24] [--models smollm2,minilm]
 
@@ -84,6 +86,9 @@ CUDA_VARIANTS = {
     "4-bit NF4 base + bf16": {"quantization": "4bit", "base-dtype": "bfloat16", "precision": "bf16"},
 }
 WORKLOADS = {"smollm2": "shakespeare", "minilm": "bbc-news"}
+# The same client on a tiny random model of the same family: what every client process
+# costs whatever its model (torch, transformers, PEFT, Flower, their code pages).
+FIXED_COST_MODELS = {"smollm2": "tiny-llama", "minilm": "tiny-bert"}
 
 
 def measure(flat: dict, clients: int, steps: int) -> dict:
@@ -118,6 +123,12 @@ def table(name: str, steps: int, device: str = "cpu") -> dict[str, dict]:
         speed = f"{row['step_s']:8.3f} {row['step_s'] / base['step_s']:5.2f}"
         gpu = f"  GPU peak {row['gpu_peak_mb']:.0f} MB" if row.get("gpu_peak_mb") is not None else ""
         print(f"{label:32} {memory} {speed} {value:16.3f} {value / reference:6.3f}{gpu}")
+    if not device.startswith("cuda"):
+        fixed = measure({**flat, "model": FIXED_COST_MODELS[name]}, preset.clients, 2)["peak_mb"]
+        print(f"fixed cost (the same client on {FIXED_COST_MODELS[name]}): peak {fixed:.0f} MB; above it:")
+        for label, row in rows.items():
+            grown = (row["peak_mb"] - fixed) / (base["peak_mb"] - fixed)
+            print(f"  {label:30} {row['peak_mb'] - fixed:9.0f} MB  x{grown:.2f}")
     return rows
 
 
