@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedlora.config import RunConfig, Scalar, keys_where
+from fedlora.config import CAUSAL_TASKS, RunConfig, Scalar, keys_where
 from fedlora.core.errors import FedloraError
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ class Results:
         import pandas as pd  # noqa: PLC0415 - heavy: pandas
 
         clients = self.record.per_client
-        causal = self.config.get("task") == "causal-lm"
+        causal = self.config.get("task") in CAUSAL_TASKS
         rows = []
         for cid, client in sorted(clients.clients().items(), key=lambda item: _client_order(item[0])):
             row = {

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedlora.config import RunConfig
+from fedlora.config import CAUSAL_TASKS, RunConfig
 from fedlora.core import keys
 from fedlora.core.errors import FedloraError
 from fedlora.plan import load as load_plan
@@ -118,7 +118,7 @@ class Personalized:
 
     def generate(self, prompt: str, *, personalized: bool = True, max_new_tokens: int = 40) -> str:
         """A greedy continuation of ``prompt`` by the personalized (or the global) model."""
-        if self.cfg.model.task != "causal-lm":
+        if not self.cfg.model.causal:
             raise FedloraError(f"generate: client {self.partition_id} has a {self.cfg.model.task} model")
         if personalized:
             self.use_personalized()
@@ -287,7 +287,7 @@ def generate(model_dir: Path, prompt: str, *, max_new_tokens: int = 40, seed: in
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 - heavy: transformers
 
     info = _info(model_dir)
-    if info["task"] != "causal-lm":
+    if info["task"] not in CAUSAL_TASKS:
         raise FedloraError(f"{model_dir}: a {info['task']} model; use `fedlora predict`")
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))

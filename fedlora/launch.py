@@ -24,7 +24,7 @@ from fedlora.config import RunConfig, Scalar
 from fedlora.core.errors import ConfigError, DataError, FedloraError, RunInterrupted
 from fedlora.core.rundir import CHECKPOINT, ERROR_LINE, METRICS, SUMMARY
 from fedlora.data.federated import validate_data
-from fedlora.models import check_model
+from fedlora.models import check_model, model_source
 from fedlora.models.device import check_compute
 from fedlora.server.runs_root import RUNS_ROOT_ENV, held_run
 
@@ -167,6 +167,8 @@ def preflight(cfg: RunConfig, num_clients: int) -> RunConfig:
         raise ConfigError(f"clients: must be a positive integer, got {num_clients}")
     check_model(cfg.model)
     check_compute(cfg.model)
+    if cfg.model.task == "chat":
+        _check_chat(cfg)
     labels = validate_data(cfg.data, cfg.model.task, num_clients, cfg.federation.seed)
     if cfg.model.task == "classification" and len(labels) < 2:
         raise DataError(
@@ -174,6 +176,22 @@ def preflight(cfg: RunConfig, num_clients: int) -> RunConfig:
             f"({', '.join(labels) or 'none'}); use task=causal-lm for text without classes"
         )
     return cfg.replace(labels=",".join(labels)) if labels and not cfg.data.labels else cfg
+
+
+def _check_chat(cfg: RunConfig) -> None:
+    """Chat needs chat records and a template to render them with."""
+    from transformers import AutoTokenizer  # noqa: PLC0415 - heavy: transformers
+
+    from fedlora.train.chat import template_for  # noqa: PLC0415 - heavy: torch
+
+    if not cfg.data.data_dir:
+        raise ConfigError(
+            "task: chat reads conversations or prompt-completion records from data-dir; "
+            f"the bundled dataset {cfg.data.dataset!r} holds plain text"
+        )
+    template_for(
+        AutoTokenizer.from_pretrained(model_source(cfg.model.model)), cfg.model.chat_template, cfg.model.model
+    )
 
 
 def check_gpus(gpus_per_client: float, *, cluster: bool = False) -> None:

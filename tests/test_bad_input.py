@@ -287,3 +287,58 @@ def test_state_files_are_readable_by_their_owner_only(tmp_path):
     save_state(context, path)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+
+
+# --- chat data -------------------------------------------------------------------------
+
+
+def _chat_clients(root, bad=None):
+    talk = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    for i in range(2):
+        rows = [talk] * 4 + ([bad] if bad is not None and i == 1 else [])
+        write_client(root / f"c{i}", rows, [talk])
+    return str(root)
+
+
+@pytest.mark.parametrize(
+    ("extra", "bad", "message"),
+    [
+        (
+            "chat-template=auto",
+            None,
+            "chat-template: the tokenizer of model 'tiny-llama' has no chat template",
+        ),
+        (
+            "",
+            {"messages": [{"role": "user", "content": "hi"}]},
+            "train.jsonl:5: the conversation has no assistant",
+        ),
+        ("", {"messages": [{"role": "robot", "content": "hi"}]}, "train.jsonl:5: message 1 has role 'robot'"),
+        ("", {"text": "a", "messages": []}, "train.jsonl:5: a record holds both 'text' and 'messages'"),
+        ("model=tiny-bert", None, "model: task 'chat' needs a causal LM"),
+    ],
+)
+def test_bad_chat_input_stops_before_training_in_one_line(tmp_path, capsys, extra, bad, message):
+    data = _chat_clients(tmp_path / "data", bad)
+    config = f"task=chat model=tiny-llama chat-template=plain {extra}"
+    line = _one_line_error(
+        capsys,
+        "simulate",
+        "--clients",
+        "2",
+        "--data",
+        data,
+        "--out",
+        str(tmp_path / "never"),
+        "--run-config",
+        config,
+    )
+    assert message in line
+    assert not (tmp_path / "never").exists()
+
+
+def test_chat_without_a_data_folder_is_refused(tmp_path, capsys):
+    line = _one_line_error(
+        capsys, "simulate", "--out", str(tmp_path / "never"), "--run-config", "task=chat model=tiny-llama"
+    )
+    assert "task: chat reads conversations or prompt-completion records from data-dir" in line

@@ -62,7 +62,7 @@ def test_flat_round_trip_and_coercion():
         ({"client-ranks": "4,x"}, "client-ranks: must be comma-separated positive integers, got '4,x'"),
         ({"proximal-mu": -1}, "proximal-mu: must be a number >= 0, got -1.0"),
         ({"trim-fraction": 0.5}, "trim-fraction: must be a number in [0, 0.5), got 0.5"),
-        ({"task": "vision"}, "task: must be one of classification, causal-lm, got 'vision'"),
+        ({"task": "vision"}, "task: must be one of classification, causal-lm, chat, got 'vision'"),
         ({"test-fraction": 1.5}, "test-fraction: must be a number in (0, 1), got 1.5"),
         ({"learning-rate": "fast"}, "learning-rate: must be a number, got 'fast'"),
         ({"local-only-baseline": "maybe"}, "local-only-baseline: must be true or false, got 'maybe'"),

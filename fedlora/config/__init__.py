@@ -14,6 +14,7 @@ from typing import Any
 
 from fedlora.config.fields import FieldInfo, Scalar, coerce, key
 from fedlora.config.sections import (
+    CAUSAL_TASKS,
     CLIENT_DP_MODES,
     DP_ACCOUNTANTS,
     TASKS,
@@ -26,6 +27,7 @@ from fedlora.config.sections import (
 from fedlora.core.errors import ConfigError
 
 __all__ = [
+    "CAUSAL_TASKS",
     "CLIENT_DP_MODES",
     "DP_ACCOUNTANTS",
     "TASKS",

@@ -17,6 +17,7 @@ __all__ = [
     "PRECISIONS",
     "QUANTIZATIONS",
     "DP_ACCOUNTANTS",
+    "CAUSAL_TASKS",
     "TASKS",
     "DataConfig",
     "FederationConfig",
@@ -25,7 +26,9 @@ __all__ = [
     "TrainConfig",
 ]
 
-TASKS = ("classification", "causal-lm")
+TASKS = ("classification", "causal-lm", "chat")
+# Tasks trained with a next-token loss on a causal LM (`chat`: on the assistant's tokens only).
+CAUSAL_TASKS = ("causal-lm", "chat")
 # Client-level DP: where each client's whole update is clipped before the server adds noise.
 CLIENT_DP_MODES = ("off", "server-clipping", "client-clipping")
 # Compute placement and number formats (`fedlora.models.device`).
@@ -66,7 +69,14 @@ class ModelConfig:
     )
     task: str = setting(
         "classification",
-        "`classification` or `causal-lm` (next-token loss; accuracy is next-token accuracy)",
+        "`classification`, `causal-lm` (next-token loss; accuracy is next-token accuracy) or `chat` "
+        "(conversations or prompt-completion records: the next-token loss on the assistant's tokens only)",
+        identity=True,
+    )
+    chat_template: str = setting(
+        "auto",
+        "`chat`: `auto` (the tokenizer's own chat template), or `plain` (fedlora's plain template, "
+        "see [Chat and instruction data](#chat-and-instruction-data))",
         identity=True,
     )
     max_length: int = setting(32, "tokens per example (longer texts are truncated)")
@@ -116,6 +126,8 @@ class ModelConfig:
             raise fail("model", "a bundled model name, a local folder or a hub id", self.model)
         if self.task not in TASKS:
             raise fail("task", f"one of {', '.join(TASKS)}", self.task)
+        if self.chat_template not in ("auto", "plain"):
+            raise fail("chat-template", "auto or plain", self.chat_template)
         if not 4 <= self.max_length <= MAX_LENGTH:
             raise fail("max-length", f"an integer in [4, {MAX_LENGTH}]", self.max_length)
         if self.lora_rank <= 0:
@@ -136,6 +148,11 @@ class ModelConfig:
             raise fail("quantization", f"one of {', '.join(QUANTIZATIONS)}", self.quantization)
         if self.precision not in PRECISIONS:
             raise fail("precision", f"one of {', '.join(PRECISIONS)}", self.precision)
+
+    @property
+    def causal(self) -> bool:
+        """Whether the task trains a causal LM (`causal-lm`, `chat`)."""
+        return self.task in CAUSAL_TASKS
 
     def ranks(self) -> list[int]:
         """Every LoRA rank in use: ``client-ranks`` if given, else ``lora-rank``."""

@@ -8,6 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from fedlora.core.errors import DataError
+from fedlora.data.chat import conversation, encode, looks_like_chat
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,9 @@ def _label(value: object) -> str | None:
 def read_jsonl(path: Path, *, task: str) -> list[dict[str, str]]:
     """Read one JSONL split; each line ``{"text": str, "label": ...}`` (label only for classification).
 
+    Under ``task=chat`` each line is a chat record (`fedlora.data.chat`), returned as its
+    conversation's canonical JSON in ``"text"``.
+
     Records are separated by newlines only (a U+2028 or other Unicode line separator inside
     a string is text); a UTF-8 byte-order mark and Windows line ends are accepted; blank
     lines are skipped. A record whose text is empty or only white space is dropped, and how
@@ -110,6 +114,24 @@ def read_jsonl(path: Path, *, task: str) -> list[dict[str, str]]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{where}: not valid JSON ({err.msg})", where=public) from None
+        if isinstance(record, dict) and task == "chat":
+            try:
+                records.append({"text": encode(conversation(record, where))})
+            except DataError as err:
+                raise DataError(str(err), where=public) from None
+            continue
+        if isinstance(record, dict) and looks_like_chat(record):
+            if "text" in record:
+                raise DataError(
+                    f'{where}: a record holds both "text" and chat fields; a record is either '
+                    '{"text": ...} or chat ({"messages": ...} or {"prompt": ..., "completion": ...})',
+                    where=public,
+                )
+            raise DataError(
+                f"{where}: a chat record (messages, or prompt and completion), but task is {task!r}: "
+                "chat data needs task=chat and a causal LM",
+                where=public,
+            )
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise DataError(f'{where}: expected an object with a string "text" field', where=public)
         if not record["text"].strip():

@@ -107,6 +107,12 @@ def model_source(name: str, dtype: str = "float32") -> str:
     return str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
 
 
+# Encoder-only architectures: they classify, they do not generate.
+_ENCODERS = frozenset(
+    {"bert", "roberta", "distilbert", "xlm-roberta", "electra", "albert", "deberta", "deberta-v2", "mpnet"}
+)
+
+
 def check_model(cfg: ModelConfig) -> None:
     """Fail fast, before any training, if the model cannot be resolved.
 
@@ -117,6 +123,14 @@ def check_model(cfg: ModelConfig) -> None:
 
     """
     config = _base_config(cfg)
+    if cfg.causal:
+        architectures = getattr(config, "architectures", None) or []
+        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+        if config.model_type in _ENCODERS or (architectures and not causal):
+            raise ModelError(
+                f"model: task {cfg.task!r} needs a causal LM (a decoder that predicts the next token); "
+                f"{cfg.model!r} is a {architectures[0] if architectures else config.model_type} encoder"
+            )
     smallest = smallest_adapted_dim(config)
     for rank in cfg.ranks():
         if rank > smallest:

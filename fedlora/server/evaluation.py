@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from fedlora.config import CAUSAL_TASKS
 from fedlora.core import keys
 from fedlora.core.rundir import ClientRecord, RoundRecord
 from fedlora.server.recorder import perplexity, worst_fraction_mean
@@ -72,7 +73,7 @@ def record_evaluation(
     record.global_accuracy = sum(glob) / len(glob) if glob else math.nan
     record.personalized_accuracy = sum(pers) / len(pers) if pers else math.nan
     record.global_accuracy_worst10 = worst_fraction_mean(glob)
-    if task == "causal-lm":
+    if task in CAUSAL_TASKS:
         record.global_perplexity = perplexity([c["global_loss"] for c in record.per_client.values()])
         record.personalized_perplexity = perplexity(
             [c["personalized_loss"] for c in record.per_client.values()]

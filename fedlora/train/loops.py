@@ -34,11 +34,16 @@ _LM_ROWS = 4
 
 @dataclass(frozen=True)
 class Tokenized:
-    """A tokenized split: ``input_ids``/``attention_mask`` (N, L) and ``labels`` (N,) or None."""
+    """A tokenized split: ``input_ids``/``attention_mask`` (N, L) and ``labels`` (N,) or None.
+
+    ``loss_mask`` (N, L), for chat: 1 on the tokens the next-token loss counts (the
+    assistant's), 0 elsewhere; None: every real token counts.
+    """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor | None
+    loss_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -49,7 +54,8 @@ class Tokenized:
 
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         labels = self.labels[idx] if self.labels is not None else None
-        return Tokenized(self.input_ids[idx], self.attention_mask[idx], labels)
+        loss_mask = self.loss_mask[idx] if self.loss_mask is not None else None
+        return Tokenized(self.input_ids[idx], self.attention_mask[idx], labels, loss_mask)
 
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """Model inputs for the given rows, trimmed to their longest sequence."""
@@ -61,7 +67,23 @@ class Tokenized:
         out = {"input_ids": self.input_ids[idx, :width], "attention_mask": mask[:, :width]}
         if self.labels is not None:
             out["labels"] = self.labels[idx]
+        if self.loss_mask is not None:
+            out[LOSS_MASK] = self.loss_mask[idx, :width]
         return out
+
+
+# The batch key of a `Tokenized.loss_mask`; never passed to the model.
+LOSS_MASK = "loss_mask"
+
+
+def loss_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, L): which tokens of a causal-LM batch the loss counts (its loss mask, else every real token)."""
+    return batch.get(LOSS_MASK, batch["attention_mask"])
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model takes from a batch: everything but the loss mask."""
+    return {k: v for k, v in batch.items() if k != LOSS_MASK}
 
 
 @dataclass(frozen=True)
@@ -161,7 +183,7 @@ def micro_batches(
         yield batch, 1.0
         return
     classify = "labels" in batch
-    targets = batch["attention_mask"][:, 1:].sum(dim=1)  # tokens each row predicts
+    targets = loss_tokens(batch)[:, 1:].sum(dim=1)  # tokens each row predicts
     total = float(targets.sum()) if not classify else float(rows)
     for lo in range(0, rows, size):
         chunk = {k: v[lo : lo + size] for k, v in batch.items()}
@@ -211,8 +233,8 @@ def batch_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else None
     if inner is not None and getattr(inner.config, "model_type", "") in _PLAIN_LM_HEADS:
         return _chunked_lm_loss(inner, batch)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    return model(**batch, labels=labels).loss
+    labels = batch["input_ids"].masked_fill(loss_tokens(batch) == 0, -100)
+    return model(**model_inputs(batch), labels=labels).loss
 
 
 def _chunked_lm_loss(inner: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -229,7 +251,7 @@ def _chunked_lm_loss(inner: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor
 
     hidden = inner.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
     head = inner.get_output_embeddings()
-    targets = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100).reshape(-1)
+    targets = batch["input_ids"][:, 1:].masked_fill(loss_tokens(batch)[:, 1:] == 0, -100).reshape(-1)
     states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     kept = (targets != -100).nonzero().squeeze(1)
     states, targets = states[kept], targets[kept]
@@ -321,9 +343,9 @@ def evaluate(model: Any, data: Tokenized, *, batch_size: int = 32, precision: st
             with autocast(precision, device):
                 if plain_head and "labels" not in batch:
                     # Causal LM: the last hidden states; the logits a few rows at a time below.
-                    hidden = inner.base_model(**batch)[0]
+                    hidden = inner.base_model(**model_inputs(batch))[0]
                 else:
-                    logits = model(**batch).logits
+                    logits = model(**model_inputs(batch)).logits
             if "labels" in batch:
                 logits = logits.float()  # (B, num_labels)
                 losses = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
@@ -342,7 +364,7 @@ def evaluate(model: Any, data: Tokenized, *, batch_size: int = 32, precision: st
                 else:
                     predicted = logits[rows, :-1].float()  # (b, L-1, V): predicts token t+1
                 target = batch["input_ids"][rows, 1:]
-                keep = batch["attention_mask"][rows, 1:]
+                keep = loss_tokens(batch)[rows, 1:]
                 token_losses = torch.nn.functional.cross_entropy(
                     predicted.transpose(1, 2), target, reduction="none"
                 )  # (b, L-1)
