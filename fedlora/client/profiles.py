@@ -1,9 +1,11 @@
 """Device profiles: caps on a node's local work so that small devices can take part.
 
 A deployed node names its profile in its node config (``fedlora client --profile pi``).
-The profile caps the batch size and the sequence length, sets the torch threads, and
-caps the LoRA rank where the strategy takes mixed ranks (flora, flexlora, fedex-lora);
-under the other strategies every client must share the run's rank, which is kept.
+The profile caps the batch size and the sequence length, sets the torch threads, may
+load the frozen base in bfloat16 (half its memory, the same held-out quality on the
+bundled models; the LoRA adapters stay float32), and caps the LoRA rank where the
+strategy takes mixed ranks (flora, flexlora, fedex-lora); under the other strategies
+every client must share the run's rank, which is kept.
 """
 
 from __future__ import annotations
@@ -27,12 +29,21 @@ class DeviceProfile:
     max_batch_size: int
     max_length: int
     num_threads: int
+    base_dtype: str = ""  # empty: the run's
 
 
 PROFILES: dict[str, DeviceProfile] = {
     p.name: p
     for p in (
-        DeviceProfile("phone", "phone via Termux: rank <= 4, batch <= 4, 64 tokens, 1 thread", 4, 4, 64, 1),
+        DeviceProfile(
+            "phone",
+            "phone via Termux: rank <= 4, batch <= 4, 64 tokens, 1 thread, a bfloat16 base",
+            4,
+            4,
+            64,
+            1,
+            "bfloat16",
+        ),
         DeviceProfile("pi", "Raspberry Pi 4/5: rank <= 8, batch <= 8, 128 tokens, 4 threads", 8, 8, 128, 4),
         DeviceProfile("laptop", "laptop: the run's own settings, 2 threads", 64, 64, 512, 2),
     )
@@ -59,7 +70,14 @@ def apply_profile(cfg: RunConfig, rank: int, name: str, *, heterogeneous: bool) 
         batch_size=min(cfg.train.batch_size, profile.max_batch_size),
         num_threads=profile.num_threads,
     )
-    model = dataclasses.replace(cfg.model, max_length=min(cfg.model.max_length, profile.max_length))
+    model = dataclasses.replace(
+        cfg.model,
+        max_length=min(cfg.model.max_length, profile.max_length),
+        # A quantized base keeps its own compute dtype.
+        base_dtype=profile.base_dtype
+        if profile.base_dtype and cfg.model.quantization == "none"
+        else cfg.model.base_dtype,
+    )
     return (
         dataclasses.replace(cfg, train=train, model=model),
         min(rank, profile.max_rank) if heterogeneous else rank,

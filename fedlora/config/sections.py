@@ -85,8 +85,9 @@ class ModelConfig:
     lora_dropout: float = setting(0.0, "dropout on the LoRA input")
     lora_target_modules: tuple[str, ...] = setting(
         (),
-        "comma-separated module names to adapt; empty: per architecture (BERT classifiers: "
-        "`query,value,pooler.dense`; otherwise PEFT's default)",
+        "comma-separated module names to adapt, or `all-linear` (every linear layer but the output head); "
+        "empty: per architecture (BERT classifiers: `query,value,pooler.dense`; otherwise PEFT's default, "
+        "an error naming the model where PEFT has none)",
         identity=True,
     )
     client_ranks: tuple[str, ...] = setting(

@@ -36,6 +36,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+ALL_LINEAR = "all-linear"  # lora-target-modules: every linear layer of the blocks (PEFT's)
+
 # Adapter names inside the PEFT model. Only GLOBAL ever crosses the wire.
 GLOBAL = "global"
 PERSONAL = "personal"
@@ -131,6 +133,16 @@ def check_model(cfg: ModelConfig) -> None:
                 f"model: task {cfg.task!r} needs a causal LM (a decoder that predicts the next token); "
                 f"{cfg.model!r} is a {architectures[0] if architectures else config.model_type} encoder"
             )
+    if target_modules(cfg) is None:
+        from peft.utils.constants import (  # noqa: PLC0415 - heavy: peft
+            TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS,
+        )
+
+        if config.model_type not in PEFT_DEFAULTS or not PEFT_DEFAULTS[config.model_type]:
+            raise ModelError(
+                f"lora-target-modules: PEFT has no default LoRA targets for model {cfg.model!r} "
+                f"(architecture {config.model_type}); name them (e.g. q_proj,v_proj) or set all-linear"
+            )
     smallest = smallest_adapted_dim(config)
     for rank in cfg.ranks():
         if rank > smallest:
@@ -207,6 +219,12 @@ def target_modules(cfg: ModelConfig) -> list[str] | None:
     return _DEFAULT_TARGETS.get((_model_type(cfg), cfg.task))
 
 
+def _peft_targets(cfg: ModelConfig) -> list[str] | str | None:
+    # PEFT's own shorthand: every linear layer but the output head.
+    targets = target_modules(cfg)
+    return ALL_LINEAR if targets == [ALL_LINEAR] else targets
+
+
 def lora_config(cfg: ModelConfig) -> LoraConfig:
     """The LoRA config of both adapters (for classification each has its own head copy)."""
     from peft import LoraConfig, TaskType  # noqa: PLC0415 - heavy: peft
@@ -216,7 +234,7 @@ def lora_config(cfg: ModelConfig) -> LoraConfig:
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=target_modules(cfg),
+        target_modules=_peft_targets(cfg),
         task_type=task_type,
         # For SEQ_CLS, PEFT adds the classification head to modules_to_save on its own; for
         # causal LMs the output layer stays frozen.
