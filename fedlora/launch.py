@@ -23,6 +23,7 @@ from typing import Any
 from fedlora.config import RunConfig, Scalar
 from fedlora.core.errors import ConfigError, DataError, FedloraError, RunInterrupted
 from fedlora.core.rundir import CHECKPOINT, ERROR_LINE, METRICS, SUMMARY
+from fedlora.data import DATASETS
 from fedlora.data.federated import validate_data
 from fedlora.models import check_model, model_source
 from fedlora.models.device import check_compute
@@ -184,7 +185,7 @@ def _check_chat(cfg: RunConfig) -> None:
 
     from fedlora.train.chat import template_for  # noqa: PLC0415 - heavy: torch
 
-    if not cfg.data.data_dir:
+    if not cfg.data.data_dir and not DATASETS.get(cfg.data.dataset).chat:
         raise ConfigError(
             "task: chat reads conversations or prompt-completion records from data-dir; "
             f"the bundled dataset {cfg.data.dataset!r} holds plain text"

@@ -51,6 +51,25 @@ PRESETS: dict[str, Preset] = {
                 "num-server-rounds": 3,
             },
         ),
+        Preset(
+            "shakespeare-chat",
+            "Shakespeare as personal chat: one client per (play, role), each example a cue (another "
+            "character's line just before) and the role's reply; SmolLM2-135M-Instruct with its chat "
+            "template, the loss on the replies only; the role's later exchanges are its test split",
+            10,
+            {
+                "dataset": "shakespeare-chat",
+                "task": "chat",
+                "model": "smollm2",
+                "max-length": 64,
+                "test-fraction": 0.2,
+                "batch-size": 8,
+                "learning-rate": 0.002,
+                "local-steps": 4,
+                "personal-steps": 4,
+                "num-server-rounds": 3,
+            },
+        ),
     )
 }
 

@@ -177,8 +177,9 @@ class DataConfig:
 
     dataset: str = setting(
         "bbc-news",
-        "bundled corpus: `bbc-news` (BBC News, 5 topics, classification) or `shakespeare` (one client per "
-        "play and role, `task=causal-lm`; see [Presets](#presets))",
+        "bundled corpus: `bbc-news` (BBC News, 5 topics, classification), `shakespeare` (one client per "
+        "play and role, `task=causal-lm`) or `shakespeare-chat` (the same roles as chat: a cue and the "
+        "role's reply, `task=chat`); see [Presets](#presets)",
         identity=True,
     )
     data_dir: str = setting(

@@ -4,7 +4,7 @@ Every dataset module registers itself (`fedlora.data.registry.register`) when th
 package is imported.
 """
 
-from fedlora.data import shakespeare, sources
+from fedlora.data import shakespeare, shakespeare_chat, sources
 from fedlora.data.federated import load_client_data, resolve_labels
 from fedlora.data.jsonl import client_folders, read_jsonl
 from fedlora.data.partition import PARTITIONERS, partition
@@ -24,5 +24,6 @@ __all__ = [
     "read_jsonl",
     "resolve_labels",
     "shakespeare",
+    "shakespeare_chat",
     "sources",
 ]

@@ -68,6 +68,7 @@ class DataSource:
     name: str
     corpus: Callable[[], Corpus]
     clients: ClientLoader | None = None
+    chat: bool = False  # its examples are conversations (`task=chat`)
 
 
 DATASETS: Registry[DataSource] = Registry("dataset")
