@@ -229,3 +229,49 @@ def test_a_chat_federation_reports_response_perplexity(tmp_path):
     assert all(c["num_test_examples"] == 4 for c in clients.values())
     first, last = result.rounds[0], result.rounds[-1]
     assert last["personalized_perplexity"] < first["personalized_perplexity"]
+
+
+def test_shakespeare_chat_clients_answer_the_cue_before_them_split_in_time():
+    from fedlora.data import load_client_data
+    from fedlora.data.shakespeare import parse_play
+    from fedlora.data.shakespeare_chat import _play_files, chat_roles, exchanges
+
+    role = chat_roles(40)[0]
+    talks = exchanges(role.play, role.name)
+    spoken = parse_play(_play_files()[role.play].read_text(encoding="utf-8"))
+    # Each reply is the first line of one of the role's speeches, after another speaker's line (the cue).
+    answers = [
+        (spoken[i - 1][1], line)
+        for i, (speaker, line) in enumerate(spoken)
+        if i and speaker == role.name and spoken[i - 1][0] != role.name
+    ]
+    assert list(talks) == answers and len(talks) >= 2
+    cfg = RunConfig.from_flat({"dataset": "shakespeare-chat", "task": "chat", "test-fraction": 0.2})
+    data = load_client_data(cfg.data, "chat", 0, 3, 0)
+    held_out = [decode(t) for t in data.test_texts]
+    assert len(held_out) == round(len(talks) * 0.2)
+    assert [m[1]["content"] for m in held_out] == [reply for _, reply in talks[-len(held_out) :]]
+    assert all(m[0]["role"] == "user" and m[1]["role"] == "assistant" for m in held_out)
+    with pytest.raises(
+        DataError, match=r"^task: dataset 'shakespeare-chat' holds conversations and needs task=chat"
+    ):
+        load_client_data(cfg.data, "causal-lm", 0, 3, 0)
+
+
+@pytest.mark.federation
+def test_the_shakespeare_chat_preset_runs_on_a_tiny_model(tmp_path):
+    from fedlora.api import run
+
+    result = run(
+        preset="shakespeare-chat",
+        clients=3,
+        rounds=2,
+        out=tmp_path / "run",
+        model="tiny-llama",
+        chat_template="plain",
+        max_length=32,
+    )
+    final = result.final
+    for key in ("global_perplexity", "personalized_perplexity", "local_only_perplexity"):
+        assert math.isfinite(final[key]), key
+    assert len(result.per_client()) == 3
