@@ -34,7 +34,10 @@ def test_flat_round_trip_and_coercion():
         ({"lora-rank": -3}, "lora-rank: must be a positive integer, got -3"),
         ({"lora-rank": 2.5}, "lora-rank: must be an integer, got 2.5"),
         ({"partitioner": "zipf"}, "partitioner: must be one of dirichlet, iid, natural, got 'zipf'"),
-        ({"dataset": "imagenet"}, "dataset: must be one of bbc-news, shakespeare, shakespeare-chat, got 'imagenet'"),
+        (
+            {"dataset": "imagenet"},
+            "dataset: must be one of bbc-news, shakespeare, shakespeare-chat, got 'imagenet'",
+        ),
         (
             {"strategy": "fedwhat"},
             "strategy: must be one of fedadam, fedavg, fedavgm, fedex-lora, fedmedian, fedprox, fedsa-lora, "

@@ -18,7 +18,8 @@ def test_presets_are_valid_run_configs_and_a_wrong_name_lists_them():
     for preset in PRESETS.values():
         RunConfig.from_flat(preset.config)
         assert preset.clients > 0 and preset.summary
-    with pytest.raises(ConfigError, match="preset: must be one of bbc-news, shakespeare, shakespeare-chat, got 'leaf'"):
+    expected = "preset: must be one of bbc-news, shakespeare, shakespeare-chat, got 'leaf'"
+    with pytest.raises(ConfigError, match=expected):
         get_preset("leaf")
 
 
