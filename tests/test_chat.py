@@ -192,45 +192,6 @@ def test_chat_with_a_classification_model_is_refused(model):
         check_model(CHAT.replace(model=model).model)
 
 
-@pytest.mark.federation
-def test_a_chat_federation_reports_response_perplexity(tmp_path):
-    from fedlora.api import run
-
-    for i, (question, answer) in enumerate([("where", "room four"), ("when", "at ten"), ("who", "the band")]):
-        train = [
-            {
-                "messages": [
-                    {"role": "user", "content": f"{question} {n}"},
-                    {"role": "assistant", "content": answer},
-                ]
-            }
-            for n in range(12)
-        ]
-        test = [{"prompt": f"{question} x{n}", "completion": answer} for n in range(4)]
-        write_client(tmp_path / "clients" / f"client-{i}", train, test)
-    result = run(
-        clients=3,
-        rounds=2,
-        out=tmp_path / "run",
-        data=tmp_path / "clients",
-        model="tiny-llama",
-        task="chat",
-        chat_template="plain",
-        max_length=24,
-        local_steps=4,
-        personal_steps=4,
-        batch_size=4,
-        learning_rate=0.02,
-    )
-    final = result.final
-    assert math.isfinite(final["global_perplexity"]) and math.isfinite(final["local_only_perplexity"])
-    # Every client measured its 4 held-out answers.
-    clients = result.summary["per_client"]["final_round"]
-    assert all(c["num_test_examples"] == 4 for c in clients.values())
-    first, last = result.rounds[0], result.rounds[-1]
-    assert last["personalized_perplexity"] < first["personalized_perplexity"]
-
-
 def test_shakespeare_chat_clients_answer_the_cue_before_them_split_in_time():
     from fedlora.data import load_client_data
     from fedlora.data.shakespeare import parse_play
@@ -264,8 +225,8 @@ def test_the_shakespeare_chat_preset_runs_on_a_tiny_model(tmp_path):
 
     result = run(
         preset="shakespeare-chat",
-        clients=3,
-        rounds=2,
+        clients=2,
+        rounds=1,
         out=tmp_path / "run",
         model="tiny-llama",
         chat_template="plain",
@@ -274,4 +235,4 @@ def test_the_shakespeare_chat_preset_runs_on_a_tiny_model(tmp_path):
     final = result.final
     for key in ("global_perplexity", "personalized_perplexity", "local_only_perplexity"):
         assert math.isfinite(final[key]), key
-    assert len(result.per_client()) == 3
+    assert len(result.per_client()) == 2

@@ -40,4 +40,4 @@ def test_the_method_and_data_registries_refuse_a_second_registration():
     with pytest.raises(RegistryError, match="personalization: 'dual' is registered twice"):
         register_personalization(Dual)
     assert STRATEGIES.key == "strategy" and PERSONALIZATIONS.key == "personalization"
-    assert DATASETS.names() == ["bbc-news", "shakespeare"]
+    assert DATASETS.names() == ["bbc-news", "shakespeare", "shakespeare-chat"]
