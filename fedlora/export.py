@@ -37,6 +37,7 @@ from fedlora.personalization import get_personalization
 from fedlora.personalization.base import Local
 from fedlora.train import tokenize
 from fedlora.train.local import use_adapter
+from fedlora.train.loops import model_inputs
 
 __all__ = [
     "ExportResult",
@@ -249,7 +250,7 @@ def logits(model: Any, data: Any, batch_size: int = 32) -> Any:
         for lo in range(0, len(data), batch_size):
             batch = data.batch(range(lo, min(lo + batch_size, len(data))))
             batch.pop("labels", None)
-            logits = model(**batch).logits
+            logits = model(**model_inputs(batch)).logits
             outs.append(logits[batch["attention_mask"].bool()] if logits.dim() == 3 else logits)
     return torch.cat(outs)
 

@@ -16,7 +16,16 @@ from fedlora.config import DataConfig
 from fedlora.core.errors import DataError
 from fedlora.data.registry import ClientData, Corpus, DataSource, package_dir, register
 
-__all__ = ["MIN_LINES", "Role", "load_role_client", "parse_play", "role_corpus", "role_lines", "roles"]
+__all__ = [
+    "MIN_LINES",
+    "Role",
+    "load_role_client",
+    "parse_play",
+    "role_corpus",
+    "role_lines",
+    "roles",
+    "split_in_time",
+]
 
 # Smallest client by default: LEAF's Shakespeare keeps roles with enough lines to split in time.
 MIN_LINES = 40
@@ -189,9 +198,13 @@ def load_role_client(cfg: DataConfig, task: str, partition_id: int, num_partitio
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id: must be in [0, {num_partitions}), got {partition_id}")
     role = clients[partition_id]
-    lines = role_lines(role.play, role.name)
-    n_test = min(len(lines) - 1, max(1, round(len(lines) * cfg.test_fraction)))
-    train, test = lines[: len(lines) - n_test], lines[len(lines) - n_test :]
+    return split_in_time(partition_id, role_lines(role.play, role.name), cfg.test_fraction)
+
+
+def split_in_time(partition_id: int, examples: tuple[str, ...], test_fraction: float) -> ClientData:
+    """A text client whose last ``max(1, round(n * test_fraction))`` examples (at most n - 1) are held out."""
+    n_test = min(len(examples) - 1, max(1, round(len(examples) * test_fraction)))
+    train, test = examples[: len(examples) - n_test], examples[len(examples) - n_test :]
     return ClientData(partition_id, train, (0,) * len(train), test, (0,) * len(test), ())
 
 

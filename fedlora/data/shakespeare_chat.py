@@ -15,7 +15,7 @@ from fedlora.config import DataConfig
 from fedlora.core.errors import DataError
 from fedlora.data.chat import encode
 from fedlora.data.registry import ClientData, Corpus, DataSource, register
-from fedlora.data.shakespeare import Role, _play_files, parse_play, roles
+from fedlora.data.shakespeare import Role, _play_files, parse_play, roles, split_in_time
 
 __all__ = ["CUE_LINES", "REPLY_LINES", "chat_roles", "exchanges", "load_chat_client"]
 
@@ -76,9 +76,7 @@ def load_chat_client(cfg: DataConfig, task: str, partition_id: int, num_partitio
     talks = tuple(
         encode((("user", cue), ("assistant", reply))) for cue, reply in exchanges(role.play, role.name)
     )
-    n_test = min(len(talks) - 1, max(1, round(len(talks) * cfg.test_fraction)))
-    train, test = talks[: len(talks) - n_test], talks[len(talks) - n_test :]
-    return ClientData(partition_id, train, (0,) * len(train), test, (0,) * len(test), ())
+    return split_in_time(partition_id, talks, cfg.test_fraction)
 
 
 def chat_corpus(min_lines: int = 40) -> Corpus:
