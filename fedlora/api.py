@@ -18,18 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedlora import launch
 from fedlora.config import CAUSAL_TASKS, RunConfig, Scalar, keys_where
-from fedlora.core.errors import FedloraError
+from fedlora.core.errors import ConfigError, FedloraError
+from fedlora.core.rundir import CONFIG, SUMMARY, RunSummary, read_config
+from fedlora.data.jsonl import client_folders
+from fedlora.export import RESPONSE_CLIENTS, RESPONSES, write_responses
+from fedlora.presets import get_preset
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from fedlora.launch import FlowerSession
-from fedlora import launch
-from fedlora.core.errors import ConfigError
-from fedlora.core.rundir import CONFIG, SUMMARY, RunSummary, read_config
-from fedlora.data.jsonl import client_folders
-from fedlora.presets import get_preset
 
 __all__ = ["DEFAULT_CLIENTS", "Results", "Sweep", "load_results", "resume", "run", "sweep"]
 
@@ -120,6 +120,18 @@ class Results:
         frame.insert(0, "personalization", self.personalization)
         frame.insert(0, "strategy", self.strategy)
         return frame
+
+    def responses(self) -> list[dict[str, Any]]:
+        """``task=chat``: the global and personalized replies to held-out prompts (`write_responses`).
+
+        One dict per prompt: ``client``, ``prompt`` (the messages before the reply),
+        ``reference`` (the held-out reply), ``global`` and ``personalized``; empty if the
+        run wrote none (``responses-per-client=0``, or not a chat run).
+        """
+        path = self.out_dir / RESPONSES
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _client_order(cid: str) -> tuple[int, int | str]:
@@ -217,7 +229,21 @@ def run(
         session=session,
         overwrite=overwrite or reuse,
     )
-    return Results(summary, out_dir.expanduser().resolve())
+    return _with_responses(Results(summary, out_dir.expanduser().resolve()), on_event)
+
+
+def _with_responses(results: Results, on_event: Callable[[dict[str, Any]], None] | None) -> Results:
+    """``task=chat``: write the run's side-by-side replies (``responses-per-client``) next to its summary."""
+    cfg = RunConfig.from_flat(results.config)
+    per_client = cfg.federation.responses_per_client
+    state_dir = Path(cfg.federation.client_state_dir)
+    if cfg.model.task != "chat" or not per_client or not state_dir.is_dir():
+        return results
+    if on_event:
+        clients = min(RESPONSE_CLIENTS, len(results.record.per_client.final_round))
+        on_event({"event": "responses", "clients": clients, "per_client": per_client})
+    write_responses(state_dir, results.out_dir / RESPONSES, per_client)
+    return results
 
 
 def resume(
@@ -257,7 +283,7 @@ def resume(
         ray_address=ray_address,
         on_event=on_event,
     )
-    return Results(summary, path)
+    return _with_responses(Results(summary, path), on_event)
 
 
 def default_clients(cfg: RunConfig) -> int:

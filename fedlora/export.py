@@ -9,6 +9,7 @@ saves the result with ``save_pretrained``: it loads with ``AutoModelFor...`` alo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -16,42 +17,48 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedlora.client.state import read_state
 from fedlora.config import CAUSAL_TASKS, RunConfig
 from fedlora.core import keys
-from fedlora.core.errors import FedloraError
-from fedlora.plan import load as load_plan
-from fedlora.plan import resolved_personalization
-
-if TYPE_CHECKING:
-    from fedlora.models import LoadedModel
-    from fedlora.train import Tokenized
-import dataclasses
-
-from fedlora.client.state import read_state
-from fedlora.core.errors import DataError
+from fedlora.core.errors import DataError, FedloraError
+from fedlora.data.chat import decode
 from fedlora.data.federated import load_client_data
 from fedlora.lora.adapters import from_record
 from fedlora.lora.protocol import receive
 from fedlora.models import build_model
 from fedlora.personalization import get_personalization
 from fedlora.personalization.base import Local
-from fedlora.train import tokenize
+from fedlora.plan import load as load_plan
+from fedlora.plan import resolved_personalization
+from fedlora.train.chat import PLAIN_TEMPLATE, chat_prompt, template_for
 from fedlora.train.local import use_adapter
 from fedlora.train.loops import model_inputs
+from fedlora.train.splits import tokenize_split
+
+if TYPE_CHECKING:
+    from fedlora.data import ClientData
+    from fedlora.models import LoadedModel
+    from fedlora.train import Tokenized
 
 __all__ = [
     "ExportResult",
     "Personalized",
     "client_state_file",
+    "chat_reply",
     "continuation",
     "export_client",
     "generate",
     "load_personalized",
     "logits",
+    "model_task",
     "predict",
+    "write_responses",
 ]
 
 EXPORT_INFO = "fedlora_export.json"
+# `write_responses`: the file in the run directory, and the clients it covers at most.
+RESPONSES = "responses.jsonl"
+RESPONSE_CLIENTS = 16
 # Generation never repeats an n-gram of this length.
 NO_REPEAT_NGRAM = 3
 
@@ -117,31 +124,52 @@ class Personalized:
         if self._prepare is not None:
             self._prepare()
 
-    def generate(self, prompt: str, *, personalized: bool = True, max_new_tokens: int = 40) -> str:
-        """A greedy continuation of ``prompt`` by the personalized (or the global) model."""
+    def generate(
+        self,
+        prompt: str | Sequence[Mapping[str, str]],
+        *,
+        personalized: bool = True,
+        max_new_tokens: int = 40,
+        chat: bool | None = None,
+    ) -> str:
+        """The personalized (or the global) model's greedy answer to ``prompt``.
+
+        With ``chat`` (the default for a ``task=chat`` model), ``prompt`` is the user's turn,
+        or a whole conversation (``[{"role": ..., "content": ...}, ...]``), rendered by the
+        client's chat template with the generation prompt; the reply is returned without
+        it. Otherwise ``prompt`` is text and its continuation is returned.
+        """
         if not self.cfg.model.causal:
             raise FedloraError(f"generate: client {self.partition_id} has a {self.cfg.model.task} model")
         if personalized:
             self.use_personalized()
         else:
             self.use_global()
-        return continuation(self.loaded.model, self.loaded.tokenizer, prompt, max_new_tokens=max_new_tokens)
+        model, tokenizer = self.loaded.model, self.loaded.tokenizer
+        if chat if chat is not None else self.cfg.model.task == "chat":
+            template = template_for(tokenizer, self.cfg.model.chat_template, self.cfg.model.model)
+            return chat_reply(model, tokenizer, prompt, template, max_new_tokens=max_new_tokens)
+        if not isinstance(prompt, str):
+            raise FedloraError("generate: a conversation needs chat=True")
+        return continuation(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
 
-    def held_out(self) -> Tokenized | None:
-        """The client's tokenized held-out examples, or None where its data is not at hand."""
+    def data(self) -> ClientData | None:
+        """The client's examples (its folder, or its part of the bundled corpus), None if not at hand."""
         cfg = self.cfg
         try:
-            data = load_client_data(
+            return load_client_data(
                 cfg.data, cfg.model.task, self.partition_id, self.num_partitions, cfg.federation.seed
             )
         except DataError:
             return None
-        classify = cfg.model.task == "classification"
-        return tokenize(
-            self.loaded.tokenizer,
-            data.test_texts,
-            data.test_labels if classify else None,
-            cfg.model.max_length,
+
+    def held_out(self) -> Tokenized | None:
+        """The client's tokenized held-out examples, or None where its data is not at hand."""
+        data = self.data()
+        if data is None:
+            return None
+        return tokenize_split(
+            self.loaded.tokenizer, self.cfg.model, data.test_texts, data.test_labels, where="test"
         )
 
 
@@ -224,11 +252,15 @@ def export_client(state_file: Path, out_dir: Path, *, verify: bool = True) -> Ex
     out_dir = out_dir.expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out_dir))
+    if cfg.model.task == "chat" and cfg.model.chat_template == "plain":
+        # The template the client trained with travels in the tokenizer: transformers applies it alone.
+        loaded.tokenizer.chat_template = PLAIN_TEMPLATE
     loaded.tokenizer.save_pretrained(str(out_dir))
     info = {
         "task": cfg.model.task,
         "labels": list(labels),
         "max_length": cfg.model.max_length,
+        "chat_template": cfg.model.chat_template if cfg.model.task == "chat" else None,
         "strategy": cfg.federation.strategy,
         "personalization": resolved_personalization(cfg),
         "client": personalized.partition_id,
@@ -255,12 +287,67 @@ def logits(model: Any, data: Any, batch_size: int = 32) -> Any:
     return torch.cat(outs)
 
 
+def write_responses(state_dir: Path, out_file: Path, per_client: int, *, max_new_tokens: int = 40) -> int:
+    """The global and the personalized model's replies to each client's first held-out prompts.
+
+    For each of the first `RESPONSE_CLIENTS` clients with a state file under
+    ``state_dir`` (a simulation's ``client-state-dir``), the first ``per_client``
+    conversations of its held-out split: everything before the last assistant turn is the
+    prompt, that turn is the reference. One JSON line per prompt goes to ``out_file``
+    (``client``, ``prompt``, ``reference``, ``global``, ``personalized``), written whole
+    at the end; returns how many.
+
+    This reads the clients' own state and data, so it is for simulations, where both are
+    on this machine: in a deployment nothing but the adapter deltas leaves a device.
+    """
+    files = sorted(
+        state_dir.glob("federation-*/client-*.state"), key=lambda f: int(f.stem.removeprefix("client-"))
+    )[:RESPONSE_CLIENTS]
+    rows = []
+    for state_file in files:
+        personalized = load_personalized(state_file)
+        cfg = personalized.cfg
+        data = load_client_data(
+            cfg.data,
+            cfg.model.task,
+            personalized.partition_id,
+            personalized.num_partitions,
+            cfg.federation.seed,
+        )
+        for text in data.test_texts[:per_client]:
+            messages = decode(text)
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            prompt = messages[:last]
+            rows.append(
+                {
+                    "client": personalized.partition_id,
+                    "prompt": prompt,
+                    "reference": messages[last]["content"],
+                    **{
+                        model: personalized.generate(
+                            prompt, personalized=model == "personalized", max_new_tokens=max_new_tokens
+                        )
+                        for model in ("global", "personalized")
+                    },
+                }
+            )
+    tmp = out_file.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tmp.replace(out_file)
+    return len(rows)
+
+
 def _info(model_dir: Path) -> dict[str, Any]:
     path = model_dir.expanduser() / EXPORT_INFO
     if not path.is_file():
         raise FedloraError(f"{model_dir}: not a model written by `fedlora export` (no {EXPORT_INFO})")
     info: dict[str, Any] = json.loads(path.read_text())
     return info
+
+
+def model_task(model_dir: Path) -> str:
+    """The task an exported model was trained for (``classification``, ``causal-lm`` or ``chat``)."""
+    return str(_info(model_dir)["task"])
 
 
 def predict(model_dir: Path, texts: Sequence[str]) -> list[tuple[str, float]]:
@@ -282,8 +369,22 @@ def predict(model_dir: Path, texts: Sequence[str]) -> list[tuple[str, float]]:
     return [(model.config.id2label[i], float(probs[row, i])) for row, i in enumerate(best)]
 
 
-def generate(model_dir: Path, prompt: str, *, max_new_tokens: int = 40, seed: int = 0) -> str:
-    """A continuation of ``prompt`` from an exported causal LM (greedy, see `continuation`)."""
+def generate(
+    model_dir: Path, prompt: str, *, max_new_tokens: int = 40, seed: int = 0, chat: bool | None = None
+) -> str:
+    """An exported causal LM's greedy answer to ``prompt``, with transformers alone.
+
+    With ``chat`` (the default for a ``task=chat`` model) the prompt is the user's turn,
+    rendered by the chat template saved with the model's tokenizer, and the reply is
+    returned (`chat_reply`); otherwise the continuation of the text (`continuation`).
+
+    Raises
+    ------
+    FedloraError
+        If the folder is not an exported causal LM, or ``chat`` is asked of a tokenizer
+        without a chat template.
+
+    """
     import torch  # noqa: PLC0415 - heavy: torch
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 - heavy: transformers
 
@@ -293,19 +394,47 @@ def generate(model_dir: Path, prompt: str, *, max_new_tokens: int = 40, seed: in
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    if chat if chat is not None else info["task"] == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise FedloraError(f"{model_dir}: the tokenizer has no chat template; generate without --chat")
+        return chat_reply(model, tokenizer, prompt, None, max_new_tokens=max_new_tokens)
     return continuation(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
 
 
-def continuation(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 40) -> str:
+def chat_reply(
+    model: Any,
+    tokenizer: Any,
+    prompt: str | Sequence[Mapping[str, str]],
+    template: str | None,
+    *,
+    max_new_tokens: int = 40,
+) -> str:
+    """The assistant's greedy reply to a user turn (or to a conversation), by a causal LM.
+
+    The conversation is rendered by ``template`` (None: the tokenizer's own) with the
+    generation prompt, exactly as training rendered what came before each answer, and
+    generation stops at the end-of-sequence token.
+    """
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+    text = chat_prompt(tokenizer, messages, template)
+    return continuation(model, tokenizer, text, max_new_tokens=max_new_tokens, special_tokens=False).strip()
+
+
+def continuation(
+    model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: int = 40, special_tokens: bool = True
+) -> str:
     """The greedy continuation of ``prompt`` (without the prompt) by a causal LM, PEFT or plain.
 
     Greedy decoding that never repeats a 3-gram (small models otherwise loop on one
-    phrase): deterministic, so a model always gives the same continuation.
+    phrase): deterministic, so a model always gives the same continuation. Without
+    ``special_tokens`` the tokenizer adds none (a rendered chat prompt has its own).
     """
     import torch  # noqa: PLC0415 - heavy: torch
 
     model.eval()
-    enc = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False)
+    enc = tokenizer(
+        prompt, return_tensors="pt", return_token_type_ids=False, add_special_tokens=special_tokens
+    )
     with torch.no_grad():
         out = model.generate(
             **enc,

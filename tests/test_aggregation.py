@@ -9,7 +9,7 @@ from flwr.app import Array, ArrayRecord, RecordDict
 from helpers import metrics, reply
 
 from fedlora.config import RunConfig
-from fedlora.server.recorder import RunRecorder, worst_fraction_mean
+from fedlora.server.recorder import RunRecorder, worst_fraction_mean, worst_perplexity
 from fedlora.server.recording import Recorded
 from fedlora.strategies import build_strategy
 
@@ -82,6 +82,14 @@ def test_worst_fraction_mean():
     assert worst_fraction_mean([0.3] * 25) == pytest.approx(0.3)
     assert worst_fraction_mean([float(i) for i in range(25)]) == pytest.approx(1.0)  # ceil(2.5)=3: 0,1,2
     assert math.isnan(worst_fraction_mean([]))
+
+
+def test_worst_perplexity_is_the_mean_of_the_highest():
+    losses = [math.log(p) for p in (10.0, 40.0, 20.0, 30.0)]
+    assert worst_perplexity(losses, 0.5) == pytest.approx(35.0)  # 40 and 30
+    assert worst_perplexity(losses) == pytest.approx(40.0)  # ceil(0.4) = 1 client
+    assert worst_perplexity([*losses, math.nan]) == pytest.approx(40.0)
+    assert math.isnan(worst_perplexity([]))
 
 
 def test_summary_has_the_documented_fields(recorded, tmp_path):

@@ -141,8 +141,8 @@ def test_predict_command_reads_texts_and_a_file(finished_run, tmp_path, capsys):
         client_state_file(root, 7)
 
 
-def test_a_devices_causal_lm_exports_and_generates(tmp_path, capsys):
-    # A deployed device: its own folder, its state on its disk, one round through the ClientApp.
+def _device_round(tmp_path, flat, train, test):
+    """One round of a deployed device through the ClientApp: its own folder, its state on its disk."""
     from conftest import write_client
     from flwr.app import ConfigRecord, Context, Message, RecordDict
     from helpers import as_server
@@ -153,14 +153,8 @@ def test_a_devices_causal_lm_exports_and_generates(tmp_path, capsys):
     from fedlora.lora.adapters import to_record
     from fedlora.models import build_model
 
-    write_client(
-        tmp_path / "device",
-        [{"text": f"the song band guitar {n} is good"} for n in range(16)],
-        [{"text": f"the song band guitar x{n} is good"} for n in range(4)],
-    )
-    cfg = RunConfig.from_flat(
-        {"model": "tiny-llama", "task": "causal-lm", "max-length": 16, "local-steps": 2, "personal-steps": 2}
-    )
+    write_client(tmp_path / "device", train, test)
+    cfg = RunConfig.from_flat({"max-length": 16, "local-steps": 2, "personal-steps": 2, **flat})
     node = {"data-dir": str(tmp_path / "device"), "state-dir": str(tmp_path / "state")}
     context = Context(run_id=1, node_id=7, state=RecordDict(), run_config=cfg.to_flat(), node_config=node)
     arrays = to_record(build_model(cfg.model, 0, seed=0).initial_global)
@@ -171,8 +165,16 @@ def test_a_devices_causal_lm_exports_and_generates(tmp_path, capsys):
         assert not reply.has_error(), reply.error
         # A device is named by its node id on the server, not by a partition id of its own folder.
         assert keys.M_PARTITION_ID not in reply.content.metric_records[keys.METRICS]
+    return client_state_file(tmp_path / "state")
 
-    state_file = client_state_file(tmp_path / "state")
+
+def test_a_devices_causal_lm_exports_and_generates(tmp_path, capsys):
+    state_file = _device_round(
+        tmp_path,
+        {"model": "tiny-llama", "task": "causal-lm"},
+        [{"text": f"the song band guitar {n} is good"} for n in range(16)],
+        [{"text": f"the song band guitar x{n} is good"} for n in range(4)],
+    )
     # In fedlora: the personalized model, the global one it was evaluated against, and back.
     personalized = load_personalized(state_file)
     held_out = personalized.held_out()
@@ -189,3 +191,41 @@ def test_a_devices_causal_lm_exports_and_generates(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("the song")
     assert main(["predict", str(tmp_path / "lm"), "the song"]) == 2
     assert "fedlora generate" in capsys.readouterr().err
+
+
+def test_an_exported_chat_model_answers_with_its_template_as_inside_fedlora(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fedlora.train.chat import PLAIN_TEMPLATE
+
+    talk = [{"prompt": f"what is {n}", "completion": f"it is {n} and good"} for n in range(16)]
+    state_file = _device_round(
+        tmp_path,
+        {"model": "tiny-llama", "task": "chat", "chat-template": "plain", "max-length": 24},
+        talk,
+        talk[:4],
+    )
+    personalized = load_personalized(state_file)
+    assert len(personalized.held_out()) == 4  # conversations, rendered and masked as in training
+    reply = personalized.generate("what is 3", max_new_tokens=6)
+    assert reply and reply == personalized.generate(
+        [{"role": "user", "content": "what is 3"}], max_new_tokens=6
+    )
+    assert personalized.generate("what is 3", max_new_tokens=6, chat=False) != reply  # raw text, no template
+
+    result = export_client(state_file, tmp_path / "chat")
+    assert result.task == "chat" and result.max_logit_difference < 1e-4
+    # transformers alone: the tokenizer carries the plain template the client trained with.
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "chat"))
+    assert tokenizer.chat_template == PLAIN_TEMPLATE
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "what is 3"}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == "### User:\nwhat is 3\n\n### Assistant:\n"
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "chat"))
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, no_repeat_ngram_size=3)
+    assert tokenizer.decode(out[0][ids.shape[1] :], skip_special_tokens=True).strip() == reply
+    assert generate(tmp_path / "chat", "what is 3", max_new_tokens=6) == reply
+    assert main(["generate", str(tmp_path / "chat"), "what is 3", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == f"user: what is 3\nassistant: {reply}\n"

@@ -30,7 +30,7 @@ def test_shakespeare_preset_small_runs_roles_as_clients_and_reports_perplexity(t
         *("--preset", "shakespeare", "--clients", "3", "--rounds", "2", "--out", str(out)),
         *("--run-config", "model=tiny-llama max-length=16 local-steps=2 personal-steps=2 batch-size=4"),
     )
-    assert "held-out perplexity (mean over clients)" in proc.stdout
+    assert "held-out perplexity (lower is better)" in proc.stdout and "worst-10% clients" in proc.stdout
     config = json.loads((out / "config.json").read_text())
     assert (config["dataset"], config["task"], config["model"]) == ("shakespeare", "causal-lm", "tiny-llama")
     summary = json.loads((out / "summary.json").read_text())
@@ -38,4 +38,6 @@ def test_shakespeare_preset_small_runs_roles_as_clients_and_reports_perplexity(t
     final = summary["final"]
     for name in ("global_perplexity", "personalized_perplexity", "local_only_perplexity"):
         assert math.isfinite(final[name]) and final[name] > 1.0
+        # The worst 10% of 3 clients is the worst one: its perplexity is at least the mean.
+        assert final[f"{name}_worst10"] >= final[name]
     assert sorted(summary["per_client"]["final_round"]) == ["0", "1", "2"]

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from fedlora.core.errors import FedloraError
-from fedlora.export import client_state_file, export_client, generate, predict
+from fedlora.export import client_state_file, export_client, generate, model_task, predict
 
 __all__ = ["add_model_commands"]
 
@@ -46,8 +46,13 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    chat = True if args.chat else None  # a chat model answers as one by default
     for prompt in _texts(args):
-        print(prompt + generate(Path(args.model_dir), prompt, max_new_tokens=args.max_new_tokens))
+        out = generate(Path(args.model_dir), prompt, max_new_tokens=args.max_new_tokens, chat=chat)
+        if chat or model_task(Path(args.model_dir)) == "chat":
+            print(f"user: {prompt}\nassistant: {out}")
+        else:
+            print(prompt + out)
     return 0
 
 
@@ -73,7 +78,7 @@ def add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     export.set_defaults(func=_export)
     for name, helptext, func in (
         ("predict", "classify text with an exported model", _predict),
-        ("generate", "continue text with an exported causal LM", _generate),
+        ("generate", "continue text (or answer a chat prompt) with an exported causal LM", _generate),
     ):
         command = sub.add_parser(name, help=helptext)
         command.add_argument("model_dir", help="a folder written by `fedlora export`")
@@ -81,4 +86,10 @@ def add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         command.add_argument("--file", help="a file with one text per line")
         if name == "generate":
             command.add_argument("--max-new-tokens", type=int, default=40, help="tokens to add (default 40)")
+            command.add_argument(
+                "--chat",
+                action="store_true",
+                help="each prompt is a user turn, rendered by the model's chat template; the reply is "
+                "printed (the default for a model trained with task=chat)",
+            )
         command.set_defaults(func=func)

@@ -12,6 +12,7 @@ from fedlora import api
 from fedlora.config import RunConfig
 from fedlora.core.errors import FedloraError
 from fedlora.core.rundir import CONFIG, RunSummary, read_config
+from fedlora.export import RESPONSES
 from fedlora.launch import parse_overrides
 from fedlora.plots import plot_accuracy
 from fedlora.presets import PRESETS, get_preset
@@ -27,6 +28,10 @@ __all__ = ["add_simulate_commands"]
 
 def _pct(value: Any) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"
+
+
+def _ppl(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.1f}"
 
 
 def _bytes(n: float) -> str:
@@ -63,6 +68,12 @@ def _progress(num_rounds: int) -> tuple[Progress, Callable[[dict[str, Any]], Non
             progress.update(
                 task, description="local-only baseline", status=f"{event['steps']} steps per client"
             )
+        elif kind == "responses":
+            progress.update(
+                task,
+                description="side-by-side replies",
+                status=f"{event['clients']} clients x {event['per_client']} held-out prompts",
+            )
         elif kind == "client-error":
             progress.console.print(
                 f"[yellow]client error (round {event['round']}, node {event['node']}): "
@@ -93,14 +104,22 @@ def _table(summary: dict[str, Any], out_dir: Path) -> None:
     )
     console = Console()
     console.print(table)
-    ppl = [final.global_perplexity, final.personalized_perplexity, final.local_only_perplexity]
-    if ppl[1] is not None and not math.isnan(ppl[1]):
-        # Causal LMs: the accuracies above are next-token accuracies on the held-out lines.
-        shown = ["-" if v is None or math.isnan(v) else f"{v:.1f}" for v in ppl]
-        console.print(
-            f"held-out perplexity (mean over clients): global {shown[0]}, personalized {shown[1]}, "
-            f"local-only {shown[2]}"
-        )
+    if final.personalized_perplexity is not None and not math.isnan(final.personalized_perplexity):
+        # Causal LMs: the accuracies above are next-token (chat: response-token) accuracies.
+        ppl = Table(title="held-out perplexity (lower is better)")
+        for column in ("model", "mean over clients", "worst-10% clients"):
+            ppl.add_column(column, justify="left" if column == "model" else "right")
+        for name, model in (
+            ("global adapter only", "global"),
+            ("personalized (global + personal)", "personalized"),
+            ("local-only (no federation)", "local_only"),
+        ):
+            ppl.add_row(
+                name,
+                _ppl(getattr(final, f"{model}_perplexity")),
+                _ppl(getattr(final, f"{model}_perplexity_worst10")),
+            )
+        console.print(ppl)
     ratio = final.upload_reduction
     console.print(
         f"upload per client per round: {_bytes(final.bytes_up_per_client_round)} "
@@ -181,9 +200,15 @@ def _simulate(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             **overrides,
         )
+    _report(results)
+    return 0
+
+
+def _report(results: api.Results) -> None:
     _table(results.summary, results.out_dir)
     print(f"accuracy per round: {plot_accuracy(results.summary, results.out_dir / 'accuracy.png')}")
-    return 0
+    if (results.out_dir / RESPONSES).is_file():
+        print(f"global vs personalized replies to held-out prompts: {results.out_dir / RESPONSES}")
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -202,8 +227,7 @@ def _resume(args: argparse.Namespace) -> int:
             ray_address=args.ray_address or "",
             on_event=on_event,
         )
-    _table(results.summary, results.out_dir)
-    print(f"accuracy per round: {plot_accuracy(results.summary, results.out_dir / 'accuracy.png')}")
+    _report(results)
     return 0
 
 

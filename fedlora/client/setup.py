@@ -16,7 +16,6 @@ from fedlora.config import ModelConfig, PrivacyConfig, RunConfig
 from fedlora.core import keys
 from fedlora.core.errors import BudgetExhausted, ConfigError
 from fedlora.data import ClientData, load_client_data, resolve_labels
-from fedlora.data.chat import decode
 from fedlora.lora.adapters import from_record, to_record
 from fedlora.lora.maths import part_of
 from fedlora.lora.protocol import ClientView, receive
@@ -26,9 +25,9 @@ from fedlora.personalization import get_personalization
 from fedlora.privacy import PrivacyLedger, noise_multiplier
 from fedlora.privacy.canary import canary_text
 from fedlora.strategies.base import initial_record
-from fedlora.train import Tokenized, tokenize
-from fedlora.train.chat import template_for, tokenize_chat
+from fedlora.train import Tokenized
 from fedlora.train.dpsgd import DPSettings
+from fedlora.train.splits import tokenize_split
 
 if TYPE_CHECKING:
     from fedlora.lora.adapters import AdapterState
@@ -59,16 +58,13 @@ def _client_data(
         canaries = (canary_text(seed),) * privacy.canary_repeats
         data = dataclasses.replace(data, train_texts=data.train_texts + canaries)
     tok = cached_model(model_cfg, len(resolve_labels(cfg.data, task)), seed).tokenizer
-    if task == "chat":
-        template = template_for(tok, cfg.model.chat_template, cfg.model.model)
-        train, test = (
-            tokenize_chat(tok, [decode(t) for t in texts], cfg.model.max_length, template, where=split)
-            for split, texts in (("train", data.train_texts), ("test", data.test_texts))
+    train, test = (
+        tokenize_split(tok, model_cfg, texts, labels, where=split)
+        for split, texts, labels in (
+            ("train", data.train_texts, data.train_labels),
+            ("test", data.test_texts, data.test_labels),
         )
-        return data, train, test
-    classify = task == "classification"
-    train = tokenize(tok, data.train_texts, data.train_labels if classify else None, cfg.model.max_length)
-    test = tokenize(tok, data.test_texts, data.test_labels if classify else None, cfg.model.max_length)
+    )
     return data, train, test
 
 

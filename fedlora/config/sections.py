@@ -353,6 +353,13 @@ class FederationConfig:
         "measures them all",
         resumable=True,
     )
+    responses_per_client: int = setting(
+        3,
+        "`task=chat` under `fedlora simulate`: after the run, the global and the personalized model answer "
+        "this many of each client's held-out prompts (the first 16 clients), side by side in "
+        "`responses.jsonl`; 0: none",
+        resumable=True,
+    )
     round_timeout: float = setting(
         3600.0,
         "seconds the server waits for a round's replies; a client that has not answered by then is counted "
@@ -419,6 +426,8 @@ class FederationConfig:
             raise fail("max-update-norm", "a positive number (inf: no bound)", self.max_update_norm)
         if self.eval_examples < 0:
             raise fail("eval-examples", "an integer >= 0 (0: every held-out example)", self.eval_examples)
+        if not 0 <= self.responses_per_client <= 1000:
+            raise fail("responses-per-client", "an integer in [0, 1000] (0: none)", self.responses_per_client)
         if not 1 <= self.evaluate_every <= MAX_ROUNDS:
             raise fail("evaluate-every", f"an integer in [1, {MAX_ROUNDS}]", self.evaluate_every)
         if not self.round_timeout > 0:

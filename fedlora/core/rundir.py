@@ -124,6 +124,9 @@ class RoundRecord:
     # Causal LMs: mean over clients of each client's held-out perplexity (exp of its token loss).
     global_perplexity: float = math.nan
     personalized_perplexity: float = math.nan
+    # ... and of the worst 10% of clients (the highest perplexities).
+    global_perplexity_worst10: float = math.nan
+    personalized_perplexity_worst10: float = math.nan
     per_client: dict[str, dict[str, Any]] = field(default_factory=dict)  # ClientRecord.to_dict()
     epsilon_max: float = math.nan
     clients_rejected: int = 0
@@ -150,6 +153,8 @@ class RoundSummary:
     personalized_accuracy_worst10: float = math.nan
     global_perplexity: float = math.nan
     personalized_perplexity: float = math.nan
+    global_perplexity_worst10: float = math.nan
+    personalized_perplexity_worst10: float = math.nan
     train_loss: float = math.nan
     bytes_up: int = 0
     bytes_down: int = 0
@@ -186,6 +191,9 @@ class FinalSummary:
     global_perplexity: float = math.nan
     personalized_perplexity: float = math.nan
     local_only_perplexity: float = math.nan
+    global_perplexity_worst10: float = math.nan
+    personalized_perplexity_worst10: float = math.nan
+    local_only_perplexity_worst10: float = math.nan
     bytes_up_per_client_round: float = math.nan
     bytes_down_per_client_round: float = math.nan
     epsilon_max: float = math.nan

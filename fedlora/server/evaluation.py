@@ -9,7 +9,7 @@ from typing import Any
 from fedlora.config import CAUSAL_TASKS
 from fedlora.core import keys
 from fedlora.core.rundir import ClientRecord, RoundRecord
-from fedlora.server.recorder import perplexity, worst_fraction_mean
+from fedlora.server.recorder import perplexity, worst_fraction_mean, worst_perplexity
 from fedlora.server.replies import value
 
 __all__ = ["client_record", "record_evaluation"]
@@ -74,8 +74,8 @@ def record_evaluation(
     record.personalized_accuracy = sum(pers) / len(pers) if pers else math.nan
     record.global_accuracy_worst10 = worst_fraction_mean(glob)
     if task in CAUSAL_TASKS:
-        record.global_perplexity = perplexity([c["global_loss"] for c in record.per_client.values()])
-        record.personalized_perplexity = perplexity(
-            [c["personalized_loss"] for c in record.per_client.values()]
-        )
+        for model in ("global", "personalized"):
+            losses = [c[f"{model}_loss"] for c in record.per_client.values()]
+            setattr(record, f"{model}_perplexity", perplexity(losses))
+            setattr(record, f"{model}_perplexity_worst10", worst_perplexity(losses))
     record.personalized_accuracy_worst10 = worst_fraction_mean(pers)

@@ -22,7 +22,15 @@ from fedlora.core.rundir import (
     RunSummary,
 )
 
-__all__ = ["CHECKPOINT", "GLOBAL_ADAPTER", "RoundRecord", "RunRecorder", "perplexity", "worst_fraction_mean"]
+__all__ = [
+    "CHECKPOINT",
+    "GLOBAL_ADAPTER",
+    "RoundRecord",
+    "RunRecorder",
+    "perplexity",
+    "worst_fraction_mean",
+    "worst_perplexity",
+]
 
 
 def worst_fraction_mean(values: Sequence[float], fraction: float = 0.1) -> float:
@@ -42,6 +50,16 @@ def perplexity(losses: Sequence[float]) -> float:
     """Mean over clients of each client's perplexity, ``exp(mean token loss)``."""
     finite = [math.exp(v) for v in losses if not math.isnan(v)]
     return sum(finite) / len(finite) if finite else math.nan
+
+
+def worst_perplexity(losses: Sequence[float], fraction: float = 0.1) -> float:
+    """Mean perplexity of the worst ``ceil(fraction * n)`` clients (the highest; at least one).
+
+    >>> round(worst_perplexity([0.0, math.log(4.0), math.log(2.0)], 0.5), 6)
+    3.0
+    """
+    worst = [-v for v in (math.exp(v) for v in losses if not math.isnan(v))]
+    return -worst_fraction_mean(worst, fraction)
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -123,7 +141,10 @@ class RunRecorder:
             local_only_accuracy_worst10=worst_fraction_mean(local_only) if local_only else None,
             global_perplexity=last.global_perplexity,
             personalized_perplexity=last.personalized_perplexity,
+            global_perplexity_worst10=last.global_perplexity_worst10,
+            personalized_perplexity_worst10=last.personalized_perplexity_worst10,
             local_only_perplexity=perplexity(list(self.local_only_loss.values())),
+            local_only_perplexity_worst10=worst_perplexity(list(self.local_only_loss.values())),
             bytes_up_per_client_round=per_client,
             bytes_down_per_client_round=down_per_client,
             epsilon_max=last.epsilon_max,

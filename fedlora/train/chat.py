@@ -24,7 +24,7 @@ from fedlora.train.loops import Tokenized
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["PLAIN_TEMPLATE", "assistant_spans", "template_for", "tokenize_chat"]
+__all__ = ["PLAIN_TEMPLATE", "assistant_spans", "chat_prompt", "template_for", "tokenize_chat"]
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +96,17 @@ def assistant_spans(
     return full, spans
 
 
+def chat_prompt(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]], template: str | None
+) -> str:
+    """``messages`` rendered as the model sees them before it answers (with the generation prompt)."""
+    return _render(tokenizer, messages, template, prompt=True)
+
+
 def _prompt(tokenizer: Any, messages: Sequence[dict[str, str]], template: str | None) -> str:
     """What the model sees before it answers: ``messages`` rendered with the generation prompt."""
     try:
-        return _render(tokenizer, messages, template, prompt=True)
+        return chat_prompt(tokenizer, messages, template)
     except Exception:  # a template may refuse an empty conversation
         if messages:
             raise
