@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedlora import launch
-from fedlora.config import CAUSAL_TASKS, RunConfig, Scalar, keys_where
+from fedlora.config import CAUSAL_TASKS, HF_PREFIX, RunConfig, Scalar, keys_where
 from fedlora.core.errors import ConfigError, FedloraError
 from fedlora.core.rundir import CONFIG, SUMMARY, RunSummary, read_config
 from fedlora.data.jsonl import client_folders
@@ -313,6 +313,10 @@ def _config_of(flat: Mapping[str, Any], strategy: str, personalization: str) -> 
         cfg["num-server-rounds"] = flat["rounds"]
     if flat.get("data") is not None:
         cfg["data-dir"] = str(Path(flat["data"]).expanduser().resolve())
+    dataset = str(cfg.get("dataset", ""))
+    if dataset.startswith(HF_PREFIX) and Path(dataset[len(HF_PREFIX) :]).expanduser().exists():
+        # A local hf: dataset: clients run in other working directories.
+        cfg["dataset"] = HF_PREFIX + str(Path(dataset[len(HF_PREFIX) :]).expanduser().resolve())
     if cfg.get("audit-wire-log"):
         # Clients run in other working directories: give them an absolute path.
         cfg["audit-wire-log"] = str(Path(str(cfg["audit-wire-log"])).expanduser().resolve())

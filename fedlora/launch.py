@@ -185,9 +185,10 @@ def _check_chat(cfg: RunConfig) -> None:
 
     from fedlora.train.chat import template_for  # noqa: PLC0415 - heavy: torch
 
-    if not cfg.data.data_dir and not DATASETS.get(cfg.data.dataset).chat:
+    # data-dir and hf: datasets are checked record by record as they load.
+    if not cfg.data.data_dir and not cfg.data.hf_dataset and not DATASETS.get(cfg.data.dataset).chat:
         raise ConfigError(
-            "task: chat reads conversations or prompt-completion records from data-dir; "
+            "task: chat reads conversations or prompt-completion records from data-dir or an hf: dataset; "
             f"the bundled dataset {cfg.data.dataset!r} holds plain text"
         )
     template_for(

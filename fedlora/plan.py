@@ -57,8 +57,11 @@ def _choices(flag: str) -> str:
 
 def _check_names(cfg: RunConfig) -> None:
     data = cfg.data
-    if not data.data_dir and data.dataset not in DATASETS:
-        raise ConfigError(f"dataset: must be one of {', '.join(DATASETS.names())}, got {data.dataset!r}")
+    if not data.data_dir and not data.hf_dataset and data.dataset not in DATASETS:
+        raise ConfigError(
+            f"dataset: must be one of {', '.join(DATASETS.names())}, or hf:NAME (a Hugging Face dataset), "
+            f"got {data.dataset!r}"
+        )
     if data.partitioner not in PARTITIONERS:
         raise ConfigError(
             f"partitioner: must be one of {', '.join(sorted(PARTITIONERS))}, got {data.partitioner!r}"

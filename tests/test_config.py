@@ -36,7 +36,8 @@ def test_flat_round_trip_and_coercion():
         ({"partitioner": "zipf"}, "partitioner: must be one of dirichlet, iid, natural, got 'zipf'"),
         (
             {"dataset": "imagenet"},
-            "dataset: must be one of bbc-news, shakespeare, shakespeare-chat, got 'imagenet'",
+            "dataset: must be one of bbc-news, shakespeare, shakespeare-chat, or hf:NAME (a Hugging Face "
+            "dataset), got 'imagenet'",
         ),
         (
             {"strategy": "fedwhat"},

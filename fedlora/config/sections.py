@@ -7,7 +7,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from fedlora.config.fields import fail, setting
+from fedlora.config.fields import fail, key, setting
 from fedlora.core.errors import ConfigError
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "DP_ACCOUNTANTS",
     "CAUSAL_TASKS",
     "TASKS",
+    "HF_PREFIX",
     "DataConfig",
     "FederationConfig",
     "ModelConfig",
@@ -42,6 +43,8 @@ DP_ACCOUNTANTS = ("rdp", "prv")
 # checked against the model's own layer sizes (`fedlora.models.check_model`).
 MAX_RANK, MAX_LENGTH, MAX_BATCH, MAX_STEPS, MAX_ROUNDS = 1024, 32_768, 4096, 100_000, 100_000
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+# ``dataset=hf:NAME``: a Hugging Face dataset (a hub id or a local path), read by `fedlora.data.hf`.
+HF_PREFIX = "hf:"
 
 
 def _require_module(module: str, key: str, install: str) -> None:
@@ -170,16 +173,17 @@ class DataConfig:
     """Where client data comes from and how it is split across clients.
 
     ``data_dir`` (one subfolder per client with ``train.jsonl`` and ``test.jsonl``) takes
-    precedence over the bundled ``dataset``; the partitioner only applies to the latter.
-    Names (``dataset``, ``partitioner``) are checked against their registries by
-    `fedlora.plan`.
+    precedence over ``dataset``, a bundled corpus or ``hf:NAME`` (a Hugging Face dataset,
+    `fedlora.data.hf`); the partitioner only applies to the latter. Names (``dataset``,
+    ``partitioner``) are checked against their registries by `fedlora.plan`.
     """
 
     dataset: str = setting(
         "bbc-news",
         "bundled corpus: `bbc-news` (BBC News, 5 topics, classification), `shakespeare` (one client per "
         "play and role, `task=causal-lm`) or `shakespeare-chat` (the same roles as chat: a cue and the "
-        "role's reply, `task=chat`); see [Presets](#presets)",
+        "role's reply, `task=chat`), see [Presets](#presets); or `hf:NAME`, a Hugging Face dataset (a hub "
+        "id, or a local folder or data file), see [Hugging Face datasets](#hugging-face-datasets)",
         identity=True,
     )
     data_dir: str = setting(
@@ -189,14 +193,15 @@ class DataConfig:
     )
     partitioner: str = setting(
         "dirichlet",
-        "`iid`, `dirichlet` (label skew) or `natural` (one client per natural id of the corpus)",
+        "`iid`, `dirichlet` (label skew) or `natural` (one client per natural id of the corpus; `hf:` "
+        "datasets: per value of `partition-by`)",
         identity=True,
     )
     dirichlet_alpha: float = setting(0.3, "Dirichlet concentration: smaller is more skewed", identity=True)
     test_fraction: float = setting(
         0.5,
-        "share of each client's examples held out for its test split (bundled corpus; `shakespeare`: the "
-        "role's last lines)",
+        "share of each client's examples held out for its test split (bundled corpus, `hf:` datasets without "
+        "`hf-test-split`; `shakespeare`: the role's last lines)",
         identity=True,
     )
     labels: tuple[str, ...] = setting(
@@ -208,10 +213,81 @@ class DataConfig:
     min_lines: int = setting(
         40, "`shakespeare`: smallest role kept as a client (523 roles at 40 lines, 987 at 8)"
     )
+    hf_subset: str = setting(
+        "", "`hf:` datasets: the subset (configuration) to load; empty: the dataset's default", identity=True
+    )
+    hf_split: str = setting(
+        "train", "`hf:` datasets: the split that `partitioner` divides among the clients", identity=True
+    )
+    hf_test_split: str = setting(
+        "",
+        "`hf:` datasets: a split divided the same way for the clients' test data (`natural`: the same ids; "
+        "`iid`, `dirichlet`: the same kind of partitioner and seed); empty: each client holds out "
+        "`test-fraction` of its share of `hf-split`, at random",
+        identity=True,
+    )
+    partition_by: str = setting(
+        "",
+        "`hf:` datasets: the column `partitioner` reads: `natural`, the id column (a user, a speaker; one "
+        "client per value, in sorted order); `dirichlet`, the column whose values each client gets a skewed "
+        "share of (empty: `label-column` under classification); `iid` ignores it",
+        identity=True,
+    )
+    text_column: str = setting(
+        "text", "`hf:` datasets: the column of texts (`classification`, `causal-lm`)", identity=True
+    )
+    label_column: str = setting(
+        "label",
+        "`hf:` datasets: the column of labels (`classification`); the label set is a `ClassLabel`'s names, "
+        "else the sorted distinct values",
+        identity=True,
+    )
+    messages_column: str = setting(
+        "messages",
+        "`hf:` datasets, `task=chat`: the column of conversations (lists of `{role, content}`), read where "
+        "the dataset has it; else `prompt-column` and `completion-column`",
+        identity=True,
+    )
+    prompt_column: str = setting(
+        "prompt", "`hf:` datasets, `task=chat`: the column of prompts (the user turn)", identity=True
+    )
+    completion_column: str = setting(
+        "completion",
+        "`hf:` datasets, `task=chat`: the column of completions (the assistant turn)",
+        identity=True,
+    )
+
+    @property
+    def hf_dataset(self) -> str:
+        """NAME of ``dataset=hf:NAME``; empty for another dataset, or under ``data-dir`` (which wins)."""
+        if self.data_dir or not self.dataset.startswith(HF_PREFIX):
+            return ""
+        return self.dataset[len(HF_PREFIX) :]
 
     def __post_init__(self) -> None:
         if not self.data_dir and not self.dataset.strip():
             raise fail("dataset", "a bundled dataset name", self.dataset)
+        if self.dataset.startswith(HF_PREFIX) and not self.dataset[len(HF_PREFIX) :].strip():
+            raise fail(
+                "dataset", "hf:NAME with a hub id, a local folder or a data file as NAME", self.dataset
+            )
+        if not self.hf_split.strip():
+            raise fail("hf-split", "a split name (e.g. train)", self.hf_split)
+        if self.hf_test_split == self.hf_split:
+            raise fail(
+                "hf-test-split",
+                "a split other than hf-split, or empty (hold out test-fraction of hf-split)",
+                self.hf_test_split,
+            )
+        if self.hf_dataset and self.partitioner == "natural" and not self.partition_by:
+            raise fail(
+                "partition-by",
+                "the id column for partitioner=natural over an hf: dataset (one client per value)",
+                self.partition_by,
+            )
+        for name in ("text_column", "label_column", "messages_column", "prompt_column", "completion_column"):
+            if not getattr(self, name).strip():
+                raise fail(key(name), "a column name", getattr(self, name))
         if self.dirichlet_alpha <= 0:
             raise fail("dirichlet-alpha", "a positive number", self.dirichlet_alpha)
         if not 0.0 < self.test_fraction < 1.0:

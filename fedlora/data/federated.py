@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import random
 from functools import lru_cache
 
 from fedlora.config import DataConfig
 from fedlora.core.errors import DataError
+from fedlora.data.hf import hf_labels, load_hf_client
 from fedlora.data.jsonl import check_client_folder, client_folders, read_jsonl
-from fedlora.data.partition import partition
+from fedlora.data.partition import hold_out, partition
 from fedlora.data.registry import DATASETS, ClientData
 from fedlora.data.sources import load_corpus
 
@@ -22,6 +22,8 @@ def resolve_labels(cfg: DataConfig, task: str) -> tuple[str, ...]:
         return ()
     if cfg.labels:
         return cfg.labels
+    if cfg.hf_dataset:
+        return hf_labels(cfg)
     if not cfg.data_dir:
         return load_corpus(cfg.dataset).label_names
     found: set[str] = set()
@@ -29,13 +31,6 @@ def resolve_labels(cfg: DataConfig, task: str) -> tuple[str, ...]:
         for split in ("train", "test"):
             found.update(r["label"] for r in read_jsonl(folder / f"{split}.jsonl", task=task))
     return tuple(sorted(found))
-
-
-def _split_indices(indices: list[int], test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    shuffled = list(indices)
-    random.Random(seed).shuffle(shuffled)
-    n_test = max(1, round(len(shuffled) * test_fraction))
-    return sorted(shuffled[n_test:]), sorted(shuffled[:n_test])
 
 
 @lru_cache(maxsize=1)
@@ -92,7 +87,8 @@ def load_client_data(
 
     A bundled corpus is partitioned with the configured partitioner and each client's
     share is split into train/test at random, so the test split follows the client's
-    own distribution. A JSONL folder is used as it is.
+    own distribution; so is a Hugging Face dataset (``hf:NAME``, `fedlora.data.hf`), by
+    flwr-datasets. A JSONL folder is used as it is.
 
     Raises
     ------
@@ -105,12 +101,14 @@ def load_client_data(
         raise DataError(f"partition-id: must be in [0, {num_partitions}), got {partition_id}")
     if cfg.data_dir:
         return _from_folder(cfg, task, partition_id, num_partitions)
+    if cfg.hf_dataset:
+        return load_hf_client(cfg, task, partition_id, num_partitions, seed)
     source = DATASETS.get(cfg.dataset)
     if source.clients is not None:
         return source.clients(cfg, task, partition_id, num_partitions)
     corpus = load_corpus(cfg.dataset)
     parts = _bundled_partitions(cfg, num_partitions, seed)
-    train_idx, test_idx = _split_indices(list(parts[partition_id]), cfg.test_fraction, seed + partition_id)
+    train_idx, test_idx = hold_out(list(parts[partition_id]), cfg.test_fraction, seed + partition_id)
     return ClientData(
         partition_id,
         tuple(corpus.texts[i] for i in train_idx),

@@ -7,9 +7,20 @@ from collections.abc import Sequence
 
 from fedlora.core.errors import DataError
 
-__all__ = ["PARTITIONERS", "partition"]
+__all__ = ["PARTITIONERS", "hold_out", "partition"]
 
 PARTITIONERS = ("iid", "dirichlet", "natural")
+
+
+def hold_out(indices: Sequence[int], test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A client's share split at random into (train, test), both sorted.
+
+    ``max(1, round(n * test_fraction))`` of the ``n`` indices, drawn with ``seed``, are the test split.
+    """
+    shuffled = list(indices)
+    random.Random(seed).shuffle(shuffled)
+    n_test = max(1, round(len(shuffled) * test_fraction))
+    return sorted(shuffled[n_test:]), sorted(shuffled[:n_test])
 
 
 def partition(
