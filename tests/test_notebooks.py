@@ -76,3 +76,16 @@ def test_personal_language_models_notebook_runs_and_shows_perplexity_and_generat
     assert len(generations) == 1
     assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 1
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["personal-lm"]
+
+
+@pytest.mark.federation
+def test_personal_assistants_notebook_runs_and_shows_roles_and_replies(tmp_path, monkeypatch):
+    outputs = _execute_small("personal_assistants", tmp_path, monkeypatch)
+    html = [o.data["text/html"] for o in outputs if "text/html" in o.get("data", {})]
+    assert len([h for h in html if "worst 10% of roles" in h and "local-only" in h]) == 1
+    per_role = [h for h in html if "personalized_perplexity" in h and "held-out exchanges" in h]
+    assert len(per_role) == 1 and per_role[0].count("/") >= 3  # play/ROLE names
+    replies = [h for h in html if "reply (held out)" in h]
+    assert len(replies) == 1 and "personalized model" in replies[0]
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 1
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["personal-chat"]
