@@ -229,14 +229,16 @@ def run(
         session=session,
         overwrite=overwrite or reuse,
     )
-    return _with_responses(Results(summary, out_dir.expanduser().resolve()), on_event)
+    return _with_responses(Results(summary, out_dir.expanduser().resolve()), cfg, on_event)
 
 
-def _with_responses(results: Results, on_event: Callable[[dict[str, Any]], None] | None) -> Results:
+def _with_responses(
+    results: Results, cfg: RunConfig, on_event: Callable[[dict[str, Any]], None] | None
+) -> Results:
     """``task=chat``: write the run's side-by-side replies (``responses-per-client``) next to its summary."""
-    cfg = RunConfig.from_flat(results.config)
     per_client = cfg.federation.responses_per_client
-    state_dir = Path(cfg.federation.client_state_dir)
+    # Where `launch.simulate` kept the clients' state.
+    state_dir = Path(cfg.federation.client_state_dir or results.out_dir / "clients")
     if cfg.model.task != "chat" or not per_client or not state_dir.is_dir():
         return results
     if on_event:
@@ -283,7 +285,7 @@ def resume(
         ray_address=ray_address,
         on_event=on_event,
     )
-    return _with_responses(Results(summary, path), on_event)
+    return _with_responses(Results(summary, path), cfg, on_event)
 
 
 def default_clients(cfg: RunConfig) -> int:
