@@ -147,8 +147,8 @@ def load_results(out_dir: str | Path) -> Results:
 
 def run(
     *,
-    strategy: str = "fedavg",
-    personalization: str = "auto",
+    strategy: str | None = None,
+    personalization: str | None = None,
     clients: int | None = None,
     rounds: int | None = None,
     out: str | Path | None = None,
@@ -167,8 +167,9 @@ def run(
 
     Parameters
     ----------
-    strategy, personalization : str
-        Names from ``fedlora.strategies.STRATEGIES`` and ``fedlora.personalization.PERSONALIZATIONS``.
+    strategy, personalization : str, optional
+        Names from ``fedlora.strategies.STRATEGIES`` and ``fedlora.personalization.PERSONALIZATIONS``
+        (default: the preset's, else ``fedavg`` and ``auto``).
     clients : int, optional
         Simulated clients (default 20, or one per folder of ``data``).
     rounds : int, optional
@@ -213,7 +214,9 @@ def run(
         chosen = get_preset(preset)
         overrides = {**{k.replace("-", "_"): v for k, v in chosen.config.items()}, **overrides}
         clients = chosen.clients if clients is None else clients
-    cfg = _config_of({**overrides, "rounds": rounds, "data": data}, strategy, personalization)
+    chosen_strategy = strategy or str(overrides.pop("strategy", "fedavg"))
+    chosen_personalization = personalization or str(overrides.pop("personalization", "auto"))
+    cfg = _config_of({**overrides, "rounds": rounds, "data": data}, chosen_strategy, chosen_personalization)
     num_clients = clients if clients is not None else default_clients(cfg)
     out_dir = Path(out) if out is not None else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if reuse and _finished_run_of(out_dir, cfg, num_clients):

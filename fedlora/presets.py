@@ -55,12 +55,16 @@ PRESETS: dict[str, Preset] = {
             "shakespeare-chat",
             "Shakespeare as personal chat: one client per (play, role), each example a cue (another "
             "character's line just before) and the role's reply; SmolLM2-135M-Instruct with its chat "
-            "template, the loss on the replies only; the role's later exchanges are its test split",
+            "template, the loss on the replies only; the role's later exchanges are its test split; "
+            "each round's personalized model is the new global one fine-tuned on the role's exchanges",
             10,
             {
                 "dataset": "shakespeare-chat",
                 "task": "chat",
                 "model": "smollm2",
+                # Roles of at least 80 lines: 18 to 40 training exchanges each (355 roles).
+                "min-lines": 80,
+                "personalization": "finetune",
                 "max-length": 64,
                 "test-fraction": 0.2,
                 "batch-size": 8,
