@@ -31,7 +31,7 @@ lint: $(BIN)/.installed
 	$(BIN)/lint-imports
 
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # Tests marked `federation` start Flower (a simulation or a deployment); `slow` ones run long.
 test-fast: lint

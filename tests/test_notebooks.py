@@ -8,6 +8,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+import fedlora
+
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
@@ -89,3 +91,28 @@ def test_personal_assistants_notebook_runs_and_shows_roles_and_replies(tmp_path,
     assert len(replies) == 1 and "personalized model" in replies[0]
     assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 1
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["personal-chat"]
+    _check_chat_run(fedlora.load_results(tmp_path / "runs" / "personal-chat"))
+
+
+def _check_chat_run(result) -> None:
+    """The notebook's run: the shakespeare-chat preset's small form (3 roles, 1 round)."""
+    import math
+
+    from fedlora.config import RunConfig
+    from fedlora.data import load_client_data
+    from fedlora.data.chat import decode
+
+    assert result.personalization == "finetune"  # the preset's own, through fedlora.run
+    final = result.final
+    for key in ("global_perplexity", "personalized_perplexity", "local_only_perplexity"):
+        assert math.isfinite(final[key]) and final[f"{key}_worst10"] >= final[key], key
+    # Side by side: each client's first 3 held-out cues, answered by the global and the personalized model.
+    replies = result.responses()
+    assert [r["client"] for r in replies] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    cfg = RunConfig.from_flat(result.config)
+    for client in (0, 1, 2):
+        held_out = [decode(t) for t in load_client_data(cfg.data, "chat", client, 3, 0).test_texts[:3]]
+        mine = [r for r in replies if r["client"] == client]
+        assert [r["prompt"] for r in mine] == [m[:1] for m in held_out]
+        assert [r["reference"] for r in mine] == [m[1]["content"] for m in held_out]
+        assert all(isinstance(r["global"], str) and isinstance(r["personalized"], str) for r in mine)
