@@ -177,7 +177,16 @@ def test_sigint_stops_every_process_of_the_run_and_leaves_it_resumable(tmp_path)
     overrides = " ".join(f"{k}={v}" for k, v in TINY_FLAT.items())
     command = [sys.executable, "-m", "fedlora.cli", "simulate", "--clients", "3", "--rounds", "4"]
     command += ["--out", str(out), "--run-config", overrides]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # A command typed at a terminal: the suite itself may run in the background, where
+        # SIGINT is ignored and every child would inherit that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not (out / "checkpoint").exists():
         assert proc.poll() is None, proc.communicate()
