@@ -300,9 +300,8 @@ def write_responses(state_dir: Path, out_file: Path, per_client: int, *, max_new
     This reads the clients' own state and data, so it is for simulations, where both are
     on this machine: in a deployment nothing but the adapter deltas leaves a device.
     """
-    files = sorted(
-        state_dir.glob("federation-*/client-*.state"), key=lambda f: int(f.stem.removeprefix("client-"))
-    )[:RESPONSE_CLIENTS]
+    numbered = [f for f in state_dir.glob("federation-*/client-*.state") if f.stem[7:].isdigit()]
+    files = sorted(numbered, key=lambda f: int(f.stem[7:]))[:RESPONSE_CLIENTS]  # after "client-"
     rows = []
     for state_file in files:
         personalized = load_personalized(state_file)

@@ -211,7 +211,9 @@ class DataConfig:
         resolved=True,
     )
     min_lines: int = setting(
-        40, "`shakespeare`: smallest role kept as a client (523 roles at 40 lines, 987 at 8)"
+        40,
+        "`shakespeare`, `shakespeare-chat`: smallest role kept as a client (523 roles at 40 lines, 987 at 8; "
+        "`shakespeare-chat` also needs two exchanges: 521 at 40, 355 at 80)",
     )
     hf_subset: str = setting(
         "", "`hf:` datasets: the subset (configuration) to load; empty: the dataset's default", identity=True
