@@ -16,9 +16,9 @@ each variant's peak above it is printed too. Usage:
 Variants: ``base-dtype=float32`` (the default), ``base-dtype=bfloat16`` (compute in the
 base's dtype, adapters float32), and ``bfloat16`` with ``precision=bf16`` autocast.
 
-``--federation`` instead runs the whole Shakespeare preset twice on one SuperLink, with a
-float32 and with a bfloat16 base, and prints each round's mean held-out perplexity
-(global and personalized) and their ratios.
+``--federation`` instead runs the whole Shakespeare preset once per variant on one
+SuperLink, and prints each round's mean held-out perplexity (global and personalized)
+and its ratio to float32's.
 """
 
 from __future__ import annotations
@@ -133,30 +133,27 @@ def table(name: str, steps: int, device: str = "cpu") -> dict[str, dict]:
 
 
 def federation(rounds: int) -> None:
-    """The Shakespeare preset with a float32 and a bfloat16 base: perplexity per round, and ratios."""
+    """The Shakespeare preset with each variant's base and precision: perplexity per round, and ratios."""
     runs = {}
     with tempfile.TemporaryDirectory() as tmp, flower_session() as session:
-        for dtype in ("float32", "bfloat16"):
-            out = Path(tmp) / dtype
+        for i, (label, extra) in enumerate(VARIANTS.items()):
+            options = {key.replace("-", "_"): value for key, value in extra.items()}
             result = fedlora.run(
-                preset="shakespeare", out=out, session=session, base_dtype=dtype, rounds=rounds
+                preset="shakespeare", out=Path(tmp) / str(i), session=session, rounds=rounds, **options
             )
-            runs[dtype] = result
-            print(f"{dtype}: {result.final['wall_s']:.0f} s in the ServerApp", flush=True)
-    print(f"\nShakespeare preset, {rounds} rounds: mean held-out perplexity over clients")
-    print(f"{'round':>5} {'global f32':>11} {'bf16':>8} {'x':>6} {'personal f32':>13} {'bf16':>8} {'x':>6}")
-    for a, b in zip(runs["float32"].rounds, runs["bfloat16"].rounds, strict=True):
-        g, p = (
-            (a["global_perplexity"], b["global_perplexity"]),
-            (a["personalized_perplexity"], b["personalized_perplexity"]),
-        )
-        ratios = f"{g[1] / g[0]:6.3f} {p[0]:13.1f} {p[1]:8.1f} {p[1] / p[0]:6.3f}"
-        print(f"{a['round']:>5} {g[0]:11.1f} {g[1]:8.1f} {ratios}")
-    fa, fb = runs["float32"].final, runs["bfloat16"].final
-    print(
-        f"local-only: {fa['local_only_perplexity']:.1f} and {fb['local_only_perplexity']:.1f} "
-        f"(x{fb['local_only_perplexity'] / fa['local_only_perplexity']:.3f})"
-    )
+            runs[label] = result
+            print(f"{label}: {result.final['wall_s']:.0f} s in the ServerApp", flush=True)
+    print(f"\nShakespeare preset, {rounds} rounds: mean held-out perplexity over clients (x: of float32)")
+    reference = runs["float32"]
+    for label, result in runs.items():
+        print(f"\n{label}")
+        print(f"{'round':>5} {'global':>8} {'x':>6} {'personalized':>13} {'x':>6}")
+        for a, b in zip(reference.rounds, result.rounds, strict=True):
+            g, p = b["global_perplexity"], b["personalized_perplexity"]
+            ratios = f"{g / a['global_perplexity']:6.3f} {p:13.1f} {p / a['personalized_perplexity']:6.3f}"
+            print(f"{b['round']:>5} {g:8.1f} {ratios}")
+        local, ref_local = result.final["local_only_perplexity"], reference.final["local_only_perplexity"]
+        print(f"local-only: {local:.1f} (x{local / ref_local:.3f})")
 
 
 def main() -> None:
@@ -164,9 +161,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24, help="measured training steps per variant")
     parser.add_argument("--models", default="smollm2,minilm", help="comma-separated: smollm2, minilm")
     parser.add_argument("--device", default="cpu", help="cpu (default), or cuda: also a 4-bit base")
-    parser.add_argument(
-        "--federation", action="store_true", help="the Shakespeare preset, float32 vs bfloat16"
-    )
+    parser.add_argument("--federation", action="store_true", help="the Shakespeare preset in each variant")
     parser.add_argument("--rounds", type=int, default=3, help="--federation: rounds (the preset's 3)")
     args = parser.parse_args()
     if args.federation:

@@ -244,3 +244,72 @@ def test_evaluating_a_causal_lm_a_few_rows_of_logits_at_a_time_changes_nothing(m
     whole = evaluate(loaded.model, data)
     assert abs(chunked.loss - whole.loss) < 1e-6 and chunked.accuracy == whole.accuracy
     assert max(abs(a - b) for a, b in zip(chunked.example_losses, whole.example_losses, strict=True)) < 1e-5
+
+
+def _saved_bytes(run) -> tuple[int, object]:
+    """The memory autograd keeps for backward while ``run()`` builds its graph (each storage once)."""
+    sizes: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    return sum(sizes.values()), out
+
+
+def test_a_bfloat16_llama_s_norms_keep_only_their_input_and_compute_as_transformers(monkeypatch):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    loaded = _model(model="tiny-llama", task="causal-lm", **{"base-dtype": "bfloat16"})
+    norms = [m for m in loaded.model.modules() if isinstance(m, LlamaRMSNorm)]
+    layers = loaded.model.get_base_model().config.num_hidden_layers
+    assert len(norms) == 2 * layers + 1 and all("forward" in vars(m) for m in norms)
+    import os
+
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "16"  # a bfloat16 base on the CPU
+    torch.manual_seed(0)
+    norm = norms[0]
+    x = torch.randn(4, 9, norm.weight.shape[0], dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn_like(norm.weight) * 0.1 + 1
+    norm.weight.data.copy_(weight)
+    results = []
+    for forward in (norm.forward, lambda h: LlamaRMSNorm.forward(norm, h)):
+        x.grad = None
+        saved, y = _saved_bytes(lambda f=forward: f(x))
+        (y.float() * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        results.append((saved, y.detach(), x.grad.clone()))
+    (lean_saved, lean_y, lean_grad), (hf_saved, hf_y, hf_grad) = results
+    assert torch.equal(lean_y, hf_y)  # the same forward, bit for bit
+    assert float((lean_grad.float() - hf_grad.float()).abs().max()) <= 0.01 * float(hf_grad.abs().max())
+    assert lean_saved < 0.6 * hf_saved  # the bfloat16 input and a float per row, not a float32 copy
+    # A float32 base keeps transformers' norms untouched.
+    plain = _model(model="tiny-llama", task="causal-lm")
+    assert not any("forward" in vars(m) for m in plain.model.modules() if isinstance(m, LlamaRMSNorm))
+
+
+def test_lora_inputs_pass_uncast_under_autocast_with_the_same_loss_and_gradients():
+    loaded = _model(model="tiny-llama", task="causal-lm", precision="bf16", **{"base-dtype": "bfloat16"})
+    data = _data(loaded, "causal-lm")
+    batch = data.batch(range(len(data)))
+    activate(loaded.model, [GLOBAL], trainable=[GLOBAL])
+    loaded.model.eval()
+    results = []
+    for ours in (True, False):
+        loaded.model.zero_grad(set_to_none=True)
+        if ours:
+            saved, loss = _saved_bytes(lambda: backward_batch(loaded.model, batch, precision="bf16"))
+        else:  # PEFT as it is: each adapted layer's input cast to float32 first
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                saved, part = _saved_bytes(lambda: batch_loss(loaded.model, batch))
+            part.backward()
+            loss = float(part.detach())
+        grads = {n: p.grad.clone() for n, p in loaded.model.named_parameters() if p.grad is not None}
+        results.append((saved, loss, grads))
+    (mine_saved, mine, my_grads), (their_saved, theirs, their_grads) = results
+    assert mine == theirs and my_grads.keys() == their_grads.keys() and my_grads
+    assert all(torch.equal(my_grads[k], their_grads[k]) for k in my_grads)  # bit for bit
+    assert all(g.dtype == torch.float32 for g in my_grads.values())
+    assert mine_saved < their_saved

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 from fedlora.lora.adapters import adapter_state
 from fedlora.models.device import resolve_device, torch_dtype
+from fedlora.models.lean import lean_half_precision
 from fedlora.models.smollm2 import smollm2_path
 
 __all__ = [
@@ -416,6 +417,7 @@ def build_model(cfg: ModelConfig, num_labels: int, *, seed: int = 0) -> LoadedMo
         _float32_head(model)
     if cfg.quantization == "none":
         model.to(device)
+        lean_half_precision(model, device)
     model.eval()
     from peft.tuners.lora import LoraLayer  # noqa: PLC0415 - heavy: peft
 

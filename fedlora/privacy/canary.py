@@ -18,7 +18,6 @@ import random
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import stats
 
 __all__ = ["DIGITS", "SPACE", "alternatives", "canary_text", "exposure", "secret_text"]
 
@@ -59,6 +58,8 @@ def exposure(canary_loss: float, alternative_losses: Sequence[float]) -> float:
     ``log2 |R| - log2 rank`` with the rank ``1 + (|R| - 1) P(loss <= canary_loss)`` under a
     skew-normal fitted to the alternatives: between 0 and ``log2(SPACE)`` (about 19.9).
     """
+    from scipy import stats  # noqa: PLC0415 - heavy: scipy.stats, ~60 MB in every client process
+
     losses = np.asarray(alternative_losses, dtype=np.float64)
     if losses.size < 10 or not math.isfinite(canary_loss):
         return math.nan

@@ -209,11 +209,12 @@ def backward_batch(
     ``precision``; through ``scaler`` (fp16's loss scaling) if given.
     """
     from fedlora.models.device import autocast, model_device  # noqa: PLC0415 - heavy: torch
+    from fedlora.models.lean import uncast_lora_inputs  # noqa: PLC0415 - heavy: torch
 
     device = model_device(model)
     loss = 0.0
     for chunk, share in micro_batches(batch, micro_batch_size):
-        with autocast(precision, device):
+        with autocast(precision, device), uncast_lora_inputs(model, precision):
             part = batch_loss(model, {k: v.to(device) for k, v in chunk.items()}) * share
         (scaler.scale(part) if scaler is not None else part).backward()
         loss += float(part.detach())
