@@ -97,6 +97,7 @@ def test_flwr_run_of_the_repository_app_with_a_jsonl_folder(tmp_path, jsonl_dir)
 
 
 def _cli_error(*args: str) -> str:
+    """``fedlora simulate ARGS`` as a command: exit status 2 and one line on stderr, returned."""
     proc = subprocess.run(
         [sys.executable, "-m", "fedlora.cli", "simulate", *args], capture_output=True, text=True, timeout=120
     )
@@ -107,36 +108,45 @@ def _cli_error(*args: str) -> str:
 
 
 @pytest.mark.federation
-def test_cli_bad_input_stops_before_training_with_one_line(tmp_path, jsonl_dir):
+def test_cli_bad_input_stops_before_training_with_one_line(tmp_path, jsonl_dir, capsys):
+    from fedlora.cli import main
+
+    def error_of(*args: str) -> str:  # the same entry point in this process: no interpreter start-up
+        capsys.readouterr()
+        assert main(["simulate", *args]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1, lines
+        return lines[0]
+
     out = str(tmp_path / "never")
     assert (
         _cli_error("--out", out, "--run-config", "lora-rank=0")
         == "fedlora: error: lora-rank: must be a positive integer, got 0"
     )
-    assert _cli_error("--out", out, "--run-config", "partitioner=zipf").startswith(
+    assert error_of("--out", out, "--run-config", "partitioner=zipf").startswith(
         "fedlora: error: partitioner: must be one of dirichlet, iid, natural"
     )
-    assert _cli_error("--out", out, "--run-config", "model=no-such-model").startswith(
+    assert error_of("--out", out, "--run-config", "model=no-such-model").startswith(
         "fedlora: error: model: 'no-such-model' is not a bundled model"
     )
-    assert _cli_error("--out", out, "--data", str(tmp_path / "missing")).startswith(
+    assert error_of("--out", out, "--data", str(tmp_path / "missing")).startswith(
         "fedlora: error: data-dir: folder"
     )
-    assert _cli_error("--out", out, "--clients", "3000").startswith(
+    assert error_of("--out", out, "--clients", "3000").startswith(
         "fedlora: error: clients: 3000 clients need at least"
     )
     # Privacy settings the run cannot honour stop here too, before any training.
-    assert _cli_error(
+    assert error_of(
         "--out", out, "--strategy", "krum", "--run-config", "secure-aggregation=true"
     ).startswith(
         "fedlora: error: secure-aggregation: the server sees only the sum of the uploads, which strategy"
     )
-    assert _cli_error("--out", out, "--run-config", "dp-delta=1.5").startswith(
+    assert error_of("--out", out, "--run-config", "dp-delta=1.5").startswith(
         "fedlora: error: dp-delta: must be"
     )
-    assert _cli_error("--out", out, "--run-config", "dp-target-epsilon=3 dp-secure-mode=true").startswith(
+    assert error_of("--out", out, "--run-config", "dp-target-epsilon=3 dp-secure-mode=true").startswith(
         "fedlora: error: dp-secure-mode: needs the package torchcsprng"
     )
     (jsonl_dir / "client-2" / "train.jsonl").unlink()
-    assert _cli_error("--out", out, "--data", str(jsonl_dir)).endswith("client-2' has no train.jsonl")
+    assert error_of("--out", out, "--data", str(jsonl_dir)).endswith("client-2' has no train.jsonl")
     assert not Path(out).exists()
