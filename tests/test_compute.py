@@ -211,13 +211,18 @@ def test_a_node_s_own_device_wins_over_the_run_s(tmp_path):
     assert dataclasses.replace(RunConfig().model, device="cpu").device == "cpu"
 
 
-def test_the_chunked_next_token_loss_is_transformers_own():
-    loaded = _model(model="tiny-llama", task="causal-lm")
+def _lm_batch(**model):
+    """A tiny Llama (``model`` options) in eval mode, its global adapter trainable, and one batch."""
+    loaded = _model(model="tiny-llama", task="causal-lm", **model)
     data = _data(loaded, "causal-lm")
-    batch = data.batch(range(len(data)))
-    assert int(batch["attention_mask"][:, 1:].sum()) > 128  # two chunks, and padding
     activate(loaded.model, [GLOBAL], trainable=[GLOBAL])
     loaded.model.eval()
+    return loaded, data.batch(range(len(data)))
+
+
+def test_the_chunked_next_token_loss_is_transformers_own():
+    loaded, batch = _lm_batch()
+    assert int(batch["attention_mask"][:, 1:].sum()) > 128  # two chunks, and padding
     results = []
     for ours in (True, False):
         loaded.model.zero_grad(set_to_none=True)
@@ -291,11 +296,7 @@ def test_a_bfloat16_llama_s_norms_keep_only_their_input_and_compute_as_transform
 
 
 def test_lora_inputs_pass_uncast_under_autocast_with_the_same_loss_and_gradients():
-    loaded = _model(model="tiny-llama", task="causal-lm", precision="bf16", **{"base-dtype": "bfloat16"})
-    data = _data(loaded, "causal-lm")
-    batch = data.batch(range(len(data)))
-    activate(loaded.model, [GLOBAL], trainable=[GLOBAL])
-    loaded.model.eval()
+    loaded, batch = _lm_batch(precision="bf16", **{"base-dtype": "bfloat16"})
     results = []
     for ours in (True, False):
         loaded.model.zero_grad(set_to_none=True)

@@ -12,8 +12,8 @@ float16 (a float32 base is left exactly as it is):
 - **oneDNN's primitive cache** (CPU only). bfloat16 matrix products run through oneDNN,
   which caches a compiled kernel, with its buffers, per distinct shape: up to 1,024 of
   them. Batches are trimmed to their longest row and the loss takes only real tokens,
-  so the shapes vary from batch to batch and the cache, and the process, grow round
-  after round. `ONEDNN_PRIMITIVE_CACHE_CAPACITY` is set to 16 unless the environment
+  so the shapes vary from batch to batch and the cache, and the process, grow step
+  after step. `ONEDNN_PRIMITIVE_CACHE_CAPACITY` is set to 16 unless the environment
   already sets it (it is read once, when oneDNN first runs).
 - **PEFT's cast of a layer's input under autocast.** PEFT casts a bfloat16 input to the
   LoRA tensors' float32 before the LoRA matrices, and autocast casts it straight back:
@@ -25,6 +25,7 @@ float16 (a float32 base is left exactly as it is):
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import types
 from collections.abc import Iterator
@@ -42,7 +43,9 @@ _ONEDNN_CACHE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
 _ONEDNN_CACHE_SIZE = "16"
 
 
+@functools.cache
 def _norm_function() -> Any:
+    """The autograd function of a lean norm (defined once, on first use: it needs torch)."""
     import torch  # noqa: PLC0415 - heavy: torch
 
     class _LeanRMSNorm(torch.autograd.Function):
