@@ -40,7 +40,7 @@ from fedlora.deploy import (
     write_flwr_home,
 )
 from fedlora.launch import flower_env, parse_overrides
-from fedlora.server.runs_root import RUNS_ROOT_ENV
+from fedlora.server.runs_root import DEPLOYED_ENV, RUNS_ROOT_ENV
 
 __all__ = ["add_deploy_commands"]
 
@@ -120,7 +120,7 @@ def _server(args: argparse.Namespace) -> int:
     )
     _say(f"SuperLink on {args.host}:{args.port}, database {database.resolve()}, runs in {runs}")
     _say(f"Control API for the operator's token only: {token}" + (" (new)" if new else ""))
-    return supervise(command, env=flower_env({RUNS_ROOT_ENV: str(runs)}))
+    return supervise(command, env=flower_env({RUNS_ROOT_ENV: str(runs), DEPLOYED_ENV: "1"}))
 
 
 def _register(args: argparse.Namespace) -> int:

@@ -19,9 +19,17 @@ from pathlib import Path
 from fedlora.core.errors import ConfigError
 from fedlora.core.rundir import CHECKPOINT, SUMMARY
 
-__all__ = ["RUNS_ROOT_ENV", "held_run", "run_directory", "runs_root"]
+__all__ = ["DEPLOYED_ENV", "RUNS_ROOT_ENV", "deployed", "held_run", "run_directory", "runs_root"]
 
 RUNS_ROOT_ENV = "FEDLORA_RUNS_ROOT"
+# Set (to "1") by `fedlora server` for its SuperLink and ServerApps: a deployed server reads
+# no client data and no model path from a run config (`fedlora.server.loop`).
+DEPLOYED_ENV = "FEDLORA_DEPLOYED"
+
+
+def deployed() -> bool:
+    """Whether this ServerApp serves a deployment (`fedlora server`), not a simulation."""
+    return os.environ.get(DEPLOYED_ENV) == "1"
 
 
 def runs_root() -> Path:
