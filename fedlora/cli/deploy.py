@@ -33,6 +33,7 @@ from fedlora.deploy import (
     register_node,
     runtime_command,
     submit,
+    superexec_command,
     superlink_command,
     supernode_command,
     supervise,
@@ -90,6 +91,15 @@ def _node_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _private_secret(private: Path) -> Path:
+    """A new random SuperExec secret in the private folder ``private`` (the file 0600)."""
+    secret = private / "superexec.secret"
+    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(os.urandom(32))
+    return secret
+
+
 def _server(args: argparse.Namespace) -> int:
     if args.insecure:
         certs = None
@@ -115,12 +125,31 @@ def _server(args: argparse.Namespace) -> int:
         runs.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"runs-dir: cannot create {runs} ({err.strerror or err})") from None
-    command = superlink_command(
-        certs=certs, operator_token=token, host=args.host, port=args.port, database=database
-    )
-    _say(f"SuperLink on {args.host}:{args.port}, database {database.resolve()}, runs in {runs}")
-    _say(f"Control API for the operator's token only: {token}" + (" (new)" if new else ""))
-    return supervise(command, env=flower_env({RUNS_ROOT_ENV: str(runs), DEPLOYED_ENV: "1"}))
+    env = flower_env({RUNS_ROOT_ENV: str(runs), DEPLOYED_ENV: "1"})
+    with tempfile.TemporaryDirectory(prefix="fedlora-server-") as private:  # 0700
+        # A new secret at each start, known to the SuperLink and its own SuperExec only: the
+        # Runtime API gives ServerApp tasks to no one else, whatever address they come from.
+        secret = _private_secret(Path(private))
+        command = superlink_command(
+            certs=certs,
+            operator_token=token,
+            host=args.host,
+            port=args.port,
+            database=database,
+            superexec_secret=secret,
+        )
+        superexec = superexec_command(
+            host=args.host,
+            port=args.port,
+            root_cert=certs.ca_cert if certs is not None else None,
+            superexec_secret=secret,
+            parent_pid=os.getpid(),
+        )
+        _say(f"SuperLink on {args.host}:{args.port}, database {database.resolve()}, runs in {runs}")
+        _say(f"Control API for the operator's token only: {token}" + (" (new)" if new else ""))
+        _say("Runtime API for this start's own SuperExec only (a secret made now, in a private folder)")
+        with companion(superexec, env=env, restart_after=2.0, name="the SuperExec", report=_say):
+            return supervise(command, env=env)
 
 
 def _register(args: argparse.Namespace) -> int:
@@ -162,10 +191,7 @@ def _client(args: argparse.Namespace) -> int:
     root_cert = _tls(args)
     state.expanduser().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fedlora-node-") as private:  # 0700
-        secret = Path(private) / "superexec.secret"
-        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(os.urandom(32))
+        secret = _private_secret(Path(private))
         command = supernode_command(
             args.superlink,
             root_cert=root_cert,
@@ -179,7 +205,10 @@ def _client(args: argparse.Namespace) -> int:
         )
         _say(f"SuperNode for {args.superlink} with node config: {config}")
         _say("ClientApps run by fedlora's runtime: fedlora's own app, for approved FABs only")
-        with companion(runtime, env=flower_env()):
+        # The SuperNode fails every task while its runtime is gone: a dead one is restarted.
+        with companion(
+            runtime, env=flower_env(), restart_after=2.0, name="the ClientApp runtime", report=_say
+        ):
             return supervise(
                 command, env=flower_env(), retry_when=node_refused, retry_for=args.retry_for, report=_say
             )

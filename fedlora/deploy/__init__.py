@@ -24,6 +24,7 @@ from fedlora.deploy.commands import (
     node_config,
     node_refused,
     runtime_command,
+    superexec_command,
     superlink_command,
     supernode_command,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "register_node",
     "runtime_command",
     "submit",
+    "superexec_command",
     "superlink_command",
     "supernode_command",
     "supervise",

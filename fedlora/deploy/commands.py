@@ -28,6 +28,7 @@ __all__ = [
     "node_config",
     "node_refused",
     "runtime_command",
+    "superexec_command",
     "superlink_command",
     "supernode_command",
 ]
@@ -61,13 +62,16 @@ def superlink_command(
     host: str,
     port: int = DEFAULT_PORT,
     database: Path | None = None,
+    superexec_secret: Path | None = None,
 ) -> list[str]:
     """Flower's SuperLink with TLS, SuperNode authentication and the operator's Control API.
 
     The SuperLink serves the Fleet, Control and Runtime APIs on ``host:port``. It is started
     through `fedlora.deploy.superlink`: the Control API answers only calls carrying the
     operator's token, the Runtime API only this machine. With node authentication, only
-    registered node keys are let in.
+    registered node keys are let in. With ``superexec_secret``, the SuperLink starts no
+    ServerApp itself (``--isolation process``): only a process proving it knows the secret
+    (`superexec_command`'s) can take a ServerApp task from the Runtime API.
 
     Parameters
     ----------
@@ -81,6 +85,9 @@ def superlink_command(
         The port to listen on.
     database : Path or None
         Keeps the registrations (and runs) across restarts; None: Flower's default.
+    superexec_secret : Path or None
+        The secret file of the SuperLink's own SuperExec; None: Flower starts the ServerApps
+        itself (``--isolation subprocess``) and the Runtime API has no secret.
 
     Returns
     -------
@@ -105,7 +112,56 @@ def superlink_command(
         ]
     if database is not None:
         command += ["--database", str(database.expanduser().resolve())]
+    if superexec_secret is not None:
+        command += ["--isolation", "process"]
+        command += ["--superexec-auth-secret-file", str(superexec_secret.expanduser().resolve())]
     return [*command, "--disable-runtime-dependency-installation"]
+
+
+def superexec_command(
+    *,
+    host: str,
+    port: int = DEFAULT_PORT,
+    root_cert: Path | None,
+    superexec_secret: Path,
+    parent_pid: int | None = None,
+) -> list[str]:
+    """``flower-superexec`` for the ServerApps of the SuperLink on ``host:port``.
+
+    It takes the SuperLink's ServerApp tasks from its Runtime API, proving with
+    ``superexec_secret`` that it is the SuperLink's own, and starts a ``flwr-serverapp``
+    process for each (as Flower's ``--isolation subprocess`` does, less the secret).
+
+    Parameters
+    ----------
+    host : str
+        The address the SuperLink listens on (``0.0.0.0`` or ``::``: reached on loopback).
+    port : int
+        Its port.
+    root_cert : Path or None
+        The federation's CA certificate; None if the SuperLink has no TLS.
+    superexec_secret : Path
+        The SuperLink's ``--superexec-auth-secret-file``.
+    parent_pid : int or None
+        A process whose end ends the SuperExec too (its supervisor).
+
+    Returns
+    -------
+    list[str]
+        The command line.
+
+    """
+    reach = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}.get(host, host).strip("[]")
+    address = f"[{reach}]:{port}" if ":" in reach else f"{reach}:{port}"
+    command = [flower_script("flower-superexec"), "--runtime-api-address", address]
+    if root_cert is None:
+        command.append("--insecure")
+    else:
+        command += ["--root-certificates", str(root_cert.expanduser().resolve())]
+    command += ["--superexec-auth-secret-file", str(superexec_secret.expanduser().resolve())]
+    if parent_pid is not None:
+        command += ["--parent-pid", str(parent_pid)]
+    return command
 
 
 def node_config(

@@ -10,11 +10,17 @@ Flower's files changed:
    Bearer`` token of every ``/v1/control/*`` request (register or unregister nodes, start,
    stop and list runs, read logs) and answers 401 unless it is the operator's.
 2. ``flwr.superlink.main.create_app``, which builds the SuperLink's HTTP app, is wrapped to
-   add `LocalOnlyRoutes`: the ServerApp's Runtime API (``/v1/runtime/*``, which has no
-   authentication of its own) and the API pages answer only this machine, and every
-   refused call is logged.
+   add `LocalOnlyRoutes`: the ServerApp's Runtime API (``/v1/runtime/*``) and the API
+   pages answer only this machine, and every refused call is logged.
 
-`tests/test_deploy_security.py` checks that both names still exist in the installed Flower.
+An address is no proof of who calls: behind an SSH tunnel or a TCP forwarder every remote
+peer is 127.0.0.1. ``fedlora server`` therefore also starts the SuperLink with
+``--isolation process --superexec-auth-secret-file FILE`` (a secret made at each start)
+and runs the one ``flower-superexec`` that knows it: Flower's Runtime API hands a task
+(``acquire-task``) only to a request signed with that secret, and every other Runtime
+call needs the token of a task so acquired. `LocalOnlyRoutes` logs each such refusal.
+
+`tests/test_deploy_security.py` checks that these names still exist in the installed Flower.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from fedlora.deploy.operator_token import read_operator_token
 __all__ = [
     "CONTROL_PREFIX",
     "LOCAL_ONLY_PREFIXES",
+    "RUNTIME_PREFIX",
     "LocalOnlyRoutes",
     "OperatorTokenPlugin",
     "install_hooks",
@@ -56,7 +63,8 @@ FLOWER_SUPERLINK_CLI = "flwr.superlink.cli.flower_superlink"
 FLOWER_SUPERLINK_MAIN = "flwr.superlink.main"
 
 CONTROL_PREFIX = "/v1/control/"
-LOCAL_ONLY_PREFIXES = ("/v1/runtime/", "/docs", "/redoc", "/openapi.json")
+RUNTIME_PREFIX = "/v1/runtime/"
+LOCAL_ONLY_PREFIXES = (RUNTIME_PREFIX, "/docs", "/redoc", "/openapi.json")
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
@@ -115,7 +123,7 @@ class OperatorTokenPlugin(ControlAuthnPlugin):
 
 
 class LocalOnlyRoutes(BaseHTTPMiddleware):
-    """Runtime API and API pages for this machine only; refused Control calls logged.
+    """Runtime API and API pages for this machine only; refused Control and Runtime calls logged.
 
     Parameters
     ----------
@@ -134,7 +142,7 @@ class LocalOnlyRoutes(BaseHTTPMiddleware):
     async def dispatch(
         self, request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        """Refuse a local-only route to a remote peer (403); log a refused Control call.
+        """Refuse a local-only route to a remote peer (403); log a refused Control or Runtime call.
 
         Parameters
         ----------
@@ -155,8 +163,17 @@ class LocalOnlyRoutes(BaseHTTPMiddleware):
             log(WARNING, "fedlora: refused %s from %s: local-only route", path, peer)
             return PlainTextResponse("Forbidden", status_code=403)
         response = await call_next(request)
-        if path.startswith(CONTROL_PREFIX) and response.status_code == 401:
+        if response.status_code == 401 and path.startswith(CONTROL_PREFIX):
             log(WARNING, "fedlora: refused %s from %s: not the operator's token", path, peer)
+        elif response.status_code == 401 and path.startswith(RUNTIME_PREFIX):
+            # Flower's answer to a task request without this start's SuperExec secret, or to
+            # a call without the token of a task acquired with it.
+            log(
+                WARNING,
+                "fedlora: refused %s from %s: not this SuperLink's own SuperExec or ServerApp",
+                path,
+                peer,
+            )
         return response
 
 

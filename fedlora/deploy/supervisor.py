@@ -1,4 +1,4 @@
-"""A supervised child process: output echoed, signals forwarded, restarts on a refusal."""
+"""Supervised processes: output echoed, signals forwarded, restarts after a refusal or an exit."""
 
 from __future__ import annotations
 
@@ -115,6 +115,10 @@ def supervise(
     return 128 - code if code < 0 else code
 
 
+def _describe(code: int) -> str:
+    return f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+
+
 @contextlib.contextmanager
 def companion(
     command: Sequence[str],
@@ -122,11 +126,16 @@ def companion(
     env: Mapping[str, str],
     echo: Callable[[str], None] | None = None,
     stop_within: float = 10.0,
-) -> Iterator[subprocess.Popen[str]]:
+    restart_after: float | None = None,
+    name: str = "the companion",
+    report: Callable[[str], None] = log.warning,
+) -> Iterator[Callable[[], subprocess.Popen[str]]]:
     """Run ``command`` beside the supervised one, for as long as the ``with`` block lasts.
 
     Its output is echoed line by line; on leaving the block it gets SIGTERM, then SIGKILL
-    after ``stop_within`` seconds.
+    after ``stop_within`` seconds. With ``restart_after``, a companion that exits while the
+    block lasts is started again after that many seconds, doubled (up to 60 s) each time it
+    lives less than a minute, and each restart is reported.
 
     Parameters
     ----------
@@ -138,21 +147,57 @@ def companion(
         Gets its output line by line (default: this process's stderr).
     stop_within : float
         Seconds it is given to exit after SIGTERM.
+    restart_after : float or None
+        Seconds between an exit and the restart; None: never restart.
+    name : str
+        What the reports call it.
+    report : callable
+        Gets a line for each restart.
 
     Yields
     ------
-    subprocess.Popen
-        The running process.
+    callable
+        Returns the process running now (a restart replaces it).
 
     """
-    child = subprocess.Popen(
-        list(command), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    reader = threading.Thread(target=_pump, args=(child, deque(maxlen=1), echo or _to_stderr), daemon=True)
-    reader.start()
+    echo = echo or _to_stderr
+    stopping = threading.Event()
+    lock = threading.Lock()
+
+    def start() -> tuple[subprocess.Popen[str], threading.Thread]:
+        child = subprocess.Popen(
+            list(command), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        reader = threading.Thread(target=_pump, args=(child, deque(maxlen=1), echo), daemon=True)
+        reader.start()
+        return child, reader
+
+    running = [start()]
+
+    def restart_forever(first_wait: float) -> None:
+        wait, started = first_wait, time.monotonic()
+        while True:
+            code = running[-1][0].wait()
+            wait = first_wait if time.monotonic() - started >= 60 else wait
+            if stopping.wait(wait):  # the block ended meanwhile: no restart
+                return
+            with lock:
+                if stopping.is_set():
+                    return
+                report(f"{name} {_describe(code)}; restarted it after {wait:g} s")
+                running.append(start())
+            started, wait = time.monotonic(), min(2 * wait, 60.0)
+
+    watcher = None
+    if restart_after is not None:
+        watcher = threading.Thread(target=restart_forever, args=(restart_after,), daemon=True)
+        watcher.start()
     try:
-        yield child
+        yield lambda: running[-1][0]
     finally:
+        with lock:
+            stopping.set()
+        child, reader = running[-1]
         if child.poll() is None:
             child.terminate()
             try:
@@ -160,4 +205,6 @@ def companion(
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
+        if watcher is not None:
+            watcher.join(timeout=5)
         reader.join(timeout=5)
