@@ -9,12 +9,14 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import write_client
 from helpers import TINY_FEDERATION
@@ -323,6 +325,15 @@ def _tiny_run_config() -> str:
     return " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in flat.items())
 
 
+def _runs(pid: int, name: str, module: str) -> bool:
+    """Whether process ``pid`` was started for test process ``name`` and runs ``python -m module``."""
+    try:
+        env, argv = (Path(f"/proc/{pid}/{part}").read_bytes().split(b"\0") for part in ("environ", "cmdline"))
+    except OSError:  # it has exited meanwhile
+        return False
+    return f"FEDLORA_TEST_PROCESS={name}".encode() in env and module.encode() in argv
+
+
 @pytest.mark.slow
 @pytest.mark.federation
 def test_fedlora_clients_with_registered_keys_complete_a_tls_federation(tmp_path, processes):
@@ -398,6 +409,9 @@ def test_fedlora_clients_with_registered_keys_complete_a_tls_federation(tmp_path
     before = read_state(state).config_records[S_PERSONAL_ROUNDS]["rounds"]
     assert before == 1
     assert processes.crash("node2") >= 2  # `fedlora client`, its SuperNode and their children
+    # Node 0's ClientApp runtime alone dies (its SuperNode lives): `fedlora client` restarts it.
+    (runtime,) = [pid for pid in processes.marked() if _runs(pid, "node0", "fedlora.deploy.runtime")]
+    os.kill(runtime, signal.SIGKILL)
     rejoined, rejoined_log = client(2, "--retry-for", "200")
     assert submit.wait(timeout=max(1, deadline + 240 - time.monotonic())) == 0, submit_log.read_text()[-3000:]
     submitted = submit_log.read_text()
@@ -409,6 +423,11 @@ def test_fedlora_clients_with_registered_keys_complete_a_tls_federation(tmp_path
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]
     assert rounds[0]["clients_trained"] == 3
     assert rounds[1]["clients_trained"] == 2 and rounds[1]["clients_failed"] == 1
+    # Node 0 trained in round 2 (with node 1) and in round 4 (all three) with its restarted runtime.
+    node0 = nodes[0][1].read_text()
+    restart = "fedlora: the ClientApp runtime was killed by signal 9; restarted it after 2 s"
+    assert restart in node0, node0[-3000:]
+    assert node0.split(restart)[1].count("fedlora.client_app:app answered train") >= 2, node0[-3000:]
     assert rounds[-1]["clients_trained"] == 3, "node 2 did not take part again"
     evaluations = rejoined_log.read_text().count("Sending: evaluate message")
     after = read_state(state).config_records[S_PERSONAL_ROUNDS]["rounds"]
@@ -510,6 +529,12 @@ def test_only_the_operator_controls_the_federation(tmp_path, processes):
     )
     _wait_for(_line_or_exit(node, node_log, "SuperNode ID:"), deadline, "the node to join")
     out = tmp_path / "run"
+    # A peer behind a forwarder (an SSH tunnel's far end is 127.0.0.1 here) polls for ServerApp tasks.
+    answers, polling = [], threading.Event()
+    poller = threading.Thread(
+        target=_poll_runtime_api, args=(superlink, certs.ca_cert, answers, polling), daemon=True
+    )
+    poller.start()
     submit, submit_log = processes.start(
         "submit",
         *("submit", *operator, "--clients", "1", "--rounds", "2", "--out", str(out)),
@@ -520,6 +545,8 @@ def test_only_the_operator_controls_the_federation(tmp_path, processes):
     stop = _flwr(home, "stop", run_id, conn)
     assert stop.returncode != 0 and "Authentication failed" in stop.stdout + stop.stderr, stop.stdout
     assert submit.wait(timeout=max(1, deadline + 120 - time.monotonic())) == 0, submit_log.read_text()[-3000:]
+    polling.set()
+    poller.join(timeout=30)
     assert f"run finished: 2 rounds, results in {out}" in submit_log.read_text()
     assert not marker.exists()
     refused = server_log.read_text()
@@ -527,6 +554,56 @@ def test_only_the_operator_controls_the_federation(tmp_path, processes):
         assert f"fedlora: refused /v1/control/{route} from 127.0.0.1: not the operator's token" in refused, (
             route
         )
+    # Every call of the forwarded peer was refused (never a task), and each refusal logged.
+    assert len(answers) >= 20 and set(answers) == {401}, answers
+    line = "fedlora: refused /v1/runtime/{} from 127.0.0.1: not this SuperLink's own SuperExec or ServerApp"
+    polls = len(answers) - 1  # less its one pull-task-input
+    _wait_for(
+        lambda: server_log.read_text().count(line.format("acquire-task")) == polls,
+        time.monotonic() + 10,
+        f"{polls} logged refusals",
+    )
+    assert line.format("pull-task-input") in server_log.read_text()
+
+
+def _poll_runtime_api(superlink: str, ca_cert: Path, answers: list[object], stop: threading.Event) -> None:
+    """Ask the SuperLink's Runtime API for a task every 0.2 s, as a peer without its secret.
+
+    The calls are Flower's own (its Runtime client, as its SuperExec makes them, less the
+    secret); ``answers`` gets each HTTP status, or ``"task"`` for a task handed out. After
+    the first, one ``pull-task-input`` with a guessed task token is tried too.
+    """
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest, PullTaskInputRequest
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    def client(*interceptors: object) -> RuntimeHttpClient:
+        return RuntimeHttpClient.from_server_address(  # no retry invoker: Flower's ends the process
+            server_address=superlink,
+            insecure=False,
+            root_certificates=ca_cert.read_bytes(),
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec"), *interceptors],
+        )
+
+    runtime = client()
+    request = AcquireTaskRequest(supported_task_types=list(TaskType))
+    while not stop.is_set():
+        try:
+            res = runtime.AcquireTask(request)
+            answers.append("task" if res.HasField("task") else 200)
+        except httpx.HTTPStatusError as err:
+            answers.append(err.response.status_code)
+        except httpx.TransportError:
+            pass
+        if len(answers) == 1:  # and a task's inputs, with a token it never got
+            try:
+                client(RuntimeTokenHttpInterceptor("guessed-token")).PullTaskInput(PullTaskInputRequest())
+                answers.append(200)
+            except httpx.HTTPStatusError as err:
+                answers.append(err.response.status_code)
+        stop.wait(0.2)
+    runtime.close()
 
 
 _ROGUE_SERVER = """
