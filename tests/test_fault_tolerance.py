@@ -14,12 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_client
 from helpers import TINY_FEDERATION
 from safetensors.numpy import load_file
 
 import fedlora
 from fedlora.config import RunConfig
 from fedlora.core.errors import ConfigError
+from fedlora.data.sources import load_corpus
 from fedlora.launch import simulate, write_app
 
 TESTS = Path(__file__).parent
@@ -37,54 +39,100 @@ def _events(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
 
 
+def _bbc_clients(root: Path, num: int) -> Path:
+    """``num`` client folders of real BBC News text; every client holds client 0's or client 1's."""
+    corpus = load_corpus("bbc-news")
+    rows = [
+        {"text": t[:400], "label": corpus.label_names[y]}
+        for t, y in zip(corpus.texts, corpus.labels, strict=True)
+    ]
+    halves = [rows[0:2000:50], rows[1:2000:50]]  # 40 documents each, every topic
+    for i in range(num):
+        own = halves[i % 2]
+        write_client(root / f"client-{i:03d}", own[:30], own[30:])
+    return root
+
+
 @pytest.mark.federation
-def test_each_malformed_update_is_rejected_by_name_and_the_run_completes(tmp_path):
-    # Clients 1-5 each send one kind of bad upload (tests/faulty_client.py); client 0 behaves.
+def test_no_reply_ends_the_run_and_no_client_takes_the_global_adapter_by_default(tmp_path):
+    # Prepare: clients 0 and 1 behave; 2-18 each send a named attack (tests/hostile_client.py),
+    # 19-70 a generated invalid reply to every message; the defaults bound the rest.
+    num = 71
     app = write_app(tmp_path / "app", RunConfig())
     pyproject = app / "pyproject.toml"
-    pyproject.write_text(pyproject.read_text().replace("fedlora.client_app:app", "faulty_client:app"))
-    shutil.copy(TESTS / "faulty_client.py", app / "faulty_client.py")
-    cfg = RunConfig.from_flat(
-        {**TINY_FLAT, "num-server-rounds": 2, "min-reply-fraction": 0.0, "max-update-norm": 100.0}
+    pyproject.write_text(pyproject.read_text().replace("fedlora.client_app:app", "hostile_client:app"))
+    shutil.copy(TESTS / "hostile_client.py", app / "hostile_client.py")
+    flat = {**TINY_FLAT, "num-server-rounds": 2, "min-reply-fraction": 0.0, "fraction-evaluate": 1.0}
+
+    # Execute: the attacked run, and a clean run of clients 0 and 1 alone on the same data.
+    attacked = simulate(
+        RunConfig.from_flat({**flat, "data-dir": str(_bbc_clients(tmp_path / "data", num))}),
+        num_clients=num,
+        out_dir=tmp_path / "attacked",
+        app_dir=app,
     )
-    summary = simulate(cfg, num_clients=6, out_dir=tmp_path / "run", app_dir=app)
+    clean = simulate(
+        RunConfig.from_flat({**flat, "data-dir": str(_bbc_clients(tmp_path / "clean-data", 2))}),
+        num_clients=2,
+        out_dir=tmp_path / "clean",
+    )
 
-    assert [r["clients_rejected"] for r in summary["rounds"]] == [5, 5]
-    assert [r["clients_trained"] for r in summary["rounds"]] == [1, 1]
-    reasons = {e["client"]: e["reason"] for e in _events(tmp_path / "run") if e["event"] == "client-rejected"}
-    assert "NaN or Inf" in reasons["1"]
-    assert reasons["2"].startswith("missing tensor")
-    assert reasons["3"].startswith("unexpected tensor 'classifier.extra.weight'")
-    assert "has shape (16," in reasons["4"]
-    assert "exceeds max-update-norm 100" in reasons["5"]
-    # The run went on: every client, the faulty ones too, evaluated the good client's global adapter.
-    final = summary["per_client"]["final_round"]
-    assert sorted(final) == [str(i) for i in range(6)]
-    adapter = load_file(str(tmp_path / "run" / "global_adapter" / "adapter_model.safetensors"))
-    assert all(np.isfinite(v).all() for v in adapter.values())
-
-
-@pytest.mark.federation
-def test_each_bad_weight_claim_is_rejected_by_name_and_the_run_completes(tmp_path):
-    # Clients 1-5 claim 1e12, NaN, Inf, -3 and 0 training examples (tests/faulty_weights.py).
-    app = write_app(tmp_path / "app", RunConfig())
-    pyproject = app / "pyproject.toml"
-    pyproject.write_text(pyproject.read_text().replace("fedlora.client_app:app", "faulty_weights:app"))
-    shutil.copy(TESTS / "faulty_weights.py", app / "faulty_weights.py")
-    cfg = RunConfig.from_flat({**TINY_FLAT, "num-server-rounds": 2, "min-reply-fraction": 0.0})
-    summary = simulate(cfg, num_clients=6, out_dir=tmp_path / "run", app_dir=app)
-
-    assert [r["clients_rejected"] for r in summary["rounds"]] == [5, 5]
-    assert [r["clients_trained"] for r in summary["rounds"]] == [1, 1]
-    reasons = {e["client"]: e["reason"] for e in _events(tmp_path / "run") if e["event"] == "client-rejected"}
-    assert reasons["1"] == "num-examples 1000000000000 is outside [1, 100000] (max-examples-per-client)"
-    assert reasons["2"] == "num-examples nan is not a whole number"
-    assert reasons["3"] == "num-examples inf is not a whole number"
-    assert reasons["4"] == "num-examples -3 is outside [1, 100000] (max-examples-per-client)"
-    assert reasons["5"] == "num-examples 0 is outside [1, 100000] (max-examples-per-client)"
-    adapter = load_file(str(tmp_path / "run" / "global_adapter" / "adapter_model.safetensors"))
-    assert all(np.isfinite(v).all() for v in adapter.values())
-    assert sorted(summary["per_client"]["final_round"]) == [str(i) for i in range(6)]
+    # Assert: every named attack was rejected by name, or capped; the run completed.
+    events = _events(tmp_path / "attacked")
+    rejected = [e for e in events if e["event"] == "client-rejected"]
+    evaluate = {e["node"]: e["reason"] for e in rejected if e["reply"] == "evaluate"}
+    node_of = {e["client"]: e["node"] for e in events if e["event"] == "weight-capped"}
+    reasons = {pid: [] for pid in range(2, 19)}
+    for e in rejected:
+        if e["client"].isdigit() and e["reply"] == "train":
+            reasons.setdefault(int(e["client"]), []).append(e["reason"])
+    expected = {
+        2: "exceeds 10 x the round's median",
+        4: "is <U1 (numpy.ndarray), expected float32",
+        5: "unexpected metric 'my-metric'",
+        6: "is float64 (numpy.ndarray), expected float32",
+        7: "is int8 (numpy.ndarray), expected float32",
+        8: "holds NaN or Inf",
+        9: "missing tensor",
+        10: "unexpected tensor 'classifier.extra.weight'",
+        11: "has shape (16,",
+        12: "exceeds 10 x the round's median",
+        13: "metric 'num-examples' is 1000000000000.0, outside",
+        14: "metric 'num-examples' is NaN",
+        15: "metric 'num-examples' is inf, outside",
+        16: "metric 'num-examples' is -3.0, outside",
+        17: "num-examples 0 is outside [1, 100000]",
+    }
+    for pid, reason in expected.items():
+        assert len(reasons[pid]) == 2 and all(reason in r for r in reasons[pid]), (pid, reasons[pid])
+    # Evaluate replies: accuracy 1000, an extra key, and a stolen partition id are rejected; the
+    # replies naming partition inf and claiming inf examples are named by node.
+    assert any("metric 'accuracy-global' is 1000.0, outside [0, 1]" in r for r in evaluate.values())
+    assert any("metric 'partition-id' is inf" in r for r in evaluate.values())
+    assert any("metric 'num-examples' is inf" in r for r in evaluate.values())
+    assert any("partition-id 0 is node" in r for r in evaluate.values())
+    # Clients 0 and 1, the claimant, and client 18 (which attacks only its evaluate replies).
+    assert all(r["clients_trained"] == 4 for r in attacked["rounds"])
+    # The 100,000-example claim weighs half of its round, not 99.97%.
+    assert set(node_of) == {"3"}
+    capped = [e for e in events if e["event"] == "weight-capped"]
+    assert all(e["claimed"] == 100_000 and e["weight"] < 100_000 for e in capped) and len(capped) == 2
+    # 52 clients x 2 rounds x 2 messages = 208 generated replies, every one rejected; with the
+    # named train (15 clients) and evaluate (5) attacks of both rounds, 248 rejections in all.
+    assert len(rejected) == 208 + 2 * 15 + 2 * 5
+    final = attacked["per_client"]["final_round"]
+    assert sorted(final, key=int) == [str(i) for i in (0, 1, 2, 3, *range(8, 18))]
+    assert not any(e["client"] in ("0", "1") for e in rejected)
+    # The global adapter is finite and of an honest size; the honest clients' accuracy is that of a clean run.
+    adapter = load_file(str(tmp_path / "attacked" / "global_adapter" / "adapter_model.safetensors"))
+    assert all(np.isfinite(v).all() and np.abs(v).max() < 100 for v in adapter.values())
+    for pid in ("0", "1"):
+        got = attacked["per_client"]["final_round"][pid]
+        want = clean["per_client"]["final_round"][pid]
+        for model in ("global_accuracy", "personalized_accuracy"):
+            assert abs(got[model] - want[model]) <= 0.2, (pid, model, got[model], want[model])
+    # Every recorded accuracy is a share: no reply could push one out of [0, 1].
+    assert all(0 <= c["global_accuracy"] <= 1 for c in attacked["per_client"]["final_round"].values())
 
 
 def _crash(marker: str) -> list[int]:

@@ -403,6 +403,17 @@ class FederationConfig:
         "(uploads with NaN/Inf, missing, extra or misshapen tensors are always dropped)",
         unbounded=True,
     )
+    max_update_norm_ratio: float = setting(
+        10.0,
+        "the server drops an upload whose update norm exceeds this multiple of the round's lower-median "
+        "update norm (a huge upload is refused out of the box; inf: no bound)",
+        unbounded=True,
+    )
+    max_client_weight_share: float = setting(
+        0.5,
+        "no client weighs more than this share of a round's total weight in the mean (at least 1/n of "
+        "n clients; 1: no cap); applied after max-examples-per-client",
+    )
     local_only_baseline: bool = setting(
         True,
         "after the rounds, every client also trains an adapter alone (the local-only column)",
@@ -502,6 +513,10 @@ class FederationConfig:
             raise fail("max-examples-per-client", "a positive integer", self.max_examples_per_client)
         if not self.max_update_norm > 0:
             raise fail("max-update-norm", "a positive number (inf: no bound)", self.max_update_norm)
+        if not self.max_update_norm_ratio >= 1:
+            raise fail("max-update-norm-ratio", "a number >= 1 (inf: no bound)", self.max_update_norm_ratio)
+        if not 0.0 < self.max_client_weight_share <= 1.0:
+            raise fail("max-client-weight-share", "a number in (0, 1]", self.max_client_weight_share)
         if self.eval_examples < 0:
             raise fail("eval-examples", "an integer >= 0 (0: every held-out example)", self.eval_examples)
         if not 0 <= self.responses_per_client <= 1000:

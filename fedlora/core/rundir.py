@@ -130,6 +130,8 @@ class RoundRecord:
     per_client: dict[str, dict[str, Any]] = field(default_factory=dict)  # ClientRecord.to_dict()
     epsilon_max: float = math.nan
     clients_rejected: int = 0
+    # The lower median of the round's accepted update norms (max-update-norm-ratio's reference).
+    update_norm_median: float = math.nan
     client_dp_epsilon: float = math.nan
     mia_advantage_global: float = math.nan
     mia_advantage_personalized: float = math.nan

@@ -34,7 +34,7 @@ from fedlora.server.recording import Recorded
 from fedlora.server.replies import client_id
 from fedlora.server.runs_root import held_run, run_directory
 from fedlora.server.secure import run_secure
-from fedlora.server.validation import UploadCheck
+from fedlora.server.validation import Owners, UploadCheck, screen_replies
 from fedlora.strategies.base import checkpoint_state, initial_record
 
 __all__ = ["build_strategy", "run_federation"]
@@ -42,7 +42,7 @@ __all__ = ["build_strategy", "run_federation"]
 log = logging.getLogger(__name__)
 
 
-def _local_only(grid: Grid, cfg: RunConfig, recorder: RunRecorder) -> None:
+def _local_only(grid: Grid, cfg: RunConfig, recorder: RunRecorder, check: UploadCheck) -> None:
     """Once per run: every client trains an adapter alone for the same number of steps."""
     steps = cfg.federation.num_server_rounds * (cfg.train.local_steps + cfg.train.personal_steps)
     recorder.event("local-only", steps=steps)
@@ -54,7 +54,16 @@ def _local_only(grid: Grid, cfg: RunConfig, recorder: RunRecorder) -> None:
         )
         for node_id in grid.get_node_ids()
     ]
-    for reply in grid.send_and_receive(messages):
+    replies, _ = screen_replies(
+        check,
+        list(grid.send_and_receive(messages)),
+        "local-only",
+        "local-only",
+        recorder,
+        Owners(num_partitions=max(1, len(messages))),
+        schema_round=cfg.federation.num_server_rounds,
+    )
+    for reply in replies:
         if reply.has_error():
             recorder.event(
                 "client-error", round="local-only", node=reply.metadata.src_node_id, reason=reply.error.reason
@@ -139,6 +148,7 @@ def run_federation(grid: Grid, cfg: RunConfig, context: Context) -> dict[str, An
         config = lora_config(cfg.model if rank is None else dataclasses.replace(cfg.model, lora_rank=rank))
         save_peft_adapter(directory, state, config, base_delta=base_delta)
 
+    check = UploadCheck.for_run(info, loaded.initial_global, cfg)
     if cfg.privacy.secure_aggregation:
         final = run_secure(
             grid,
@@ -151,7 +161,7 @@ def run_federation(grid: Grid, cfg: RunConfig, context: Context) -> dict[str, An
             ),
         )
         save(out_dir / GLOBAL_ADAPTER, to_record(final))
-        return _finish(grid, cfg, recorder, labels)
+        return _finish(grid, cfg, recorder, labels, check)
 
     strategy, num_nodes = build_strategy(cfg, resumed, lambda: wait_for_nodes(grid, fed.min_clients))
     if resumed is not None:
@@ -170,13 +180,6 @@ def run_federation(grid: Grid, cfg: RunConfig, context: Context) -> dict[str, An
             save_checkpoint(out_dir, state, strategy)
         return None
 
-    check = UploadCheck.for_run(
-        info,
-        loaded.initial_global,
-        fed.max_update_norm,
-        max_examples=fed.max_examples_per_client,
-        unit_weight=cfg.privacy.client_level,
-    )
     recorded = Recorded(
         strategy,
         recorder,
@@ -198,14 +201,16 @@ def run_federation(grid: Grid, cfg: RunConfig, context: Context) -> dict[str, An
         )
         arrays = result.arrays if len(result.arrays) else arrays
     save(out_dir / GLOBAL_ADAPTER, arrays)
-    return _finish(grid, cfg, recorder, labels)
+    return _finish(grid, cfg, recorder, labels, check)
 
 
-def _finish(grid: Grid, cfg: RunConfig, recorder: RunRecorder, labels: Sequence[str]) -> dict[str, Any]:
+def _finish(
+    grid: Grid, cfg: RunConfig, recorder: RunRecorder, labels: Sequence[str], check: UploadCheck
+) -> dict[str, Any]:
     """After the rounds: run the local-only baseline, write and log the summary."""
     fed = cfg.federation
     if fed.local_only_baseline:
-        _local_only(grid, cfg, recorder)
+        _local_only(grid, cfg, recorder, check)
     summary = recorder.summary(
         labels=list(labels), strategy=fed.strategy, personalization=plan.resolved_personalization(cfg)
     )

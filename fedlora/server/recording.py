@@ -2,8 +2,9 @@
 
 `Recorded` delegates sampling and aggregation to the wrapped strategy and composes the
 server's per-round jobs, each in its own module: seeding the sampling
-(`fedlora.server.sampling`), counting traffic (`fedlora.server.traffic`), dropping
-invalid uploads (`fedlora.server.validation`), the reply quorum (`fedlora.server.quorum`),
+(`fedlora.server.sampling`), counting traffic (`fedlora.server.traffic`), screening every
+reply and capping each client's weight before the strategy sees it
+(`fedlora.server.validation`), the reply quorum (`fedlora.server.quorum`),
 client-level DP's budget refusal, recording evaluations (`fedlora.server.evaluation`),
 and the round offset of a resumed run.
 """
@@ -27,7 +28,7 @@ from fedlora.server.recorder import RunRecorder
 from fedlora.server.replies import client_of, metric, metrics_of, order_key
 from fedlora.server.sampling import seed_sampling
 from fedlora.server.traffic import array_bytes, count_down
-from fedlora.server.validation import UploadCheck, drop_invalid
+from fedlora.server.validation import Owners, UploadCheck, for_strategy, screen_replies, screen_train
 
 __all__ = ["Recorded"]
 
@@ -44,7 +45,7 @@ class Recorded(Strategy):
     recorder : RunRecorder
         Where round metrics go.
     check : UploadCheck, optional
-        What a valid upload looks like; invalid ones are dropped before aggregation.
+        What a valid reply looks like; invalid ones are dropped before anything reads them.
     first_round : int
         The run's round that Flower's round 1 is (a resumed run goes on from there).
     min_reply_fraction : float
@@ -73,6 +74,7 @@ class Recorded(Strategy):
         self.seed = seed
         self.sampled: dict[int, int] = {}
         self.round_start: AdapterState = {}
+        self.owners = Owners()
         # Client-level DP: rounds the accountant refused (the budget would be exceeded).
         self.refused: set[int] = set()
 
@@ -90,7 +92,8 @@ class Recorded(Strategy):
         """
         server_round += self.offset
         seed_sampling(self.seed, server_round)
-        if self.check is not None and self.check.max_norm != math.inf:
+        self.owners.num_partitions = max(1, len(list(grid.get_node_ids())))
+        if self.check is not None:
             self.round_start = from_record(arrays)
         try:
             messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
@@ -113,14 +116,15 @@ class Recorded(Strategy):
         stay as they were.
         """
         server_round += self.offset
-        replies = sorted(replies, key=order_key)
+        replies = list(replies)
         sampled = self.sampled.get(server_round, len(replies))
         missing = max(0, sampled - len(replies))
         record = self.recorder.round(server_round)
         if self.check is not None:
-            replies, record.clients_rejected = drop_invalid(
-                self.check, replies, self.round_start, self.recorder, server_round
+            replies, record.clients_rejected = screen_train(
+                self.check, replies, self.round_start, self.recorder, server_round, self.owners
             )
+        replies = sorted(replies, key=order_key)
         ok = [m for m in replies if not m.has_error()]
         record.clients_trained = len(ok)
         record.clients_failed = len(replies) - len(ok) + record.clients_rejected + missing
@@ -147,7 +151,9 @@ class Recorded(Strategy):
             )
             self.recorder.event("round-not-aggregated", round=server_round, valid=len(ok), sampled=sampled)
             return None, None
-        result = self.strategy.aggregate_train(server_round, replies)
+        result = self.strategy.aggregate_train(
+            server_round, for_strategy(self.check, replies, self.recorder, server_round)
+        )
         spent = getattr(self.strategy, "privacy_spent", lambda: None)()
         if spent is not None:
             record.client_dp_epsilon = float(spent.epsilon)
@@ -165,9 +171,13 @@ class Recorded(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Record every client's global and personalized accuracy, then delegate."""
         server_round += self.offset
-        replies = list(replies)
+        replies, _ = screen_replies(
+            self.check, list(replies), "evaluate", server_round, self.recorder, self.owners
+        )
         ok = [m for m in replies if not m.has_error()]
         record_evaluation(
             self.recorder.round(server_round), [(client_of(m), metrics_of(m)) for m in ok], self.recorder.task
         )
-        return self.strategy.aggregate_evaluate(server_round, replies)
+        return self.strategy.aggregate_evaluate(
+            server_round, for_strategy(self.check, replies, self.recorder, server_round, train=False)
+        )

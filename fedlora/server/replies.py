@@ -30,9 +30,9 @@ def metric(message: Message, key: str) -> float:
 
 
 def client_id(metrics: Mapping[str, Any], node: int | str) -> str:
-    """A client's name in results: its partition id, else its node id."""
+    """A client's name in results: its partition id (a whole number from 0), else its node id."""
     pid = value(metrics, keys.M_PARTITION_ID)
-    return str(int(pid)) if not math.isnan(pid) else f"node-{node}"
+    return str(int(pid)) if math.isfinite(pid) and pid >= 0 and pid == int(pid) else f"node-{node}"
 
 
 def client_of(message: Message) -> str:
