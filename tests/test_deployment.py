@@ -565,6 +565,21 @@ def test_only_the_operator_controls_the_federation(tmp_path, processes):
     )
     assert line.format("pull-task-input") in server_log.read_text()
 
+    # A run config naming a folder of the server's own as data-dir (and no labels) would make
+    # the ServerApp read it for its labels: a deployed server refuses, and reads nothing.
+    secret = tmp_path / "server-folder"
+    rows = [{"text": "t", "label": "SERVER-SECRET"}]
+    write_client(secret / "x", rows, rows)
+    nosy, nosy_log = processes.start(
+        "submit-data-dir",
+        *("submit", *operator, "--clients", "1", "--rounds", "1", "--out", str(tmp_path / "nosy")),
+        *("--run-config", f"data-dir={secret} {_tiny_run_config()}"),
+    )
+    nosy.wait(timeout=max(1, deadline + 180 - time.monotonic()))
+    said = nosy_log.read_text()
+    assert "labels: a deployed server reads no client data" in said, said[-3000:]
+    assert not any("SERVER-SECRET" in p.read_text() for p in (tmp_path / "nosy").rglob("*.json*"))
+
 
 def _poll_runtime_api(superlink: str, ca_cert: Path, answers: list[object], stop: threading.Event) -> None:
     """Ask the SuperLink's Runtime API for a task every 0.2 s, as a peer without its secret.

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from helpers import reply
 from hostile_client import EVALUATE_METRICS, TRAIN_METRICS, mutate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from helpers import reply
 
 from fedlora.config import RunConfig
 from fedlora.server.recorder import RunRecorder
@@ -132,7 +132,8 @@ def test_cap_shares_hand_computed():
 def test_a_huge_upload_is_rejected_by_the_median_ratio_and_a_huge_claim_is_capped(tmp_path):
     # Prepare: three honest updates of norm 1, 2 and 3, one 1e30 upload, one claim of 100,000.
     recorded = _recorded(tmp_path, _cfg())
-    moved = [{**GOOD, "x.lora_A.weight": GOOD["x.lora_A.weight"] + np.float32([[d, 0.0]])} for d in (1.0, 2.0, 3.0)]
+    a = GOOD["x.lora_A.weight"]
+    moved = [{**GOOD, "x.lora_A.weight": a + np.float32([[d, 0.0]])} for d in (1.0, 2.0, 3.0)]
     huge = {k: np.full_like(v, 1e30) for k, v in GOOD.items()}
     replies = [
         _train(0, moved[0], **{"num-examples": 10}),
@@ -198,3 +199,21 @@ def test_no_generated_reply_gets_through_or_ends_the_round(tmp_path_factory, see
         recorded.aggregate_evaluate(server_round, [*honest, bad])
         assert set(recorded.recorder.round(server_round).per_client) == {"0", "1"}
     assert [e["node"] for e in _events(tmp) if e["event"] == "client-rejected"] == [2]
+
+
+def test_a_deployed_server_reads_no_client_data_and_no_model_outside_its_runs_folder(tmp_path, monkeypatch):
+    from fedlora.core.errors import ConfigError
+    from fedlora.server.runs_root import check_server_reads
+
+    bundled = frozenset({"minilm", "tiny-bert"})
+    root = tmp_path / "runs"
+    (root / "models" / "mine").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(ConfigError, match=r"^labels: a deployed server reads no client data"):
+        check_server_reads(RunConfig.from_flat({"data-dir": str(tmp_path / "elsewhere")}), bundled, root)
+    check_server_reads(RunConfig.from_flat({"data-dir": "/srv", "labels": "a,b"}), bundled, root)
+    check_server_reads(RunConfig.from_flat({"model": str(root / "models" / "mine")}), bundled, root)
+    outside = (str(tmp_path / "elsewhere"), "~/mymodel", "org/some-model", str(root / "models" / ".." / ".."))
+    for model in outside:
+        with pytest.raises(ConfigError, match=r"^model: a deployed server loads a bundled model"):
+            check_server_reads(RunConfig.from_flat({"model": model}), bundled, root)

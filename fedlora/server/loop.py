@@ -26,13 +26,13 @@ from fedlora.core.errors import ConfigError
 from fedlora.core.rundir import GLOBAL_ADAPTER, RESULTS_LINE, ROUNDS
 from fedlora.data import resolve_labels
 from fedlora.lora.adapters import from_record, save_peft_adapter, to_record
-from fedlora.models import build_model, lora_config
+from fedlora.models import BUNDLED_MODELS, build_model, lora_config
 from fedlora.privacy.client_dp import wait_for_nodes, with_client_dp
 from fedlora.server.checkpoint import Checkpoint, load_checkpoint, restore_strategy, save_checkpoint
 from fedlora.server.recorder import RunRecorder
 from fedlora.server.recording import Recorded
 from fedlora.server.replies import client_id
-from fedlora.server.runs_root import held_run, run_directory
+from fedlora.server.runs_root import check_server_reads, deployed, held_run, run_directory
 from fedlora.server.secure import run_secure
 from fedlora.server.validation import Owners, UploadCheck, screen_replies
 from fedlora.strategies.base import checkpoint_state, initial_record
@@ -120,6 +120,8 @@ def run_federation(grid: Grid, cfg: RunConfig, context: Context) -> dict[str, An
         raise ConfigError(
             f"out-dir: {out_dir} already holds a run ({held}); name another folder, or resume it"
         )
+    if deployed():
+        check_server_reads(cfg, frozenset(BUNDLED_MODELS))
     labels = resolve_labels(cfg.data, cfg.model.task)
     loaded = build_model(cfg.model, len(labels), seed=fed.seed)
     config = {**cfg.to_flat(), "out-dir": str(out_dir), "labels": ",".join(labels)}

@@ -8,6 +8,10 @@ relative ``out-dir`` is a folder inside that root; an absolute one must lie insi
 ``..`` that would leave the root, and the root itself, are refused, so a run config
 cannot make the server read or write anything but a run directory of its own. Symbolic
 links inside the root are the server owner's and are followed.
+
+A deployed server (`deployed`) reads no client data and no model a run config names
+(`check_server_reads`): its labels come from the run config, its model is a bundled one
+or a folder inside its runs folder. Reading client data is the simulation's business.
 """
 
 from __future__ import annotations
@@ -15,11 +19,23 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedlora.core.errors import ConfigError
 from fedlora.core.rundir import CHECKPOINT, SUMMARY
 
-__all__ = ["DEPLOYED_ENV", "RUNS_ROOT_ENV", "deployed", "held_run", "run_directory", "runs_root"]
+if TYPE_CHECKING:
+    from fedlora.config import RunConfig
+
+__all__ = [
+    "DEPLOYED_ENV",
+    "RUNS_ROOT_ENV",
+    "check_server_reads",
+    "deployed",
+    "held_run",
+    "run_directory",
+    "runs_root",
+]
 
 RUNS_ROOT_ENV = "FEDLORA_RUNS_ROOT"
 # Set (to "1") by `fedlora server` for its SuperLink and ServerApps: a deployed server reads
@@ -83,3 +99,40 @@ def held_run(out_dir: Path) -> str | None:
     if (out_dir / CHECKPOINT).exists():
         return "unfinished"
     return None
+
+
+def check_server_reads(cfg: RunConfig, bundled: frozenset[str], root: Path | None = None) -> None:
+    """Refuse a run config that would make a deployed server read client data or a model of its choosing.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The submitted run's configuration.
+    bundled : frozenset[str]
+        The bundled model names (loaded from fedlora's own packages).
+    root : Path or None
+        The runs folder (default `runs_root`).
+
+    Raises
+    ------
+    ConfigError
+        If a classification run gives no ``labels`` (the server would read its data
+        folder or dataset to find them), or ``model`` is neither bundled nor a folder
+        inside the runs folder.
+
+    """
+    data, model = cfg.data, cfg.model
+    if model.task == "classification" and not data.labels and (data.data_dir or data.hf_dataset):
+        raise ConfigError(
+            "labels: a deployed server reads no client data (data-dir, hf: datasets); "
+            "give the run's label set in its config (labels=a,b,c)"
+        )
+    if model.model in bundled:
+        return
+    root = (runs_root() if root is None else root).resolve()
+    path = Path(model.model).expanduser().resolve()  # as the model loader reads it
+    if root not in path.parents or not path.is_dir():  # not a hub id either: that would download
+        raise ConfigError(
+            f"model: a deployed server loads a bundled model ({', '.join(sorted(bundled))}) or a model "
+            f"folder inside its runs folder {root}, not {model.model!r}"
+        )
