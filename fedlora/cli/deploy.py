@@ -9,6 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedlora.client.policy import DevicePolicy, allowed_model_entry
 from fedlora.client.profiles import PROFILES
 from fedlora.config import RunConfig
 from fedlora.core.errors import ConfigError
@@ -40,6 +41,7 @@ from fedlora.deploy import (
     unregister_node,
     write_flwr_home,
 )
+from fedlora.deploy.commands import private_folder
 from fedlora.launch import flower_env, parse_overrides
 from fedlora.server.runs_root import DEPLOYED_ENV, RUNS_ROOT_ENV
 
@@ -165,6 +167,30 @@ def _register(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy(args: argparse.Namespace) -> DevicePolicy:
+    """The device owner's policy from ``fedlora client``'s flags (`fedlora.client.policy`)."""
+    policy = DevicePolicy(
+        allowed_models=tuple(dict.fromkeys(allowed_model_entry(m) for m in args.allow_model)),
+        min_noise_multiplier=args.min_noise_multiplier,
+        max_epsilon=args.max_epsilon,
+        max_lifetime_epsilon=args.max_lifetime_epsilon,
+        max_delta=args.max_delta,
+        require_dp=args.require_dp,
+        max_steps=args.max_steps,
+        max_threads=args.max_threads,
+        max_length=args.max_length,
+        max_eval_examples=args.max_eval_examples,
+    )
+    threads = PROFILES[args.profile].num_threads if args.profile else 0
+    if policy.max_threads and threads > policy.max_threads:
+        # The profile sets its threads whatever a run asks: every run would be refused.
+        raise ConfigError(
+            f"max-threads: profile {args.profile!r} runs {threads} torch threads, over --max-threads "
+            f"{policy.max_threads}; raise one or drop the profile"
+        )
+    return policy
+
+
 def _client(args: argparse.Namespace) -> int:
     if args.profile and args.profile not in PROFILES:
         raise ConfigError(f"profile: must be one of {', '.join(PROFILES)}, got {args.profile!r}")
@@ -187,9 +213,13 @@ def _client(args: argparse.Namespace) -> int:
         partition_id=args.partition_id,
         num_partitions=args.num_partitions,
         device=args.device or "",
+        policy=_policy(args),
     )
     root_cert = _tls(args)
-    state.expanduser().mkdir(parents=True, exist_ok=True)
+    # It holds the personal adapter and the privacy ledger: its owner's only.
+    note = private_folder(state)
+    if note is not None:
+        _say(f"state-dir: {note}")
     with tempfile.TemporaryDirectory(prefix="fedlora-node-") as private:  # 0700
         secret = _private_secret(Path(private))
         command = supernode_command(
@@ -259,6 +289,68 @@ def _token_arg(parser: argparse.ArgumentParser) -> None:
         help=f"the operator token (default: {OPERATOR_TOKEN} beside --root-cert, if there; "
         f"{DEFAULT_OPERATOR_TOKEN} with --insecure)",
     )
+
+
+def _policy_args(client: argparse.ArgumentParser) -> None:
+    """``fedlora client``'s policy flags: what any run may make this device load and do."""
+    default = DevicePolicy()
+    policy = client.add_argument_group(
+        "device policy",
+        "this device's own limits, whatever a run config says: a run asking for less privacy or "
+        "more work is refused with an error reply naming the limit, and nothing of it runs",
+    )
+    policy.add_argument(
+        "--allow-model",
+        action="append",
+        default=[],
+        metavar="PATH_OR_HUB_ID",
+        help="a model folder or hub id runs may name, beside the bundled models (repeatable)",
+    )
+    policy.add_argument(
+        "--require-dp",
+        action="store_true",
+        help="refuse runs without DP-SGD (implied by the three flags below)",
+    )
+    policy.add_argument(
+        "--min-noise-multiplier",
+        type=float,
+        default=default.min_noise_multiplier,
+        metavar="X",
+        help="the lowest DP-SGD noise multiplier a run may use: its dp-noise-multiplier, or the one "
+        "calibrated from dp-target-epsilon",
+    )
+    policy.add_argument(
+        "--max-epsilon",
+        type=float,
+        default=default.max_epsilon,
+        metavar="E",
+        help="the largest epsilon of one run: its dp-epsilon-budget (which a run must then set) and "
+        "dp-target-epsilon",
+    )
+    policy.add_argument(
+        "--max-lifetime-epsilon",
+        type=float,
+        default=default.max_lifetime_epsilon,
+        metavar="E",
+        help="the largest epsilon over every run in --state-dir: the sum of each earlier run's epsilon "
+        "plus this run's dp-epsilon-budget (a conservative sum)",
+    )
+    policy.add_argument(
+        "--max-delta",
+        type=float,
+        default=default.max_delta,
+        metavar="D",
+        help=f"the largest dp-delta while an epsilon cap is set (default {default.max_delta:g})",
+    )
+    for flag, what in (
+        ("--max-steps", "local-steps and personal-steps per round"),
+        ("--max-threads", "num-threads (0, torch's default, counts as every core)"),
+        ("--max-length", "max-length, tokens per example"),
+        ("--max-eval-examples", "eval-examples (0, every example, counts as more) and audit-examples"),
+    ):
+        policy.add_argument(
+            flag, type=int, default=0, metavar="N", help=f"the most {what} (default 0: no cap)"
+        )
 
 
 def add_deploy_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -368,6 +460,7 @@ def add_deploy_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         help="also run runs of this FAB (an operator's own app; repeatable); fedlora's own is "
         "always approved, and either way this device's installed fedlora ClientApp is what runs",
     )
+    _policy_args(client)
     client.set_defaults(func=_client)
 
     run = sub.add_parser("submit", help="start a federated run on the deployed SuperLink and wait for it")

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 
+from fedlora.client.policy import PolicyRefused
 from fedlora.core import keys
 from fedlora.core.errors import BudgetExhausted, FedloraError
 from fedlora.lora.adapters import from_record
@@ -30,11 +31,19 @@ log = logging.getLogger(__name__)
 Handler = Callable[[Message, Context], Message]
 
 
+# Error replies' codes by kind of error; any other FedloraError is bad local input.
+_CODES: tuple[tuple[type[FedloraError], int], ...] = (
+    (BudgetExhausted, keys.E_BUDGET_EXHAUSTED),
+    (PolicyRefused, keys.E_POLICY),
+)
+
+
 def reply_errors(handler: Handler) -> Handler:
     """Turn a FedloraError into an error reply, so the node lives on.
 
     The reply carries the error's code, kind and field or line (`FedloraError.public`);
     the whole message, which may name local paths, texts or labels, stays in the node's log.
+    A run the device's own policy refuses (`fedlora.client.policy`) gets ``E_POLICY``.
     """
 
     @functools.wraps(handler)
@@ -42,8 +51,14 @@ def reply_errors(handler: Handler) -> Handler:
         try:
             return handler(message, context)
         except FedloraError as err:
-            log.error("fedlora client %s: %s", context.node_config.get(keys.NODE_PARTITION_ID, "?"), err)
-            code = keys.E_BUDGET_EXHAUSTED if isinstance(err, BudgetExhausted) else keys.E_CLIENT_INPUT
+            client = context.node_config.get(keys.NODE_PARTITION_ID, "?")
+            if isinstance(err, PolicyRefused):
+                log.error(
+                    "fedlora client %s: refused run %s: %s; nothing of it ran", client, context.run_id, err
+                )
+            else:
+                log.error("fedlora client %s: %s", client, err)
+            code = next((c for kind, c in _CODES if isinstance(err, kind)), keys.E_CLIENT_INPUT)
             return Message(Error(code=code, reason=err.public()), reply_to=message)
 
     return wrapped

@@ -6,6 +6,10 @@ load the frozen base in bfloat16 (half its memory, the same held-out quality on 
 bundled models; the LoRA adapters stay float32), and caps the LoRA rank where the
 strategy takes mixed ranks (flora, flexlora, fedex-lora); under the other strategies
 every client must share the run's rank, which is kept.
+
+A profile clamps what a run asks; a device's own policy (`fedlora.client.policy`: steps,
+threads, tokens, evaluated examples, privacy) refuses a run that asks for more, judging the
+settings as the profile left them.
 """
 
 from __future__ import annotations

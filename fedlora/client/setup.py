@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import random
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -11,10 +13,12 @@ from flwr.app import ConfigRecord, Context, Message
 
 from fedlora import plan
 from fedlora.client.messages import Incoming
+from fedlora.client.policy import DevicePolicy, PolicyRefused, RunRequest
 from fedlora.client.profiles import apply_profile
+from fedlora.client.state import other_records
 from fedlora.config import ModelConfig, PrivacyConfig, RunConfig
 from fedlora.core import keys
-from fedlora.core.errors import BudgetExhausted, ConfigError
+from fedlora.core.errors import BudgetExhausted, ConfigError, FedloraError
 from fedlora.data import ClientData, load_client_data, resolve_labels
 from fedlora.lora.adapters import from_record, to_record
 from fedlora.lora.maths import part_of
@@ -34,6 +38,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Client", "sample_rows"]
 
+log = logging.getLogger(__name__)
+
 
 def sample_rows(rng: random.Random, n: int, at_most: int) -> list[int]:
     """All of ``range(n)`` if it fits, else a sorted seeded sample of ``at_most`` of them."""
@@ -46,10 +52,8 @@ def _parse(flat: tuple[tuple[str, bool | int | float | str], ...]) -> RunConfig:
 
 
 @lru_cache(maxsize=128)
-def _client_data(
-    cfg: RunConfig, model_cfg: ModelConfig, partition_id: int, num_partitions: int
-) -> tuple[ClientData, Tokenized, Tokenized]:
-    # Per process (a Ray actor serves many simulated clients): load and tokenize once.
+def _own_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
+    # Per process (a Ray actor serves many simulated clients): load once.
     task, seed = cfg.model.task, cfg.federation.seed
     data = load_client_data(cfg.data, task, partition_id, num_partitions, seed)
     privacy = cfg.privacy
@@ -57,6 +61,16 @@ def _client_data(
         # Canary audit: a random secret, repeated, among this client's training text.
         canaries = (canary_text(seed),) * privacy.canary_repeats
         data = dataclasses.replace(data, train_texts=data.train_texts + canaries)
+    return data
+
+
+@lru_cache(maxsize=128)
+def _client_data(
+    cfg: RunConfig, model_cfg: ModelConfig, partition_id: int, num_partitions: int
+) -> tuple[ClientData, Tokenized, Tokenized]:
+    # Per process: tokenize once.
+    task, seed = cfg.model.task, cfg.federation.seed
+    data = _own_data(cfg, partition_id, num_partitions)
     tok = cached_model(model_cfg, len(resolve_labels(cfg.data, task)), seed).tokenizer
     train, test = (
         tokenize_split(tok, model_cfg, texts, labels, where=split)
@@ -98,6 +112,12 @@ class Client:
         )
         self.cfg = cfg
         self.rank, self.num_partitions = rank, num_partitions
+        self.state = context.state
+        if self.device:
+            # The owner's policy has the last word, before anything the run names is loaded.
+            policy = DevicePolicy.from_node_config(node)
+            policy.check(self._request(context, policy))
+        self.data = _own_data(cfg, self.partition_id, num_partitions)
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         labels = resolve_labels(cfg.data, cfg.model.task)
@@ -112,9 +132,30 @@ class Client:
             model_cfg = dataclasses.replace(model_cfg, device=str(node[keys.NODE_DEVICE]))
         check_compute(model_cfg)  # a device or format this node lacks: one line, before loading
         self.loaded = cached_model(model_cfg, len(labels), cfg.federation.seed)
-        self.data, self.train, self.test = _client_data(cfg, model_cfg, self.partition_id, num_partitions)
+        _, self.train, self.test = _client_data(cfg, model_cfg, self.partition_id, num_partitions)
         self.method = get_personalization(plan.resolved_personalization(cfg))
-        self.state = context.state
+
+    def _request(self, context: Context, policy: DevicePolicy) -> RunRequest:
+        """What this run asks of the device, for its policy: the noise it would use, the epsilon spent."""
+        privacy = self.cfg.privacy
+        noise = privacy.dp_noise_multiplier
+        if privacy.dp_target_epsilon > 0:
+            # A calibrated noise multiplier depends on this device's number of examples.
+            own = _own_data(self.cfg, self.partition_id, self.num_partitions)
+            noise = self._noise_and_rate(own.num_train)[0]
+        here = elsewhere = 0.0
+        if privacy.enabled and math.isfinite(policy.max_lifetime_epsilon):
+            here = self.ledger().epsilon(privacy.dp_delta)
+            try:
+                records = other_records(context, keys.S_LEDGER)
+            except FedloraError as err:
+                log.error("fedlora client %s: %s", self.partition_id, err)
+                raise PolicyRefused(
+                    "policy: an earlier run's state on this device cannot be read, so its lifetime "
+                    "epsilon is unknown (--max-lifetime-epsilon)"
+                ) from None
+            elsewhere = sum(PrivacyLedger.from_record(r).epsilon(privacy.dp_delta) for r in records)
+        return RunRequest.of(self.cfg, noise_multiplier=noise, spent_here=here, spent_elsewhere=elsewhere)
 
     def _stored(self, name: str) -> AdapterState | None:
         record = self.state.array_records.get(name)
@@ -177,12 +218,15 @@ class Client:
         """DP-SGD settings of this client, or None when DP is off."""
         if not self.cfg.privacy.enabled:
             return None
-        train = self.cfg.train
-        rate = min(1.0, train.batch_size / max(1, self.data.num_train))
-        total = self.cfg.federation.num_server_rounds * self.dp_steps_per_round()
         privacy = self.cfg.privacy
-        noise = _noise(privacy, rate, total)
+        noise, rate = self._noise_and_rate(self.data.num_train)
         return DPSettings(noise, privacy.dp_max_grad_norm, rate, privacy.dp_secure_mode)
+
+    def _noise_and_rate(self, num_train: int) -> tuple[float, float]:
+        """The DP-SGD noise multiplier (as configured, or calibrated) and sample rate of this client."""
+        rate = min(1.0, self.cfg.train.batch_size / max(1, num_train))
+        total = self.cfg.federation.num_server_rounds * self.dp_steps_per_round()
+        return _noise(self.cfg.privacy, rate, total), rate
 
     def ledger(self) -> PrivacyLedger:
         """Every DP-SGD step this client has taken in the run."""

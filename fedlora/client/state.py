@@ -21,7 +21,7 @@ import logging
 import os
 from pathlib import Path
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import serde
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
@@ -30,7 +30,15 @@ from fedlora.config import keys_where
 from fedlora.core import keys
 from fedlora.core.errors import FedloraError
 
-__all__ = ["STATE_PREFIX", "load_state", "node_state_mod", "read_state", "save_state", "state_path"]
+__all__ = [
+    "STATE_PREFIX",
+    "load_state",
+    "node_state_mod",
+    "other_records",
+    "read_state",
+    "save_state",
+    "state_path",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +64,30 @@ def state_path(context: Context) -> Path | None:
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
     client = int(node.get(keys.NODE_PARTITION_ID, 0))
     return Path(root).expanduser() / f"federation-{digest}" / f"client-{client}.state"
+
+
+def other_records(context: Context, name: str) -> list[ConfigRecord]:
+    """The ConfigRecords ``name`` of this client's other federations in the node's state folder.
+
+    A device's lifetime privacy (`fedlora.client.policy`) reads every ledger it has kept:
+    this client's files (same partition) in every federation subfolder but this one.
+
+    Raises
+    ------
+    FedloraError
+        If one of those files cannot be read as a saved state.
+
+    """
+    path = state_path(context)
+    if path is None:
+        return []
+    found = []
+    for other in sorted(path.parent.parent.glob(f"federation-*/{path.name}")):
+        if other != path:
+            record = read_state(other).config_records.get(name)
+            if record is not None:
+                found.append(record)
+    return found
 
 
 def load_state(context: Context, path: Path) -> None:
@@ -87,9 +119,11 @@ def read_state(path: Path) -> RecordDict:
         proto.ParseFromString(Path(path).read_bytes())
         saved = serde.recorddict_from_proto(proto)
     except Exception as err:  # protobuf raises DecodeError and friends
+        # The path stays in the node's log: the error reply says only "state-dir".
         raise FedloraError(
             f"state-dir: {str(path)!r} is not a fedlora client state ({type(err).__name__}); "
-            "it was left as it is: move it away to start this client afresh"
+            "it was left as it is: move it away to start this client afresh",
+            where="state-dir",
         ) from None
     return saved
 
@@ -122,10 +156,13 @@ def node_state_mod(message: Message, context: Context, call_next: ClientAppCalla
         load_state(context, path)
     except FedloraError as err:
         log.error("fedlora client: %s", err)
-        return Message(Error(code=keys.E_STATE, reason=str(err)), reply_to=message)
+        return Message(Error(code=keys.E_STATE, reason=err.public()), reply_to=message)
     reply = call_next(message, context)
-    # Also after an error reply: declining a round for the privacy budget is remembered.
-    save_state(context, path)
+    # Also after an error reply: declining a round for the privacy budget is remembered. A run
+    # the device's policy refused leaves no trace on its disk.
+    refused = reply.has_error() and reply.error.code == keys.E_POLICY
+    if not refused:
+        save_state(context, path)
     # The disk holds it now: a simulation of many clients keeps none of it in memory.
     for name in [n for n in context.state if n.startswith(STATE_PREFIX)]:
         del context.state[name]

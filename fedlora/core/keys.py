@@ -42,6 +42,17 @@ __all__ = [
     "NODE_STATE_DIR",
     "NODE_WIRE_LOG",
     "NODE_IDENTITY",
+    "NODE_ALLOWED_MODELS",
+    "NODE_MIN_NOISE_MULTIPLIER",
+    "NODE_MAX_EPSILON",
+    "NODE_MAX_LIFETIME_EPSILON",
+    "NODE_MAX_DELTA",
+    "NODE_REQUIRE_DP",
+    "NODE_MAX_STEPS",
+    "NODE_MAX_THREADS",
+    "NODE_MAX_LENGTH",
+    "NODE_MAX_EVAL_EXAMPLES",
+    "NODE_POLICY",
     "STATE_PREFIX",
     "S_PERSONAL",
     "S_KEPT",
@@ -53,6 +64,7 @@ __all__ = [
     "E_CLIENT_INPUT",
     "E_BUDGET_EXHAUSTED",
     "E_STATE",
+    "E_POLICY",
 ]
 
 # Record names inside a Message's RecordDict (Flower's FedAvg defaults).
@@ -107,6 +119,30 @@ NODE_DEVICE = "device"  # where a node computes (cpu, cuda, cuda:N, mps, auto): 
 NODE_WIRE_LOG = "audit-wire-log"  # a device's own wire log (the run config's is ignored there)
 # Node-config keys that make a node's state belong to a different federation.
 NODE_IDENTITY = (NODE_PROFILE, NODE_LORA_RANK, NODE_DATA_DIR)
+# A device owner's policy (fedlora.client.policy): what a run config may make the device load,
+# its privacy floor and its work caps. Not identity: a changed policy keeps the device's ledgers.
+NODE_ALLOWED_MODELS = "allowed-models"  # newline-separated folders or hub ids beside the bundled models
+NODE_MIN_NOISE_MULTIPLIER = "min-noise-multiplier"
+NODE_MAX_EPSILON = "max-epsilon"  # per run
+NODE_MAX_LIFETIME_EPSILON = "max-lifetime-epsilon"  # over every run in the device's state folder
+NODE_MAX_DELTA = "max-delta"  # the largest dp-delta at which the epsilon caps are read
+NODE_REQUIRE_DP = "require-dp"
+NODE_MAX_STEPS = "max-steps"  # local-steps and personal-steps per round
+NODE_MAX_THREADS = "max-threads"
+NODE_MAX_LENGTH = "max-length"
+NODE_MAX_EVAL_EXAMPLES = "max-eval-examples"  # eval-examples and audit-examples
+NODE_POLICY = (
+    NODE_ALLOWED_MODELS,
+    NODE_MIN_NOISE_MULTIPLIER,
+    NODE_MAX_EPSILON,
+    NODE_MAX_LIFETIME_EPSILON,
+    NODE_MAX_DELTA,
+    NODE_REQUIRE_DP,
+    NODE_MAX_STEPS,
+    NODE_MAX_THREADS,
+    NODE_MAX_LENGTH,
+    NODE_MAX_EVAL_EXAMPLES,
+)
 
 # Records fedlora keeps in a client's ``context.state`` (and on its disk): all share a prefix.
 STATE_PREFIX = "fedlora-"
@@ -124,3 +160,4 @@ S_CLIENT_CONFIG = "fedlora-client-config"
 E_CLIENT_INPUT = 4100  # bad local input: config, data, model
 E_BUDGET_EXHAUSTED = 4101  # training declined: the epsilon budget would be exceeded
 E_STATE = 4102  # the node's state file cannot be read
+E_POLICY = 4103  # the run asks for less privacy or more work than the device's own policy allows

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedlora.client.policy import DevicePolicy
 from fedlora.config import ModelConfig
 from fedlora.core import keys
 from fedlora.core.errors import ConfigError
@@ -27,6 +29,7 @@ __all__ = [
     "NODE_STATE_DIR",
     "node_config",
     "node_refused",
+    "private_folder",
     "runtime_command",
     "superexec_command",
     "superlink_command",
@@ -172,6 +175,7 @@ def node_config(
     partition_id: int = 0,
     num_partitions: int = 1,
     device: str = "",
+    policy: DevicePolicy | None = None,
 ) -> str:
     """The ``--node-config`` string of a fedlora SuperNode (strings quoted, paths absolute).
 
@@ -190,6 +194,9 @@ def node_config(
     device : str
         Where this node computes (``cpu``, ``cuda``, ``cuda:N``, ``mps``, ``auto``); empty:
         the run's ``device``.
+    policy : DevicePolicy or None
+        The owner's limits on what a run may do on this node (`fedlora.client.policy`);
+        None: none.
 
     Returns
     -------
@@ -206,7 +213,7 @@ def node_config(
         raise ConfigError(f"num-partitions: must be a positive integer, got {num_partitions}")
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(f"partition-id: must be in [0, {num_partitions}), got {partition_id}")
-    pairs: dict[str, str | int] = {
+    pairs: dict[str, str | int | float | bool] = {
         NODE_DATA_DIR: str(data_dir.expanduser().resolve()),
         NODE_STATE_DIR: str(state_dir.expanduser().resolve()),
     }
@@ -217,11 +224,41 @@ def node_config(
         pairs[keys.NODE_DEVICE] = device
     pairs[NODE_PARTITION_ID] = partition_id
     pairs[NODE_NUM_PARTITIONS] = num_partitions
+    if policy is not None:
+        pairs.update(policy.to_node_config())
     for key, value in pairs.items():
         # Flower splits the string on quotes: a value cannot contain one.
         if isinstance(value, str) and ('"' in value or "'" in value):
             raise ConfigError(f"{key}: must not contain quotes, got {value!r}")
     return " ".join(f"{key}={toml_value(value)}" for key, value in pairs.items())
+
+
+def private_folder(path: Path) -> str | None:
+    """Make ``path`` (parents too) a folder only its owner can open (0700); a note if it was not.
+
+    Parameters
+    ----------
+    path : Path
+        The folder, made if missing.
+
+    Returns
+    -------
+    str or None
+        What was changed, or could not be, for a log line; None if the folder was new or
+        already 0700.
+
+    """
+    path = path.expanduser()
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if not mode & 0o077:
+        return None
+    try:
+        path.chmod(0o700)
+    except OSError as err:
+        reason = err.strerror or err
+        return f"{path} is mode {mode:04o} and could not be made 0700 ({reason}): others may read it"
+    return f"{path} was mode {mode:04o}; made it 0700 (its owner only)"
 
 
 def supernode_command(
