@@ -35,6 +35,7 @@ from fedlora.deploy import (
     write_flwr_home,
 )
 from fedlora.launch import _free_port, flower_env, flower_script, write_app
+from fedlora.models import load_base
 
 # Set by `simulations/bench_runtime.py`: the approved-apps test also times Flower's subprocess isolation.
 BENCH_RUNTIME = "FEDLORA_BENCH_RUNTIME"
@@ -690,19 +691,21 @@ def test_a_device_runs_only_approved_apps(tmp_path, processes):
         )
         assert code == 0, output
     state = tmp_path / "state"
+    # The device's own policy: DP-SGD with a noise multiplier of at least 0.8, at most 5 steps.
     node, node_log = processes.start(
         "node",
         *("client", *operator, "--key", str(keys[0]), "--data", str(tmp_path / "data")),
         *("--state-dir", str(state), "--node-port", str(_free_port())),
+        *("--min-noise-multiplier", "0.8", "--max-steps", "5"),
     )
     _wait_for(_line_or_exit(node, node_log, "SuperNode ID:"), deadline, "the node to join")
-    run_config = f"labels=music,sport {_tiny_run_config()}"
+    run_config = f"labels=music,sport {_tiny_run_config()} dp-noise-multiplier=1.0"
 
-    def submit(name: str, rounds: int, out: str | None = None) -> tuple[int, str]:
+    def submit(name: str, rounds: int, out: str | None = None, extra: str = "") -> tuple[int, str]:
         return processes.run(
             name,
             *("submit", *operator, "--clients", "1", "--rounds", str(rounds), "--out", out or name),
-            *("--run-config", run_config),
+            *("--run-config", f"{run_config} {extra}"),
             timeout=max(1, deadline - time.monotonic()),
         )
 
@@ -751,6 +754,26 @@ def test_a_device_runs_only_approved_apps(tmp_path, processes):
     refusals = [line for line in node_log.read_text().splitlines() if "refused run" in line]
     assert len(refusals) == 1 and "is not approved on this device; nothing of it ran" in refusals[0]
     assert not marker.exists() and _tree(state) == before
+
+    # Runs the device's policy refuses: a model it did not allow (a folder the server may
+    # read, inside its runs folder), and less noise than its floor. Each message gets an
+    # error reply naming the policy and a log line; nothing runs, its state stays as it was.
+    model = tmp_path / "some-model"
+    for part in load_base(RunConfig.from_flat({"model": "tiny-bert"}).model, 2):
+        part.save_pretrained(model)
+    for name, extra, reason in [
+        ("run-model", f"model={model}", f"model '{model}' is not allowed on this device"),
+        ("run-noise", "dp-noise-multiplier=0.5", "dp-noise-multiplier 0.5 is below this device's floor 0.8"),
+    ]:
+        code, output = submit(name, 1, extra=extra)
+        assert code == 0, output[-3000:]
+        events = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        errors = [e for e in events if e.get("event") == "client-error"]
+        assert errors and all(f"PolicyRefused: policy: {reason}" in e["reason"] for e in errors), errors
+        # One line for each of its messages: the round's train (whose error the server records) and evaluate.
+        logged = [line for line in node_log.read_text().splitlines() if reason in line]
+        assert len(logged) == 2 and all("nothing of it ran" in line for line in logged), logged
+    assert _tree(state) == before
     if not os.environ.get(BENCH_RUNTIME):
         return
 
