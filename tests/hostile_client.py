@@ -10,6 +10,7 @@ each message gets a reply generated from a seeded random mutation of a valid-loo
 from __future__ import annotations
 
 import math
+import os
 import random
 
 import numpy as np
@@ -42,6 +43,9 @@ NAMED: dict[int, tuple[str | None, str | None]] = {
     18: (None, "partition-id-of-client-0"),
 }
 FUZZ_FROM = 19
+# A benchmark may move the attackers: with FEDLORA_HOSTILE_FROM=8, client 8 sends the attack
+# listed for client 2, client 9 that of client 3, and so on; clients below it behave.
+_SHIFT = int(os.environ.get("FEDLORA_HOSTILE_FROM", "2")) - 2
 
 
 def _arrays(reply: Message) -> dict[str, np.ndarray]:
@@ -94,12 +98,12 @@ def _attack(reply: Message, attack: str) -> None:
 
 
 def hostile_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    pid = int(context.node_config["partition-id"])
+    pid = int(context.node_config["partition-id"]) - _SHIFT
     if pid >= FUZZ_FROM:
-        return fuzzed(message, pid)
+        return fuzzed(message, pid + _SHIFT)
     reply = call_next(message, context)
     kind = message.metadata.message_type
-    train, evaluate = NAMED.get(pid, (None, None))
+    train, evaluate = NAMED.get(pid, (None, None)) if pid >= 2 else (None, None)
     attack = train if kind == "train" else evaluate if kind == "evaluate" else None
     if attack and not reply.has_error():
         _attack(reply, attack)

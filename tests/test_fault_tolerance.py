@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -42,14 +43,11 @@ def _events(run: Path) -> list[dict]:
 def _bbc_clients(root: Path, num: int) -> Path:
     """``num`` client folders of real BBC News text; every client holds client 0's or client 1's."""
     corpus = load_corpus("bbc-news")
-    rows = [
-        {"text": t[:400], "label": corpus.label_names[y]}
-        for t, y in zip(corpus.texts, corpus.labels, strict=True)
-    ]
-    halves = [rows[0:2000:50], rows[1:2000:50]]  # 40 documents each, every topic
+    order = random.Random(0).sample(range(len(corpus.texts)), 120)
+    rows = [{"text": corpus.texts[i][:300], "label": corpus.label_names[corpus.labels[i]]} for i in order]
     for i in range(num):
-        own = halves[i % 2]
-        write_client(root / f"client-{i:03d}", own[:30], own[30:])
+        own = rows[60 * (i % 2) : 60 * (i % 2) + 60]
+        write_client(root / f"client-{i:03d}", own[:45], own[45:])
     return root
 
 
@@ -123,14 +121,16 @@ def test_no_reply_ends_the_run_and_no_client_takes_the_global_adapter_by_default
     final = attacked["per_client"]["final_round"]
     assert sorted(final, key=int) == [str(i) for i in (0, 1, 2, 3, *range(8, 18))]
     assert not any(e["client"] in ("0", "1") for e in rejected)
-    # The global adapter is finite and of an honest size; the honest clients' accuracy is that of a clean run.
-    adapter = load_file(str(tmp_path / "attacked" / "global_adapter" / "adapter_model.safetensors"))
-    assert all(np.isfinite(v).all() and np.abs(v).max() < 100 for v in adapter.values())
-    for pid in ("0", "1"):
-        got = attacked["per_client"]["final_round"][pid]
-        want = clean["per_client"]["final_round"][pid]
-        for model in ("global_accuracy", "personalized_accuracy"):
-            assert abs(got[model] - want[model]) <= 0.2, (pid, model, got[model], want[model])
+    # The global adapter is finite and of the clean run's size (accuracy within noise of a clean
+    # run, over seeds and a pretrained model, is measured by simulations/bench_attacks.py).
+    adapters = [
+        load_file(str(tmp_path / run / "global_adapter" / "adapter_model.safetensors"))
+        for run in ("attacked", "clean")
+    ]
+    largest = [max(float(np.abs(v).max()) for v in a.values()) for a in adapters]
+    assert [r["clients_rejected"] for r in clean["rounds"]] == [0, 0]  # the defaults pass honest clients
+    assert all(np.isfinite(v).all() for v in adapters[0].values())
+    assert largest[0] <= 2 * largest[1], largest
     # Every recorded accuracy is a share: no reply could push one out of [0, 1].
     assert all(0 <= c["global_accuracy"] <= 1 for c in attacked["per_client"]["final_round"].values())
 

@@ -152,8 +152,10 @@ def test_a_huge_upload_is_rejected_by_the_median_ratio_and_a_huge_claim_is_cappe
     (rejected,) = [e for e in events if e["event"] == "client-rejected"]
     assert rejected["client"] == "3" and "exceeds 10 x the round's median 2 " in rejected["reason"]
     (capped,) = [e for e in events if e["event"] == "weight-capped"]
-    assert capped["client"] == "2" and capped["weight"] == pytest.approx(50_010.0)
-    assert recorded.recorder.round(1).update_norm_median == 2.0
+    assert (capped["client"], capped["claimed"]) == ("2", 100_000)
+    assert capped["weight"] == pytest.approx(50_010.0)
+    record = recorded.recorder.round(1)
+    assert (record.update_norm_median, record.update_norm_max) == (2.0, 3.0)
 
 
 def test_a_partition_id_belongs_to_the_node_that_claimed_it_first(tmp_path):

@@ -130,8 +130,10 @@ class RoundRecord:
     per_client: dict[str, dict[str, Any]] = field(default_factory=dict)  # ClientRecord.to_dict()
     epsilon_max: float = math.nan
     clients_rejected: int = 0
-    # The lower median of the round's accepted update norms (max-update-norm-ratio's reference).
+    # The lower median of the round's valid update norms (max-update-norm-ratio's reference),
+    # and the largest norm it accepted: how far from the bound honest clients stay.
     update_norm_median: float = math.nan
+    update_norm_max: float = math.nan
     client_dp_epsilon: float = math.nan
     mia_advantage_global: float = math.nan
     mia_advantage_personalized: float = math.nan

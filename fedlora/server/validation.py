@@ -299,7 +299,9 @@ def screen_train(
         norms = sorted(norm for _, norm in passed)
         median = norms[(len(norms) - 1) // 2]
         bound = check.max_norm_ratio * median
-        recorder.round(server_round).update_norm_median = median
+        record = recorder.round(server_round)
+        record.update_norm_median = median
+        record.update_norm_max = max((n for n in norms if n <= bound), default=math.nan)
         for m, norm in passed:
             if norm > bound:
                 rejected += 1
@@ -380,7 +382,7 @@ def for_strategy(
                 round=server_round,
                 node=m.metadata.src_node_id,
                 client=client_of(m),
-                claimed=metrics[keys.M_NUM_EXAMPLES],
+                claimed=claimed,
                 weight=weight,
             )
         out.append(_with_metrics(m, metrics))
