@@ -219,3 +219,17 @@ def test_a_deployed_server_reads_no_client_data_and_no_model_outside_its_runs_fo
     for model in outside:
         with pytest.raises(ConfigError, match=r"^model: a deployed server loads a bundled model"):
             check_server_reads(RunConfig.from_flat({"model": model}), bundled, root)
+
+
+def test_an_error_replys_reason_is_recorded_as_one_bounded_line(tmp_path):
+    from flwr.app import Error, Message
+    from helpers import as_server
+
+    as_server()
+    request = Message(content=RecordDict(), dst_node_id=5, message_type="train")
+    flood = Message(Error(code=4100, reason="line one\nline two " + "x" * 10_000), reply_to=request)
+    flood.metadata.__dict__["_src_node_id"] = 5
+    recorded = _recorded(tmp_path, _cfg())
+    recorded.aggregate_train(1, [_train(0), flood])
+    (error,) = [e for e in _events(tmp_path) if e["event"] == "client-error"]
+    assert error["reason"].startswith("line one line two xxx") and len(error["reason"]) == 500

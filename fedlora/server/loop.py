@@ -31,7 +31,7 @@ from fedlora.privacy.client_dp import wait_for_nodes, with_client_dp
 from fedlora.server.checkpoint import Checkpoint, load_checkpoint, restore_strategy, save_checkpoint
 from fedlora.server.recorder import RunRecorder
 from fedlora.server.recording import Recorded
-from fedlora.server.replies import client_id
+from fedlora.server.replies import client_id, error_reason
 from fedlora.server.runs_root import check_server_reads, deployed, held_run, run_directory
 from fedlora.server.secure import run_secure
 from fedlora.server.validation import Owners, UploadCheck, screen_replies
@@ -66,7 +66,10 @@ def _local_only(grid: Grid, cfg: RunConfig, recorder: RunRecorder, check: Upload
     for reply in replies:
         if reply.has_error():
             recorder.event(
-                "client-error", round="local-only", node=reply.metadata.src_node_id, reason=reply.error.reason
+                "client-error",
+                round="local-only",
+                node=reply.metadata.src_node_id,
+                reason=error_reason(reply),
             )
             continue
         metrics = reply.content.metric_records[keys.METRICS]

@@ -25,7 +25,7 @@ from fedlora.lora.adapters import AdapterState, from_record
 from fedlora.server.evaluation import record_evaluation
 from fedlora.server.quorum import Quorum
 from fedlora.server.recorder import RunRecorder
-from fedlora.server.replies import client_of, metric, metrics_of, order_key
+from fedlora.server.replies import client_of, error_reason, metric, metrics_of, order_key
 from fedlora.server.sampling import seed_sampling
 from fedlora.server.traffic import array_bytes, count_down
 from fedlora.server.validation import Owners, UploadCheck, for_strategy, screen_replies, screen_train
@@ -136,7 +136,7 @@ class Recorded(Strategy):
         for m in replies:
             if m.has_error():
                 self.recorder.event(
-                    "client-error", round=server_round, node=m.metadata.src_node_id, reason=m.error.reason
+                    "client-error", round=server_round, node=m.metadata.src_node_id, reason=error_reason(m)
                 )
         if server_round in self.refused:
             return None, None

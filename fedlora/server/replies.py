@@ -10,7 +10,10 @@ from flwr.app import Message
 
 from fedlora.core import keys
 
-__all__ = ["client_id", "client_of", "metric", "metrics_of", "order_key", "value"]
+__all__ = ["client_id", "client_of", "error_reason", "metric", "metrics_of", "order_key", "value"]
+
+# An error reply's reason is the client's text: kept to one line of at most this many characters.
+MAX_REASON = 500
 
 
 def metrics_of(message: Message) -> Mapping[str, Any]:
@@ -44,3 +47,9 @@ def order_key(message: Message) -> tuple[float, int]:
     """Sort key that puts replies in client order: partition id, then node (errors last)."""
     pid = metric(message, keys.M_PARTITION_ID) if not message.has_error() else math.nan
     return (math.inf if math.isnan(pid) else pid, message.metadata.src_node_id)
+
+
+def error_reason(message: Message) -> str:
+    """An error reply's reason as results record it: one line, at most ``MAX_REASON`` characters."""
+    reason = " ".join(str(message.error.reason).split())
+    return reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 3] + "..."
