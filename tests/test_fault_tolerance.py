@@ -106,10 +106,11 @@ def test_no_reply_ends_the_run_and_no_client_takes_the_global_adapter_by_default
     assert any("partition-id 0 is node" in r for r in evaluate.values())
     # Clients 0 and 1, the claimant, and client 18 (which attacks only its evaluate replies).
     assert all(r["clients_trained"] == 4 for r in attacked["rounds"])
-    # The 100,000-example claim weighs half of its round, not 99.97%.
+    # The 100,000-example claim weighs a quarter of its round (of four clients: the 0.2 cap is
+    # raised to 1/4), not 99.9%; the three others hold 45 examples each.
     assert set(node_of) == {"3"}
     capped = [e for e in events if e["event"] == "weight-capped"]
-    assert all(e["claimed"] == 100_000 and e["weight"] < 100_000 for e in capped) and len(capped) == 2
+    assert [(e["claimed"], e["weight"]) for e in capped] == [(100_000, 0.25 * (100_000 + 3 * 45))] * 2
     # 52 clients x 2 rounds x 2 messages = 208 generated replies, every one rejected; with the
     # named train (15 clients) and evaluate (5) attacks of both rounds, 248 rejections in all.
     assert len(rejected) == 208 + 2 * 15 + 2 * 5

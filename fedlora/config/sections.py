@@ -410,7 +410,7 @@ class FederationConfig:
         unbounded=True,
     )
     max_client_weight_share: float = setting(
-        0.5,
+        0.2,
         "no client weighs more than this share of a round's total weight in the mean (at least 1/n of "
         "n clients; 1: no cap); applied after max-examples-per-client",
     )
