@@ -49,6 +49,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python simulations/bench_precision.py
 	$(BIN)/python simulations/bench_rounds.py
 	$(BIN)/python simulations/bench_runtime.py
+	$(BIN)/python simulations/bench_attacks.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
