@@ -33,6 +33,7 @@ from fedlora.server.recorder import RunRecorder
 from fedlora.server.recording import Recorded
 from fedlora.server.replies import client_id, error_reason
 from fedlora.server.runs_root import check_server_reads, deployed, held_run, run_directory
+from fedlora.server.schema import LOCAL_ONLY
 from fedlora.server.secure import run_secure
 from fedlora.server.validation import Owners, UploadCheck, screen_replies
 from fedlora.strategies.base import checkpoint_state, initial_record
@@ -57,7 +58,7 @@ def _local_only(grid: Grid, cfg: RunConfig, recorder: RunRecorder, check: Upload
     replies, _ = screen_replies(
         check,
         list(grid.send_and_receive(messages)),
-        "local-only",
+        LOCAL_ONLY,
         "local-only",
         recorder,
         Owners(num_partitions=max(1, len(messages))),

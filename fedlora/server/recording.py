@@ -27,6 +27,7 @@ from fedlora.server.quorum import Quorum
 from fedlora.server.recorder import RunRecorder
 from fedlora.server.replies import client_of, error_reason, metric, metrics_of, order_key
 from fedlora.server.sampling import seed_sampling
+from fedlora.server.schema import EVALUATE
 from fedlora.server.traffic import array_bytes, count_down
 from fedlora.server.validation import Owners, UploadCheck, for_strategy, screen_replies, screen_train
 
@@ -172,7 +173,7 @@ class Recorded(Strategy):
         """Record every client's global and personalized accuracy, then delegate."""
         server_round += self.offset
         replies, _ = screen_replies(
-            self.check, list(replies), "evaluate", server_round, self.recorder, self.owners
+            self.check, list(replies), EVALUATE, server_round, self.recorder, self.owners
         )
         ok = [m for m in replies if not m.has_error()]
         record_evaluation(

@@ -10,14 +10,13 @@ any of these would end the ServerApp, so every reply is screened here first.
 metric keys it must carry, exactly (the configuration decides which: DP adds
 ``epsilon``, the final round the audits), the range of every value (`METRIC_RULES`),
 and whether it carries the adapter's tensors (float32 only). `ReplySchema.problem` names
-what is wrong; `ReplySchema.decode` returns the reply's tensors, decoded safely. The
+what is wrong, decoding every tensor under a guard. The
 ``partition-id`` a simulated client sends to name itself is the one optional key.
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -30,7 +29,16 @@ from fedlora.core import keys
 if TYPE_CHECKING:
     from fedlora.config import RunConfig
 
-__all__ = ["METRIC_RULES", "MetricRule", "ReplyKind", "ReplySchema", "expected_metrics"]
+__all__ = [
+    "EVALUATE",
+    "LOCAL_ONLY",
+    "METRIC_RULES",
+    "TRAIN",
+    "MetricRule",
+    "ReplyKind",
+    "ReplySchema",
+    "expected_metrics",
+]
 
 ReplyKind = str  # "train", "evaluate" or "local-only"
 TRAIN, EVALUATE, LOCAL_ONLY = "train", "evaluate", "local-only"
@@ -229,8 +237,3 @@ class ReplySchema:
                 found = f"{decoded.dtype} {tuple(decoded.shape)}"
                 return f"tensor {key!r} holds {found}, declared {array.dtype} {shape}"
         return None
-
-    @staticmethod
-    def decode(message: Message) -> OrderedDict[str, np.ndarray]:
-        """A checked train reply's tensors, by name (call `problem` first)."""
-        return OrderedDict((k, a.numpy()) for k, a in message.content.array_records[keys.ARRAYS].items())

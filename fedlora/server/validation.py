@@ -29,7 +29,7 @@ from fedlora.lora.adapters import AdapterState, from_record
 from fedlora.lora.maths import part_of
 from fedlora.server.recorder import RunRecorder
 from fedlora.server.replies import client_of, metrics_of, value
-from fedlora.server.schema import ReplyKind, ReplySchema
+from fedlora.server.schema import TRAIN, ReplyKind, ReplySchema
 
 if TYPE_CHECKING:
     from fedlora.config import RunConfig
@@ -276,7 +276,7 @@ def screen_train(
     the lower median is an honest client's as long as fewer than half of a round's
     uploads collude.
     """
-    screened, rejected = screen_replies(check, replies, "train", server_round, recorder, owners)
+    screened, rejected = screen_replies(check, replies, TRAIN, server_round, recorder, owners)
     passed: list[tuple[Message, float]] = []
     kept: list[Message] = []
     for m in screened:
@@ -294,7 +294,7 @@ def screen_train(
             passed.append((m, update_norm(upload, start)))
         elif reason is not None:
             rejected += 1
-            _reject(recorder, server_round, m, reason, "train")
+            _reject(recorder, server_round, m, reason, TRAIN)
     if passed and math.isfinite(check.max_norm_ratio):
         norms = sorted(norm for _, norm in passed)
         median = norms[(len(norms) - 1) // 2]
@@ -309,7 +309,7 @@ def screen_train(
                     f"update norm {norm:.4g} exceeds {check.max_norm_ratio:g} x the round's median "
                     f"{median:.4g} (max-update-norm-ratio)"
                 )
-                _reject(recorder, server_round, m, reason, "train")
+                _reject(recorder, server_round, m, reason, TRAIN)
             else:
                 kept.append(m)
     else:
