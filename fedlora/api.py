@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from fedlora import launch
 from fedlora.config import CAUSAL_TASKS, HF_PREFIX, RunConfig, Scalar, keys_where
-from fedlora.core.errors import ConfigError, FedloraError
+from fedlora.core.errors import ConfigError, FedloraError, PairingError
 from fedlora.core.rundir import CONFIG, SUMMARY, RunSummary, read_config
+from fedlora.core.stats import t_interval
 from fedlora.data.jsonl import client_folders
 from fedlora.export import RESPONSE_CLIENTS, RESPONSES, write_responses
 from fedlora.presets import get_preset
@@ -76,8 +77,14 @@ class Results:
 
     @property
     def seed(self) -> int:
-        """The run's seed."""
+        """The run's (training) seed."""
         return int(self.config.get("seed", 0))
+
+    @property
+    def partition_seed(self) -> int:
+        """The seed of the run's data partition (its ``seed`` unless ``partition-seed`` was set)."""
+        chosen = int(self.config.get("partition-seed", -1))
+        return self.seed if chosen < 0 else chosen
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row per round, with the run's strategy, personalization and seed as columns."""
@@ -343,43 +350,120 @@ def _finished_run_of(run_dir: Path, cfg: RunConfig, clients: int) -> bool:
     return same and saved.get("min-clients") == clients
 
 
+# A sweep's figures per run, by task: accuracies for classification, perplexities for causal LMs.
+_FIGURES = {
+    False: ("personalized_accuracy", "global_accuracy", "local_only_accuracy"),
+    True: ("personalized_perplexity", "global_perplexity", "local_only_perplexity"),
+}
+
+
 class Sweep(list[Results]):
-    """The runs of a `sweep`, with comparison tables."""
+    """The runs of a `sweep`, with comparison tables; ``skipped`` lists the combinations not run, and why."""
+
+    def __init__(self, runs: Iterable[Results] = (), skipped: Iterable[tuple[str, str, str]] = ()) -> None:
+        super().__init__(runs)
+        self.skipped: list[tuple[str, str, str]] = list(skipped)
+
+    def _causal(self) -> bool:
+        return bool(self) and self[0].config.get("task") in CAUSAL_TASKS
 
     def to_dataframe(self) -> pd.DataFrame:
-        """One row per run: final accuracies (mean and worst-10% of clients), bytes, wall time.
+        """One row per run: final figures (mean and worst-10% of clients), bytes, wall time, seed.
 
-        ``local_only_accuracy`` comes from the run of the same seed that measured it (a
-        sweep measures the baseline once per seed: it does not depend on the strategy).
+        Accuracies for classification; for causal LMs also perplexities. The local-only
+        figures come from the run of the same seed that measured them (a sweep measures the
+        baseline once per seed: it does not depend on the strategy).
         """
         import pandas as pd  # noqa: PLC0415 - heavy: pandas
 
+        names = [f"{kind}_{m}" for kind in ("local_only",) for m in ("accuracy", "perplexity")]
+        local_keys = [k for n in names for k in (n, f"{n}_worst10")]
         baseline = {
-            r.seed: (r.final["local_only_accuracy"], r.final["local_only_accuracy_worst10"])
+            r.seed: {k: r.final.get(k, math.nan) for k in local_keys}
             for r in self
             if r.final.get("local_only_accuracy") is not None
         }
+        causal = self._causal()
         rows = []
         for r in self:
             f = r.final
-            local, local_worst = baseline.get(r.seed, (math.nan, math.nan))
-            rows.append(
+            row: dict[str, Any] = {
+                "strategy": r.strategy,
+                "personalization": r.personalization,
+                "seed": r.seed,
+                "partition_seed": r.partition_seed,
+            }
+            for model in ("personalized", "global"):
+                for m in ("accuracy", "perplexity") if causal else ("accuracy",):
+                    row[f"{model}_{m}"] = f.get(f"{model}_{m}", math.nan)
+                    row[f"{model}_{m}_worst10"] = f.get(f"{model}_{m}_worst10", math.nan)
+            local = baseline.get(r.seed, {})
+            for m in ("accuracy", "perplexity") if causal else ("accuracy",):
+                row[f"local_only_{m}"] = _number(local.get(f"local_only_{m}"))
+                row[f"local_only_{m}_worst10"] = _number(local.get(f"local_only_{m}_worst10"))
+            row.update(
                 {
-                    "strategy": r.strategy,
-                    "personalization": r.personalization,
-                    "seed": r.seed,
-                    "global_accuracy": f["global_accuracy"],
-                    "global_accuracy_worst10": f["global_accuracy_worst10"],
-                    "personalized_accuracy": f["personalized_accuracy"],
-                    "personalized_accuracy_worst10": f["personalized_accuracy_worst10"],
-                    "local_only_accuracy": local,
-                    "local_only_accuracy_worst10": local_worst,
                     "bytes_up_per_client_round": f["bytes_up_per_client_round"],
                     "bytes_down_per_client_round": f.get("bytes_down_per_client_round", math.nan),
                     "wall_s": f["wall_s"],
                     "out_dir": str(r.out_dir),
                 }
             )
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def summary(
+        self, baseline: str | tuple[str, str] | None = None, confidence: float = 0.95
+    ) -> pd.DataFrame:
+        """One row per configuration (strategy, personalization), over its seeds.
+
+        For each figure (personalized, global and local-only accuracy, or perplexity for
+        causal LMs, and each one's worst 10% of clients): the mean, the sample standard
+        deviation and a ``confidence`` interval of the mean (Student's t with n - 1 degrees
+        of freedom; NaN with one seed). Against ``baseline`` (a personalization name, or a
+        ``(strategy, personalization)`` pair), the paired per-seed difference of the
+        personalized and global figures, its interval, and whether the interval excludes 0.
+        """
+        import pandas as pd  # noqa: PLC0415 - heavy: pandas
+
+        runs = self.to_dataframe()
+        if runs.empty:
+            return runs
+        figures = [f for name in _FIGURES[self._causal()] for f in (name, f"{name}_worst10")]
+        configs = list(dict.fromkeys(zip(runs["strategy"], runs["personalization"], strict=True)))
+        base = _baseline_of(baseline, configs)
+        rows = []
+        for strategy, personalization in configs:
+            mine = runs[(runs["strategy"] == strategy) & (runs["personalization"] == personalization)]
+            row: dict[str, Any] = {
+                "strategy": strategy,
+                "personalization": personalization,
+                "seeds": ",".join(str(s) for s in mine["seed"]),
+            }
+            for figure in figures:
+                interval = t_interval(mine[figure], confidence)
+                row.update(
+                    {
+                        f"{figure}_mean": interval.mean,
+                        f"{figure}_sd": interval.sd,
+                        f"{figure}_ci_low": interval.low,
+                        f"{figure}_ci_high": interval.high,
+                    }
+                )
+            if base is not None:
+                theirs = runs[(runs["strategy"] == base[0]) & (runs["personalization"] == base[1])]
+                for figure in _FIGURES[self._causal()][:2]:
+                    paired = mine.set_index("seed")[figure] - theirs.set_index("seed")[figure]
+                    diff = t_interval(paired.dropna(), confidence)
+                    row.update(
+                        {
+                            f"{figure}_vs_baseline_mean": diff.mean,
+                            f"{figure}_vs_baseline_ci_low": diff.low,
+                            f"{figure}_vs_baseline_ci_high": diff.high,
+                            f"{figure}_vs_baseline_distinguishable": diff.excludes_zero,
+                        }
+                    )
+            rows.append(row)
         return pd.DataFrame(rows)
 
     def rounds(self) -> pd.DataFrame:
@@ -389,10 +473,35 @@ class Sweep(list[Results]):
         return pd.concat([r.to_dataframe() for r in self], ignore_index=True)
 
     def per_client(self) -> pd.DataFrame:
-        """Every run's final per-client accuracies, stacked."""
+        """Every run's final per-client figures, stacked (with each run's seed)."""
         import pandas as pd  # noqa: PLC0415 - heavy: pandas
 
         return pd.concat([r.per_client() for r in self], ignore_index=True)
+
+
+def _number(found: Any) -> float:
+    return math.nan if found is None else float(found)
+
+
+def _baseline_of(
+    baseline: str | tuple[str, str] | None, configs: list[tuple[str, str]]
+) -> tuple[str, str] | None:
+    """The ``(strategy, personalization)`` that ``baseline`` names among ``configs``.
+
+    Raises
+    ------
+    ConfigError
+        If it names none, or a personalization that several strategies ran.
+
+    """
+    if baseline is None:
+        return None
+    found = [c for c in configs if (c == baseline if isinstance(baseline, tuple) else c[1] == baseline)]
+    if len(found) != 1:
+        ran = ", ".join(f"{s}/{p}" for s, p in configs)
+        how = "is none" if not found else "is ambiguous: name (strategy, personalization)"
+        raise ConfigError(f"baseline: {baseline!r} {how} of the sweep's configurations ({ran})")
+    return found[0]
 
 
 def sweep(
@@ -408,55 +517,69 @@ def sweep(
 ) -> Sweep:
     """Run every combination of strategy, personalization and seed; each in ``out/<s>__<p>__seed<n>``.
 
-    ``per_strategy`` adds run-config overrides for one strategy (e.g. ``client_ranks`` for
-    ``flora``). The local-only baseline runs once per seed. Everything else in ``common``
-    goes to `run`. Combinations that the configuration rejects (e.g. ``fedsa-lora`` with
-    ``ditto``) are skipped. With ``reuse``, a run directory that already holds a finished
-    run of exactly this configuration is loaded instead of run again.
+    ``seeds`` vary the training seed (``seed``: initialisation, batches, dropout, client
+    sampling); the data partition follows it unless ``partition_seed`` is given in
+    ``common``, which holds one split of the data fixed across seeds. ``per_strategy`` adds
+    run-config overrides for one strategy (e.g. ``client_ranks`` for ``flora``). The
+    local-only baseline runs once per seed. Everything else in ``common`` goes to `run`.
+
+    Every configuration is checked before anything runs: a bad or misspelt setting is a
+    one-line `ConfigError`. Only combinations the methods' own rules exclude (e.g.
+    ``fedsa-lora`` with ``ditto``) are skipped, listed in the result's ``skipped`` with
+    the reason. With ``reuse``, a run directory that already holds a finished run of
+    exactly this configuration is loaded instead of run again.
+
+    Raises
+    ------
+    ConfigError
+        A bad setting, or no combination left to run.
+
     """
+    planned, skipped = _plan_sweep(
+        list(strategies), list(personalizations), list(seeds), per_strategy, common
+    )
     with launch.flower_session() as session:
-        return _sweep(
-            strategies,
-            personalizations,
-            seeds,
-            Path(out),
-            per_strategy,
-            reuse,
-            on_run,
-            {**common, "session": session},
-        )
+        results = Sweep(skipped=skipped)
+        for strategy, personalization, seed, flat in planned:
+            run_dir = Path(out) / f"{strategy}__{personalization}__seed{seed}"
+            result = run(
+                strategy=strategy,
+                personalization=personalization,
+                out=run_dir,
+                reuse=reuse,
+                session=session,
+                **flat,
+            )
+            results.append(result)
+            if on_run is not None:
+                on_run(result)
+        return results
 
 
-def _sweep(
-    strategies: Iterable[str],
-    personalizations: Iterable[str],
-    seeds: Iterable[int],
-    out: Path,
+def _plan_sweep(
+    strategies: list[str],
+    personalizations: list[str],
+    seeds: list[int],
     per_strategy: Mapping[str, Mapping[str, Scalar]] | None,
-    reuse: bool,
-    on_run: Callable[[Results], None] | None,
-    common: dict[str, Any],
-) -> Sweep:
-    results = Sweep()
+    common: Mapping[str, Any],
+) -> tuple[list[tuple[str, str, int, dict[str, Any]]], list[tuple[str, str, str]]]:
+    """The sweep's runs, each checked, and the combinations the methods' rules exclude (with why)."""
+    planned: list[tuple[str, str, int, dict[str, Any]]] = []
+    skipped: dict[tuple[str, str], str] = {}
     measured: set[int] = set()
-    personalizations = list(personalizations)
-    strategies = list(strategies)
     for seed in seeds:
         for strategy in strategies:
             for personalization in personalizations:
-                extra = dict((per_strategy or {}).get(strategy, {}))
-                flat = {**common, **extra, "seed": seed}
+                flat = {**common, **dict((per_strategy or {}).get(strategy, {})), "seed": seed}
                 flat.setdefault("local_only_baseline", seed not in measured)
                 try:
                     _config_of(flat, strategy, personalization)
-                except ConfigError:
+                except PairingError as err:
+                    skipped[(strategy, personalization)] = str(err)
                     continue
                 measured.add(seed)
-                run_dir = out / f"{strategy}__{personalization}__seed{seed}"
-                result = run(
-                    strategy=strategy, personalization=personalization, out=run_dir, reuse=reuse, **flat
-                )
-                results.append(result)
-                if on_run is not None:
-                    on_run(result)
-    return results
+                planned.append((strategy, personalization, seed, flat))
+    if not planned:
+        reasons = "; ".join(f"{s}/{p}: {why}" for (s, p), why in skipped.items())
+        raise ConfigError(f"sweep: no combination to run ({reasons or 'no strategies or seeds'})")
+    return planned, [(s, p, why) for (s, p), why in skipped.items()]

@@ -170,7 +170,7 @@ def preflight(cfg: RunConfig, num_clients: int) -> RunConfig:
     check_compute(cfg.model)
     if cfg.model.task == "chat":
         _check_chat(cfg)
-    labels = validate_data(cfg.data, cfg.model.task, num_clients, cfg.federation.seed)
+    labels = validate_data(cfg.data, cfg.model.task, num_clients, cfg.federation.data_seed)
     if cfg.model.task == "classification" and len(labels) < 2:
         raise DataError(
             f"labels: classification needs at least 2 labels, the data has {len(labels)} "

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fedlora.config import RunConfig, Scalar
-from fedlora.core.errors import ConfigError
+from fedlora.core.errors import ConfigError, PairingError
 from fedlora.data import DATASETS, PARTITIONERS
 from fedlora.personalization import PERSONALIZATIONS, Personalization
 from fedlora.strategies import STRATEGIES, StrategyInfo
@@ -79,7 +79,7 @@ def _check_pairing(strategy: StrategyInfo, method: type[Personalization], cfg: R
     fed = cfg.federation
     for own in {strategy.personalization, method.strategy} - {None}:
         if (strategy.name == own) != (method.name == own):
-            raise ConfigError(
+            raise PairingError(
                 f"personalization: {fed.personalization!r} does not fit strategy {fed.strategy!r}; "
                 f"{own} as either needs {own} (or auto) as the other"
             )
@@ -89,7 +89,7 @@ def _check_privacy(strategy: StrategyInfo, method: type[Personalization], cfg: R
     privacy, fed = cfg.privacy, cfg.federation
     if cfg.model.quantization != "none" and strategy.protocol.base_update:
         updating = ", ".join(s.name for s in STRATEGIES.values() if s.protocol.base_update)
-        raise ConfigError(
+        raise PairingError(
             f"quantization: strategy {fed.strategy!r} adds dense updates to the frozen base weights, which "
             f"a {cfg.model.quantization} base cannot take; use quantization=none or a strategy other than "
             f"{updating}"
@@ -105,24 +105,24 @@ def _check_privacy(strategy: StrategyInfo, method: type[Personalization], cfg: R
             "gradient accumulation is not available with it (set micro-batch-size=0)"
         )
     if cfg.model.client_ranks and not strategy.protocol.heterogeneous_ranks:
-        raise ConfigError(
+        raise PairingError(
             f"client-ranks: per-client ranks need strategy {' or '.join(_heterogeneous())} "
             f"(one rank for all: lora-rank), got {fed.strategy!r}"
         )
     if privacy.client_level and not strategy.plain_mean:
-        raise ConfigError(
+        raise PairingError(
             f"client-dp: client-level DP needs a strategy whose server takes the plain mean of "
             f"the uploads ({_choices('plain_mean')}), got {fed.strategy!r}"
         )
     if privacy.secure_aggregation and not strategy.sum_only:
-        raise ConfigError(
+        raise PairingError(
             f"secure-aggregation: the server sees only the sum of the uploads, which strategy "
             f"{fed.strategy!r} cannot work from; use one of {_choices('sum_only')}"
         )
     # A regulariser's gradient bypasses DP-SGD's per-example clipping: not combined yet.
     regularized = strategy.protocol.proximal or (method.regularized and privacy.dp_personal)
     if privacy.enabled and regularized:
-        raise ConfigError(
+        raise PairingError(
             f"dp-noise-multiplier: DP-SGD is not yet available with strategy {fed.strategy!r} and "
             f"personalization {method.name!r} (fedprox and ditto add a regulariser); "
             "use another strategy or personalization, dp-personal=false with ditto, or turn DP off"

@@ -121,6 +121,8 @@ EVALUATE_METRICS = {
     "accuracy-personalized": 0.5,
     "loss-global": 1.0,
     "loss-personalized": 1.0,
+    "gain-over-global": 0.0,
+    "gain-over-global-se": 0.1,
 }
 _DTYPES = (np.float64, np.float16, np.int8, np.int64, np.bool_, np.complex64, np.uint8)
 

@@ -116,6 +116,10 @@ def test_every_client_message_is_the_shared_adapter_and_scalar_metrics(cfg, tiny
         keys.M_LOSS_LOCAL_ONLY,
         keys.M_PERSONAL_STEPS,
         keys.M_PERSONAL_LOSS,
+        keys.M_GAIN_GLOBAL,
+        keys.M_GAIN_GLOBAL_SE,
+        keys.M_GAIN_LOCAL_ONLY,
+        keys.M_GAIN_LOCAL_ONLY_SE,
     }
 
 

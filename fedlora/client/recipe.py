@@ -18,14 +18,15 @@ import math
 from flwr.app import ConfigRecord, Context, Message
 
 from fedlora.client.audit import final_audit
+from fedlora.client.measure import gain, measure, scores
 from fedlora.client.messages import legacy_reply, reply
 from fedlora.client.setup import Client
 from fedlora.core import keys
 from fedlora.lora.adapters import to_record
 from fedlora.lora.protocol import sent_parts
 from fedlora.personalization import Local
-from fedlora.train.local import evaluate_adapter, train_shared
 from fedlora.train.local import local_only as train_local_only
+from fedlora.train.local import train_shared
 
 __all__ = ["evaluate", "local_only", "train"]
 
@@ -84,7 +85,15 @@ def evaluate(message: Message, context: Context) -> Message:
     personal_dp = dp if client.cfg.privacy.dp_personal else None
     progress = (server_round, client.cfg.federation.num_server_rounds)
     local = Local(
-        client.loaded, client.train, client.test, view, client.cfg.train, seed, personal_dp, progress
+        client.loaded,
+        client.train,
+        client.test,
+        view,
+        client.cfg.train,
+        seed,
+        personal_dp,
+        progress,
+        client.validation,
     )
     stored, result = client.personal(), None
     # A client that declined a round for its budget stops training altogether, personal
@@ -105,20 +114,33 @@ def evaluate(message: Message, context: Context) -> Message:
     if fed.evaluates(server_round):
         # Rounds before the last measure a sample of the held-out split (eval-examples).
         held_out = client.held_out(server_round)
-        global_only = evaluate_adapter(client.loaded, held_out, view.global_state)
+        mix = client.cfg.train.personal_mix != "off"
         # A personalized model that is the global one is measured once.
         same = client.method.same_as_global(client.cfg.train)
-        personalized = (
-            global_only if same else client.method.evaluate(dataclasses.replace(local, test=held_out), stored)
+        found = measure(
+            client.method,
+            dataclasses.replace(local, test=held_out),
+            stored,
+            validation=client.validation,
+            mix=mix,
         )
+        global_only, personalized = found.global_only, found.personalized
         final = server_round >= fed.num_server_rounds
         audit = final_audit(client, local, stored, global_only, personalized, same) if final else {}
         num_examples = global_only.num_examples
+        causal = client.cfg.model.causal
+        over_global = gain(personalized, global_only, causal)
+        if final:
+            # For the local-only baseline, run after the rounds: paired with the same examples.
+            client.state[keys.S_FINAL_SCORES] = ConfigRecord({"scores": list(scores(personalized, causal))})
         measured = {
             keys.M_ACCURACY_GLOBAL: global_only.accuracy,
             keys.M_ACCURACY_PERSONALIZED: personalized.accuracy,
             keys.M_LOSS_GLOBAL: global_only.loss,
             keys.M_LOSS_PERSONALIZED: personalized.loss,
+            keys.M_GAIN_GLOBAL: over_global.mean,
+            keys.M_GAIN_GLOBAL_SE: over_global.se,
+            **({keys.M_MIX_WEIGHT: found.weight} if found.weight is not None else {}),
             **audit,
         }
     metrics = {
@@ -140,9 +162,13 @@ def local_only(message: Message, context: Context) -> Message:
     """Baseline: train an adapter on this client's data alone; reply with its test accuracy only."""
     client = Client(context)
     steps = client.incoming(message).int(keys.C_LOCAL_STEPS)
+    # A client alone trains on all its training examples, validation split included.
     result, ev = train_local_only(
-        client.loaded, client.train, client.test, steps, client.cfg.train, seed=client.seed(0, 7)
+        client.loaded, client.train_all, client.test, steps, client.cfg.train, seed=client.seed(0, 7)
     )
+    final = client.state.config_records.get(keys.S_FINAL_SCORES)
+    personalized = tuple(float(x) for x in final["scores"]) if final else ()  # type: ignore[union-attr]
+    over_local = gain(personalized, scores(ev, client.cfg.model.causal), client.cfg.model.causal)
     return reply(
         message,
         {
@@ -150,6 +176,8 @@ def local_only(message: Message, context: Context) -> Message:
             **client.identity(),
             keys.M_ACCURACY_LOCAL_ONLY: ev.accuracy,
             keys.M_LOSS_LOCAL_ONLY: ev.loss,
+            keys.M_GAIN_LOCAL_ONLY: over_local.mean,
+            keys.M_GAIN_LOCAL_ONLY_SE: over_local.se,
             keys.M_TRAIN_STEPS: result.steps,
             keys.M_TRAIN_WALL_S: result.wall_s,
         },

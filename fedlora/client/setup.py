@@ -20,6 +20,7 @@ from fedlora.config import ModelConfig, PrivacyConfig, RunConfig
 from fedlora.core import keys
 from fedlora.core.errors import BudgetExhausted, ConfigError, FedloraError
 from fedlora.data import ClientData, load_client_data, resolve_labels
+from fedlora.data.partition import hold_out
 from fedlora.lora.adapters import from_record, to_record
 from fedlora.lora.maths import part_of
 from fedlora.lora.protocol import ClientView, receive
@@ -36,7 +37,7 @@ from fedlora.train.splits import tokenize_split
 if TYPE_CHECKING:
     from fedlora.lora.adapters import AdapterState
 
-__all__ = ["Client", "sample_rows"]
+__all__ = ["Client", "sample_rows", "trained_count", "validation_split"]
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def _parse(flat: tuple[tuple[str, bool | int | float | str], ...]) -> RunConfig:
 def _own_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
     # Per process (a Ray actor serves many simulated clients): load once.
     task, seed = cfg.model.task, cfg.federation.seed
-    data = load_client_data(cfg.data, task, partition_id, num_partitions, seed)
+    data = load_client_data(cfg.data, task, partition_id, num_partitions, cfg.federation.data_seed)
     privacy = cfg.privacy
     if privacy.canary_repeats and partition_id == privacy.canary_client:
         # Canary audit: a random secret, repeated, among this client's training text.
@@ -80,6 +81,32 @@ def _client_data(
         )
     )
     return data, train, test
+
+
+def _validates(cfg: RunConfig) -> bool:
+    """Whether clients hold out a validation split: for ``personal-mix``, or a method that uses one."""
+    method = get_personalization(plan.resolved_personalization(cfg))
+    return cfg.train.personal_mix != "off" or method.uses_validation
+
+
+def trained_count(cfg: RunConfig, num_train: int) -> int:
+    """How many of a client's ``num_train`` training examples it trains on (its validation split aside)."""
+    if not _validates(cfg) or num_train < 2:
+        return num_train
+    return num_train - max(1, round(num_train * cfg.train.validation_fraction))
+
+
+def validation_split(
+    train: Tokenized, fraction: float, seed: int, partition_id: int
+) -> tuple[Tokenized, Tokenized | None]:
+    """``train`` less its validation split, and the split: ``max(1, round(n * fraction))`` seeded examples.
+
+    A client with fewer than 2 training examples keeps them all and has no validation split.
+    """
+    if len(train) < 2:
+        return train, None
+    kept, held = hold_out(range(len(train)), fraction, seed * 7933 + partition_id)
+    return train.subset(kept), train.subset(held)
 
 
 @lru_cache(maxsize=64)
@@ -132,8 +159,14 @@ class Client:
             model_cfg = dataclasses.replace(model_cfg, device=str(node[keys.NODE_DEVICE]))
         check_compute(model_cfg)  # a device or format this node lacks: one line, before loading
         self.loaded = cached_model(model_cfg, len(labels), cfg.federation.seed)
-        _, self.train, self.test = _client_data(cfg, model_cfg, self.partition_id, num_partitions)
+        _, self.train_all, self.test = _client_data(cfg, model_cfg, self.partition_id, num_partitions)
         self.method = get_personalization(plan.resolved_personalization(cfg))
+        # What the federated and the personal adapters train on, and the validation split held out of it.
+        self.train, self.validation = self.train_all, None
+        if _validates(cfg):
+            self.train, self.validation = validation_split(
+                self.train_all, cfg.train.validation_fraction, cfg.federation.data_seed, self.partition_id
+            )
 
     def _request(self, context: Context, policy: DevicePolicy) -> RunRequest:
         """What this run asks of the device, for its policy: the noise it would use, the epsilon spent."""
@@ -142,7 +175,7 @@ class Client:
         if privacy.dp_target_epsilon > 0:
             # A calibrated noise multiplier depends on this device's number of examples.
             own = _own_data(self.cfg, self.partition_id, self.num_partitions)
-            noise = self._noise_and_rate(own.num_train)[0]
+            noise = self._noise_and_rate(trained_count(self.cfg, own.num_train))[0]
         here = elsewhere = 0.0
         if privacy.enabled and math.isfinite(policy.max_lifetime_epsilon):
             here = self.ledger().epsilon(privacy.dp_delta)
@@ -219,7 +252,7 @@ class Client:
         if not self.cfg.privacy.enabled:
             return None
         privacy = self.cfg.privacy
-        noise, rate = self._noise_and_rate(self.data.num_train)
+        noise, rate = self._noise_and_rate(len(self.train))
         return DPSettings(noise, privacy.dp_max_grad_norm, rate, privacy.dp_secure_mode)
 
     def _noise_and_rate(self, num_train: int) -> tuple[float, float]:

@@ -37,6 +37,7 @@ BASE_DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 PRECISIONS = ("fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
+PERSONAL_MIXES = ("off", "validation")
 # Opacus accountants a client's privacy ledger can use.
 DP_ACCOUNTANTS = ("rdp", "prv")
 # Upper bounds that catch a typo (an extra zero) before it costs a run. The rank is also
@@ -313,6 +314,19 @@ class TrainConfig:
         3, "steps of the personal adapter per round (0: personalized equals global)"
     )
     ditto_lambda: float = setting(0.1, "`ditto`: weight of `||v - w_global||^2 / 2` in the personal loss")
+    personal_mix: str = setting(
+        "off",
+        "`validation`: each client predicts with `(1 - w) * global + w * personalized` (a mixture of the two "
+        "models' predicted probabilities), `w` chosen in {0, 0.1, ..., 1} each evaluated round to minimise "
+        "the loss on its validation split; a client whose personal part does not help falls back to the "
+        "global model (`w = 0`); `off`: the personalized model alone",
+    )
+    validation_fraction: float = setting(
+        0.2,
+        "share of each client's training examples held out as its validation split (seeded by "
+        "`partition-seed`, never from the test split) when `personal-mix=validation` or the method uses "
+        "one; none is held out from a client with fewer than 2 training examples",
+    )
     num_threads: int = setting(1, "torch threads per client process (0: torch's default)", resumable=True)
     micro_batch_size: int = setting(
         0,
@@ -353,6 +367,10 @@ class TrainConfig:
             raise fail("lr-schedule", f"one of {', '.join(LR_SCHEDULES)}", self.lr_schedule)
         if not 0.0 <= self.lr_warmup_fraction < 1.0:
             raise fail("lr-warmup-fraction", "a number in [0, 1)", self.lr_warmup_fraction)
+        if self.personal_mix not in PERSONAL_MIXES:
+            raise fail("personal-mix", f"one of {', '.join(PERSONAL_MIXES)}", self.personal_mix)
+        if not 0.0 < self.validation_fraction <= 0.5:
+            raise fail("validation-fraction", "a number in (0, 0.5]", self.validation_fraction)
 
 
 @dataclass(frozen=True)
@@ -419,7 +437,19 @@ class FederationConfig:
         "after the rounds, every client also trains an adapter alone (the local-only column)",
         resumable=True,
     )
-    seed: int = setting(0, "seed of partitioning, initialisation and local sampling", identity=True)
+    seed: int = setting(
+        0,
+        "training seed: the adapters' and heads' initialisation, each client's batches and dropout, the "
+        "server's client sampling and the evaluation samples; also the data partition unless "
+        "`partition-seed` is set",
+        identity=True,
+    )
+    partition_seed: int = setting(
+        -1,
+        "seed of the data partition (which examples each client holds, its held-out and validation "
+        "splits); -1: `seed`. Fix it to vary training noise over one split of the data",
+        identity=True,
+    )
     out_dir: str = setting(
         "",
         "run directory: a folder inside the server's runs folder (`FEDLORA_RUNS_ROOT` where the ServerApp "
@@ -527,6 +557,13 @@ class FederationConfig:
             raise fail("round-timeout", "a positive number of seconds", self.round_timeout)
         if not 0.0 <= self.min_reply_fraction <= 1.0:
             raise fail("min-reply-fraction", "a number in [0, 1]", self.min_reply_fraction)
+        if self.partition_seed < -1:
+            raise fail("partition-seed", "an integer >= 0, or -1 for `seed`", self.partition_seed)
+
+    @property
+    def data_seed(self) -> int:
+        """The seed of the data partition: ``partition-seed``, else ``seed``."""
+        return self.seed if self.partition_seed < 0 else self.partition_seed
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ __all__ = [
     "DataError",
     "FedloraError",
     "ModelError",
+    "PairingError",
     "RegistryError",
     "RunInterrupted",
 ]
@@ -45,6 +46,13 @@ class FedloraError(Exception):
 
 class ConfigError(FedloraError, ValueError):
     """A configuration value is missing, malformed or out of range."""
+
+
+class PairingError(ConfigError):
+    """A combination the methods' own rules exclude (e.g. ``fedsa-lora`` with ``ditto``, DP with ``fedprox``).
+
+    Each setting is valid alone; a sweep over methods skips such combinations and says why.
+    """
 
 
 class DataError(FedloraError, ValueError):

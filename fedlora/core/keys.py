@@ -28,6 +28,11 @@ __all__ = [
     "M_MIA_CHANCE",
     "M_MIA_EXAMPLES",
     "M_CANARY_GLOBAL",
+    "M_GAIN_GLOBAL",
+    "M_GAIN_GLOBAL_SE",
+    "M_GAIN_LOCAL_ONLY",
+    "M_GAIN_LOCAL_ONLY_SE",
+    "M_MIX_WEIGHT",
     "M_CANARY_PERSONALIZED",
     "M_PERSONAL_STEPS",
     "C_SERVER_ROUND",
@@ -59,6 +64,8 @@ __all__ = [
     "S_LEDGER",
     "S_DECLINED",
     "S_PERSONAL_ROUNDS",
+    "S_MIX_WEIGHT",
+    "S_FINAL_SCORES",
     "S_LAST_GLOBAL",
     "S_CLIENT_CONFIG",
     "E_CLIENT_INPUT",
@@ -105,6 +112,15 @@ M_MIA_EXAMPLES = "mia-examples"  # training plus held-out examples the audit com
 # Final round, on the client holding the canary (causal LMs): its exposure in bits.
 M_CANARY_GLOBAL = "canary-exposure-global"
 M_CANARY_PERSONALIZED = "canary-exposure-personalized"
+# Evaluated rounds: the personalized model's mean paired per-example gain over the global one
+# (accuracy; causal LMs: loss, global minus personalized) and its standard error; the
+# local-only reply: the same over the local-only model (final round's personalized model).
+M_GAIN_GLOBAL = "gain-over-global"
+M_GAIN_GLOBAL_SE = "gain-over-global-se"
+M_GAIN_LOCAL_ONLY = "gain-over-local-only"
+M_GAIN_LOCAL_ONLY_SE = "gain-over-local-only-se"
+# ``personal-mix=validation``: the weight of the personalized model in the client's mixture.
+M_MIX_WEIGHT = "mix-weight"
 # Client-level DP: every client weighs the same in the mean (Flower's accountant requires it).
 M_UNIT_WEIGHT = "unit-weight"
 
@@ -151,6 +167,8 @@ S_KEPT = "fedlora-kept-parts"  # adapter parts a strategy keeps on the client (F
 S_LEDGER = "fedlora-privacy-ledger"  # every DP-SGD step taken
 S_DECLINED = "fedlora-budget-declined"  # set once the client declined a round for its budget
 S_PERSONAL_ROUNDS = "fedlora-personal-rounds"  # rounds the personal state has been trained
+S_MIX_WEIGHT = "fedlora-mix-weight"  # personal-mix: the weight chosen in the last evaluated round
+S_FINAL_SCORES = "fedlora-final-scores"  # the final personalized model's per-example held-out scores
 # What `fedlora export` rebuilds the personalized model from: the server's last arrays and
 # this client's effective configuration (run config, node's data, profile and rank).
 S_LAST_GLOBAL = "fedlora-last-global"

@@ -26,7 +26,8 @@ class Local:
 
     ``view`` is the client's reading of the new global adapter; ``seed`` seeds this
     round's personal training; ``dp``, when set, makes it DP-SGD; ``progress`` places it
-    in the learning-rate schedule.
+    in the learning-rate schedule; ``validation``, when the client holds one out, is a
+    split of its training examples that ``train`` no longer contains.
     """
 
     loaded: LoadedModel
@@ -37,6 +38,8 @@ class Local:
     seed: int
     dp: DPSettings | None = None
     progress: tuple[int, int] = (1, 1)  # (server round, rounds): where the LR schedule is
+    # Held out of ``train`` (``validation-fraction``) when the method or ``personal-mix`` uses it.
+    validation: Tokenized | None = None
 
 
 class Personalization(ABC):
@@ -58,6 +61,9 @@ class Personalization(ABC):
     regularized: ClassVar[bool] = False
     # A strategy this method only works with (FedSA-LoRA keeps the B its strategy leaves out).
     strategy: ClassVar[str | None] = None
+    # The method selects or fits something on the client's validation split (``Local.validation``),
+    # so every client holds one out of its training examples (``validation-fraction``).
+    uses_validation: ClassVar[bool] = False
 
     def update(
         self, local: Local, stored: AdapterState | None

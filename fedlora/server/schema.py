@@ -114,6 +114,12 @@ METRIC_RULES: Mapping[str, MetricRule] = {
     # Exposure in bits: at most log2 of the alternatives ranked; NaN on clients without the canary.
     keys.M_CANARY_GLOBAL: MetricRule(0.0, 64.0, nan_ok=True),
     keys.M_CANARY_PERSONALIZED: MetricRule(0.0, 64.0, nan_ok=True),
+    # Mean paired gains (accuracy, or loss for causal LMs) and their standard errors.
+    keys.M_GAIN_GLOBAL: MetricRule(-_MAX_LOSS, _MAX_LOSS, nan_ok=True),
+    keys.M_GAIN_GLOBAL_SE: _LOSS,
+    keys.M_GAIN_LOCAL_ONLY: MetricRule(-_MAX_LOSS, _MAX_LOSS, nan_ok=True),
+    keys.M_GAIN_LOCAL_ONLY_SE: _LOSS,
+    keys.M_MIX_WEIGHT: MetricRule(0.0, 1.0),
 }
 
 
@@ -132,6 +138,8 @@ def expected_metrics(cfg: RunConfig, kind: ReplyKind, server_round: int) -> froz
             keys.M_LOSS_LOCAL_ONLY,
             keys.M_TRAIN_STEPS,
             keys.M_TRAIN_WALL_S,
+            keys.M_GAIN_LOCAL_ONLY,
+            keys.M_GAIN_LOCAL_ONLY_SE,
         }
     elif kind == TRAIN:
         found = {keys.M_NUM_EXAMPLES, keys.M_TRAIN_LOSS, keys.M_TRAIN_STEPS, keys.M_TRAIN_WALL_S, *dp, *unit}
@@ -144,7 +152,11 @@ def expected_metrics(cfg: RunConfig, kind: ReplyKind, server_round: int) -> froz
                 keys.M_ACCURACY_PERSONALIZED,
                 keys.M_LOSS_GLOBAL,
                 keys.M_LOSS_PERSONALIZED,
+                keys.M_GAIN_GLOBAL,
+                keys.M_GAIN_GLOBAL_SE,
             }
+            if cfg.train.personal_mix != "off":
+                found.add(keys.M_MIX_WEIGHT)
             if server_round >= fed.num_server_rounds:
                 if privacy.audit_examples:
                     found |= {

@@ -14,12 +14,14 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
+    "Comparison",
     "EvalResult",
     "Schedule",
     "Tokenized",
     "TrainResult",
     "backward_batch",
     "batch_loss",
+    "compare",
     "micro_batches",
     "evaluate",
     "sample_batches",
@@ -105,6 +107,8 @@ class EvalResult:
     num_examples: int
     # Each example's loss (mean over its tokens for causal LMs), for membership audits.
     example_losses: tuple[float, ...] = ()
+    # Each example's accuracy (its share of correctly predicted tokens for causal LMs).
+    example_accuracies: tuple[float, ...] = ()
 
 
 def tokenize(
@@ -328,53 +332,182 @@ def evaluate(model: Any, data: Tokenized, *, batch_size: int = 32, precision: st
     """
     import torch  # noqa: PLC0415 - heavy: torch
 
-    from fedlora.models.device import autocast, model_device  # noqa: PLC0415 - heavy: torch
+    model.eval()
+    tally = _Tally()
+    with torch.no_grad():
+        for batch in _batches(model, data, batch_size):
+            out = _forward(model, batch, precision)
+            for logits, target, keep in _chunks(model, out, batch, precision, _LM_ROWS):
+                logp = torch.log_softmax(logits, dim=-1)
+                tally.add(_at(logp, target), logp.argmax(-1) == target, keep)
+    return tally.result(len(data))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Two setups of one model measured on the same examples, and a mixture of their predictions.
+
+    ``mixed`` predicts with ``(1 - weight) * p_first + weight * p_second`` (the two models'
+    probabilities). ``first_logp`` and ``second_logp`` hold each counted target's log-probability
+    under either model, in the same order: enough to score any other mixture (`mixture_loss`).
+    """
+
+    first: EvalResult
+    second: EvalResult
+    mixed: EvalResult
+    weight: float
+    first_logp: torch.Tensor
+    second_logp: torch.Tensor
+
+    def mixture_loss(self, weight: float) -> float:
+        """Mean held-out loss of the mixture with this ``weight`` on the second setup."""
+        if not len(self.first_logp):
+            return math.nan
+        return float(-_mix(self.first_logp, self.second_logp, weight).mean())
+
+    def best_weight(self, grid: Sequence[float]) -> float:
+        """The weight of ``grid`` whose mixture has the lowest loss; the smallest of equal ones."""
+        if not len(self.first_logp):
+            return min(grid)
+        losses = [self.mixture_loss(w) for w in grid]
+        best = min(losses)
+        return min(w for w, loss in zip(grid, losses, strict=True) if loss <= best + 1e-9)
+
+
+def compare(
+    model: Any,
+    data: Tokenized,
+    first: Callable[[], None],
+    second: Callable[[], None],
+    *,
+    weight: float = 0.5,
+    batch_size: int = 32,
+    precision: str = "fp32",
+) -> Comparison:
+    """Measure two setups of ``model`` (``first()`` and ``second()`` make each current) batch by batch.
+
+    Each batch is run under both setups, so that their predictions of the same tokens can
+    be mixed; the mixture with ``weight`` is measured on the way.
+    """
+    import torch  # noqa: PLC0415 - heavy: torch
 
     model.eval()
-    device = model_device(model)
-    inner: Any = model.get_base_model() if hasattr(model, "get_base_model") else None
-    plain_head = inner is not None and getattr(inner.config, "model_type", "") in _PLAIN_LM_HEADS
-    loss_sum, correct, counted = 0.0, 0, 0
-    per_example: list[float] = []
+    tallies = (_Tally(), _Tally(), _Tally())
+    logps: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
     with torch.no_grad():
-        for lo in range(0, len(data), batch_size):
-            batch = {
-                k: v.to(device) for k, v in data.batch(range(lo, min(lo + batch_size, len(data)))).items()
-            }
-            with autocast(precision, device):
-                if plain_head and "labels" not in batch:
-                    # Causal LM: the last hidden states; the logits a few rows at a time below.
-                    hidden = inner.base_model(**model_inputs(batch))[0]
-                else:
-                    logits = model(**model_inputs(batch)).logits
-            if "labels" in batch:
-                logits = logits.float()  # (B, num_labels)
-                losses = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
-                per_example += losses.tolist()
-                loss_sum += float(losses.sum())
-                correct += int((logits.argmax(-1) == batch["labels"]).sum())
-                counted += int(batch["labels"].numel())
-                continue
-            # Causal LM: a few rows at a time, so that float32 logits (rows x L x vocabulary) stay small.
-            for row in range(0, batch["input_ids"].shape[0], _LM_ROWS):
-                rows = slice(row, row + _LM_ROWS)
-                if plain_head:
-                    with autocast(precision, device):
-                        # Contiguous: a strided bfloat16 input takes a path that copies the head to float32.
-                        predicted = inner.get_output_embeddings()(hidden[rows, :-1].contiguous()).float()
-                else:
-                    predicted = logits[rows, :-1].float()  # (b, L-1, V): predicts token t+1
-                target = batch["input_ids"][rows, 1:]
-                keep = loss_tokens(batch)[rows, 1:]
-                token_losses = torch.nn.functional.cross_entropy(
-                    predicted.transpose(1, 2), target, reduction="none"
-                )  # (b, L-1)
-                token_losses = token_losses * keep
-                per_example += (token_losses.sum(1) / keep.sum(1).clamp(min=1)).tolist()
-                loss_sum += float(token_losses.sum())
-                mask = keep.bool()
-                correct += int((predicted.argmax(-1)[mask] == target[mask]).sum())
-                counted += int(keep.sum())
-    if counted == 0:
-        return EvalResult(math.nan, math.nan, 0)
-    return EvalResult(loss_sum / counted, correct / counted, len(data), tuple(per_example))
+        for batch in _batches(model, data, batch_size):
+            first()
+            out_first = _forward(model, batch, precision)
+            second()
+            out_second = _forward(model, batch, precision)
+            for (logits_a, target, keep), (logits_b, _, _) in zip(
+                _chunks(model, out_first, batch, precision, 1),
+                _chunks(model, out_second, batch, precision, 1),
+                strict=True,
+            ):
+                lp_a, lp_b = torch.log_softmax(logits_a, dim=-1), torch.log_softmax(logits_b, dim=-1)
+                del logits_a, logits_b
+                mixed = _mix(lp_a, lp_b, weight)
+                for tally, logp in zip(tallies, (lp_a, lp_b, mixed), strict=True):
+                    tally.add(_at(logp, target), logp.argmax(-1) == target, keep)
+                counted = keep.bool()
+                logps[0].append(_at(lp_a, target)[counted])
+                logps[1].append(_at(lp_b, target)[counted])
+    first_r, second_r, mixed_r = (t.result(len(data)) for t in tallies)
+    cat = [torch.cat(lp) if lp else torch.zeros(0) for lp in logps]
+    return Comparison(first_r, second_r, mixed_r, weight, cat[0], cat[1])
+
+
+def _at(logp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(b, T): the log-probability of each target token (or label)."""
+    return logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+
+def _mix(logp_a: torch.Tensor, logp_b: torch.Tensor, weight: float) -> torch.Tensor:
+    """log((1 - weight) * exp(logp_a) + weight * exp(logp_b)), exact at weights 0 and 1."""
+    import torch  # noqa: PLC0415 - heavy: torch
+
+    if weight <= 0.0:
+        return logp_a
+    if weight >= 1.0:
+        return logp_b
+    return torch.logaddexp(logp_a + math.log1p(-weight), logp_b + math.log(weight))
+
+
+class _Tally:
+    """Per-example sums of token losses, correct predictions and counted tokens."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.correct: list[float] = []
+        self.counted: list[float] = []
+
+    def add(self, target_logp: torch.Tensor, right: torch.Tensor, keep: torch.Tensor) -> None:
+        """One chunk of rows: (b, T) target log-probabilities, hits and the tokens that count."""
+        keep = keep.to(target_logp.dtype)
+        self.losses += (-(target_logp * keep)).sum(1).tolist()
+        self.correct += (right.to(keep.dtype) * keep).sum(1).tolist()
+        self.counted += keep.sum(1).tolist()
+
+    def result(self, num_examples: int) -> EvalResult:
+        counted = sum(self.counted)
+        if counted == 0:
+            return EvalResult(math.nan, math.nan, 0)
+        per_loss = tuple(s / max(n, 1.0) for s, n in zip(self.losses, self.counted, strict=True))
+        per_right = tuple(c / max(n, 1.0) for c, n in zip(self.correct, self.counted, strict=True))
+        loss, accuracy = sum(self.losses) / counted, sum(self.correct) / counted
+        return EvalResult(loss, accuracy, num_examples, per_loss, per_right)
+
+
+def _batches(model: Any, data: Tokenized, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    from fedlora.models.device import model_device  # noqa: PLC0415 - heavy: torch
+
+    device = model_device(model)
+    for lo in range(0, len(data), batch_size):
+        yield {k: v.to(device) for k, v in data.batch(range(lo, min(lo + batch_size, len(data)))).items()}
+
+
+def _plain_head(model: Any) -> Any:
+    """The inner model of a causal LM whose logits are ``lm_head(hidden)``, else None."""
+    inner: Any = model.get_base_model() if hasattr(model, "get_base_model") else None
+    return inner if inner is not None and getattr(inner.config, "model_type", "") in _PLAIN_LM_HEADS else None
+
+
+def _forward(model: Any, batch: dict[str, torch.Tensor], precision: str) -> torch.Tensor:
+    """The model's logits for the batch; for plain-head causal LMs, the last hidden states."""
+    from fedlora.models.device import autocast, model_device  # noqa: PLC0415 - heavy: torch
+
+    inner = _plain_head(model)
+    with autocast(precision, model_device(model)):
+        if inner is not None and "labels" not in batch:
+            # Causal LM: the last hidden states; the logits a few rows at a time in `_chunks`.
+            return inner.base_model(**model_inputs(batch))[0]
+        return model(**model_inputs(batch)).logits
+
+
+def _chunks(
+    model: Any, out: torch.Tensor, batch: dict[str, torch.Tensor], precision: str, rows: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Float32 logits (b, T, K), targets (b, T) and counted tokens (b, T), ``rows`` rows at a time.
+
+    Classification is one target per row (T = 1); causal LMs predict token t+1 at t, and
+    their float32 logits (rows x L x vocabulary) are made a few rows at a time.
+    """
+    import torch  # noqa: PLC0415 - heavy: torch
+
+    from fedlora.models.device import autocast, model_device  # noqa: PLC0415 - heavy: torch
+
+    if "labels" in batch:
+        labels = batch["labels"]
+        yield out.float().unsqueeze(1), labels.unsqueeze(1), torch.ones_like(labels).unsqueeze(1)
+        return
+    inner = _plain_head(model)
+    for row in range(0, batch["input_ids"].shape[0], rows):
+        part = slice(row, row + rows)
+        if inner is not None:
+            with autocast(precision, model_device(model)):
+                # Contiguous: a strided bfloat16 input takes a path that copies the head to float32.
+                logits = inner.get_output_embeddings()(out[part, :-1].contiguous()).float()
+        else:
+            logits = out[part, :-1].float()
+        yield logits, batch["input_ids"][part, 1:], loss_tokens(batch)[part, 1:]

@@ -1,0 +1,124 @@
+"""What a client measures each evaluated round: the global and the personalized model, compared.
+
+With ``personal-mix=validation`` the personalized model is a mixture of the two models'
+predictions, ``(1 - w) * global + w * personalized``, with ``w`` chosen on the client's
+validation split (carved from its training examples) to minimise the mixture's loss there.
+The mixture's loss is convex in ``w`` and ``w = 0`` is the global model exactly, so a
+personal part that does not help this client's held-out-like examples is turned down
+rather than trusted.
+
+Each comparison also carries its own noise: the mean paired difference over the client's
+held-out examples (`Gain`) and its standard error, so that the server can tell a client
+the personalized model helps from one where the two are tied.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fedlora.train import EvalResult
+from fedlora.train.local import evaluate_adapter, use_adapter
+from fedlora.train.loops import compare
+
+if TYPE_CHECKING:
+    from fedlora.lora.adapters import AdapterState
+    from fedlora.personalization import Local, Personalization
+    from fedlora.train import Tokenized
+
+__all__ = ["MIX_GRID", "Gain", "Measured", "gain", "measure", "scores"]
+
+# The mixture weights a client chooses from: 0 (the global model) to 1 (the personalized one).
+MIX_GRID = tuple(i / 10 for i in range(11))
+
+
+@dataclass(frozen=True)
+class Gain:
+    """How much better one model does than another on the same examples, and the noise of that.
+
+    ``mean`` is the mean paired per-example difference: accuracy for classification, loss
+    (the other's minus this one's) for causal LMs, so positive is always better; ``se`` is
+    its standard error (NaN with fewer than 2 examples).
+    """
+
+    mean: float
+    se: float
+
+    def verdict(self, z: float = 1.96) -> int:
+        """+1 better, -1 worse, 0 a tie within ``z`` standard errors (NaN: a tie)."""
+        if math.isnan(self.mean):
+            return 0
+        noise = 0.0 if math.isnan(self.se) else z * self.se
+        if abs(self.mean) <= noise:
+            return 0
+        return 1 if self.mean > 0 else -1
+
+
+def gain(better: EvalResult | tuple[float, ...], than: EvalResult | tuple[float, ...], causal: bool) -> Gain:
+    """The paired gain of ``better`` over ``than`` (results, or their `scores`) on the same examples."""
+    a = better if isinstance(better, tuple) else scores(better, causal)
+    b = than if isinstance(than, tuple) else scores(than, causal)
+    if len(a) != len(b) or not a:
+        return Gain(math.nan, math.nan)
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    if n < 2:
+        return Gain(mean, math.nan)
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1)
+    return Gain(mean, math.sqrt(var / n))
+
+
+def scores(result: EvalResult, causal: bool) -> tuple[float, ...]:
+    """Each example's score, higher is better: its accuracy, or (causal LMs) its negated loss."""
+    return tuple(-x for x in result.example_losses) if causal else result.example_accuracies
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One round's held-out measurement on a client.
+
+    ``personalized`` is what the client predicts with: the mixture when mixing
+    (``weight``, else None).
+    """
+
+    global_only: EvalResult
+    personalized: EvalResult
+    weight: float | None = None
+
+
+def measure(
+    method: Personalization,
+    local: Local,
+    stored: AdapterState | None,
+    *,
+    validation: Tokenized | None,
+    mix: bool,
+) -> Measured:
+    """Measure the global and the personalized model on ``local.test``.
+
+    With ``mix``, the mixture weight is chosen on ``validation`` first (no validation
+    examples: the global model, ``w = 0``); the personalized figure is the mixture's.
+    """
+    loaded, glob = local.loaded, local.view.global_state
+    if method.same_as_global(local.cfg):
+        only = evaluate_adapter(loaded, local.test, glob)
+        return Measured(only, only, 0.0 if mix else None)
+    if not mix:
+        only = evaluate_adapter(loaded, local.test, glob)
+        return Measured(only, method.evaluate(local, stored))
+
+    def use_global() -> None:
+        use_adapter(loaded, glob)
+
+    def use_personalized() -> None:
+        method.prepare(local, stored)
+
+    precision = loaded.config.precision
+    model, weight = loaded.model, 0.0
+    if validation is not None and len(validation):
+        on_validation = compare(model, validation, use_global, use_personalized, precision=precision)
+        weight = on_validation.best_weight(MIX_GRID)
+    on_test = compare(model, local.test, use_global, use_personalized, weight=weight, precision=precision)
+    return Measured(on_test.first, on_test.mixed, weight)
