@@ -21,6 +21,8 @@ from fedlora.client.state import read_state
 from fedlora.config import CAUSAL_TASKS, RunConfig
 from fedlora.core import keys
 from fedlora.core.errors import DataError, FedloraError
+from fedlora.core.rundir import SUMMARY, RunSummary
+from fedlora.data import client_names
 from fedlora.data.chat import decode
 from fedlora.data.federated import load_client_data
 from fedlora.lora.adapters import from_record
@@ -45,6 +47,7 @@ __all__ = [
     "Personalized",
     "client_state_file",
     "chat_reply",
+    "client_partition",
     "continuation",
     "export_client",
     "generate",
@@ -61,6 +64,8 @@ RESPONSES = "responses.jsonl"
 RESPONSE_CLIENTS = 16
 # Generation never repeats an n-gram of this length.
 NO_REPEAT_NGRAM = 3
+# An unknown client's error lists the accepted names, or this many of them.
+LISTED_NAMES = 8
 
 
 @dataclass(frozen=True)
@@ -76,18 +81,59 @@ class ExportResult:
     accuracy: float
 
 
-def client_state_file(source: str | Path, client: int | None = None) -> Path:
-    """The state file of ``client`` in a run directory, or ``source`` itself if it is a file.
+def client_partition(run_dir: str | Path, client: str) -> int:
+    """The partition id of the client that ``client`` names in a run directory.
+
+    ``client`` is the client's name in the run's results (``summary.json``, `fedlora.api.Results.per_client`)
+    or, where no client has that name, its partition id written as a number.
 
     Raises
     ------
     FedloraError
-        If there is no such state, naming what was looked for.
+        One line: no client has that name, listing the accepted names (a few, and how many,
+        where there are many).
+
+    """
+    run_dir = Path(run_dir).expanduser()
+    summary = run_dir / SUMMARY
+    partitions = RunSummary.read(run_dir).per_client.partitions() if summary.is_file() else {}
+    if client in partitions:
+        return partitions[client]
+    if client.isascii() and client.isdigit():
+        return int(client)
+    if not partitions:
+        raise FedloraError(
+            f"client: no client named {client!r}: {run_dir} has no {SUMMARY} to read its clients' names "
+            "from; give the client's number"
+        )
+    names = list(partitions)
+    if len(names) <= LISTED_NAMES:
+        accepted = f"its clients: {', '.join(names)}"
+    else:
+        shown = ", ".join(names[:LISTED_NAMES])
+        accepted = f"its {len(names):,} clients include {shown}, ... (all in {SUMMARY})"
+    raise FedloraError(
+        f"client: no client named {client!r} in {run_dir}; {accepted}; or give a partition number"
+    )
+
+
+def client_state_file(source: str | Path, client: int | str | None = None) -> Path:
+    """The state file of ``client`` in a run directory, or ``source`` itself if it is a file.
+
+    ``client`` is a partition id, or a client's name or number as `client_partition`
+    reads it; None: client 0.
+
+    Raises
+    ------
+    FedloraError
+        If there is no such client or state, naming what was looked for.
 
     """
     source = Path(source).expanduser()
     if source.is_file():
         return source
+    if isinstance(client, str):
+        client = client_partition(source, client)
     folder = source / "clients" if (source / "clients").is_dir() else source
     name = f"client-{client if client is not None else 0}.state"
     found = sorted(folder.glob(f"federation-*/{name}")) + sorted(folder.glob(name))
@@ -294,7 +340,8 @@ def write_responses(state_dir: Path, out_file: Path, per_client: int, *, max_new
     ``state_dir`` (a simulation's ``client-state-dir``), the first ``per_client``
     conversations of its held-out split: everything before the last assistant turn is the
     prompt, that turn is the reference. One JSON line per prompt goes to ``out_file``
-    (``client``, ``prompt``, ``reference``, ``global``, ``personalized``), written whole
+    (``client``: the client's name, `fedlora.data.client_names`; ``partition``: its
+    partition id; ``prompt``, ``reference``, ``global``, ``personalized``), written whole
     at the end; returns how many.
 
     This reads the clients' own state and data, so it is for simulations, where both are
@@ -313,13 +360,15 @@ def write_responses(state_dir: Path, out_file: Path, per_client: int, *, max_new
             personalized.num_partitions,
             cfg.federation.seed,
         )
+        names = client_names(cfg.data, cfg.model.task, personalized.num_partitions, cfg.federation.data_seed)
         for text in data.test_texts[:per_client]:
             messages = decode(text)
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
             prompt = messages[:last]
             rows.append(
                 {
-                    "client": personalized.partition_id,
+                    "client": names[personalized.partition_id],
+                    "partition": personalized.partition_id,
                     "prompt": prompt,
                     "reference": messages[last]["content"],
                     **{

@@ -141,6 +141,42 @@ def test_predict_command_reads_texts_and_a_file(finished_run, tmp_path, capsys):
         client_state_file(root, 7)
 
 
+def _named_run(root: Path, names: list[str]) -> Path:
+    """A run directory whose summary names its clients, with a (stand-in) state file for each."""
+    final_round = {name: {"partition": pid, "global_accuracy": 0.5} for pid, name in enumerate(names)}
+    root.mkdir()
+    (root / "summary.json").write_text(json.dumps({"per_client": {"final_round": final_round}}))
+    for pid in range(len(names)):
+        (root / "clients" / "federation-1").mkdir(parents=True, exist_ok=True)
+        (root / "clients" / "federation-1" / f"client-{pid}.state").write_bytes(b"")
+    return root
+
+
+def test_export_takes_a_client_s_name_or_its_number(tmp_path):
+    run = _named_run(tmp_path / "run", ["alice", "bob", "7"])
+    assert client_state_file(run, "bob").name == "client-1.state"
+    assert client_state_file(run, "7").name == "client-2.state"  # a name before a number
+    assert client_state_file(run, "0").name == "client-0.state"
+    assert client_state_file(run, 1).name == "client-1.state"
+
+
+def test_export_refuses_an_unknown_client_in_one_line_naming_the_clients(tmp_path, capsys):
+    run = _named_run(tmp_path / "run", ["alice", "bob"])
+    assert main(["export", str(run), "--client", "carol", "--out", str(tmp_path / "m")]) == 2
+    assert capsys.readouterr().err == (
+        f"fedlora: error: client: no client named 'carol' in {run}; its clients: alice, bob; "
+        "or give a partition number\n"
+    )
+    many = _named_run(tmp_path / "many", [f"user{i}" for i in range(12)])
+    with pytest.raises(FedloraError) as refused:
+        client_state_file(many, "carol")
+    assert str(refused.value).endswith(
+        "its 12 clients include user0, user1, user2, user3, user4, user5, user6, user7, ... "
+        "(all in summary.json); or give a partition number"
+    )
+    assert not (tmp_path / "m").exists()
+
+
 def _device_round(tmp_path, flat, train, test):
     """One round of a deployed device through the ClientApp: its own folder, its state on its disk."""
     from conftest import write_client

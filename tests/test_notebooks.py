@@ -105,13 +105,18 @@ def _check_chat_run(result) -> None:
     final = result.final
     for key in ("global_perplexity", "personalized_perplexity", "local_only_perplexity"):
         assert math.isfinite(final[key]) and final[f"{key}_worst10"] >= final[key], key
-    # Side by side: each client's first 3 held-out cues, answered by the global and the personalized model.
+    # Side by side: each client's first 3 held-out cues, answered by the global and the personalized model,
+    # each reply under its client's name (its role) as in the per-client table.
     replies = result.responses()
-    assert [r["client"] for r in replies] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    roles = list(result.per_client()["client"])
+    assert len(roles) == 3 and all("/" in role for role in roles)
+    assert [(r["client"], r["partition"]) for r in replies] == [
+        (roles[p], p) for p in (0, 0, 0, 1, 1, 1, 2, 2, 2)
+    ]
     cfg = RunConfig.from_flat(result.config)
     for client in (0, 1, 2):
         held_out = [decode(t) for t in load_client_data(cfg.data, "chat", client, 3, 0).test_texts[:3]]
-        mine = [r for r in replies if r["client"] == client]
+        mine = [r for r in replies if r["partition"] == client]
         assert [r["prompt"] for r in mine] == [m[:1] for m in held_out]
         assert [r["reference"] for r in mine] == [m[1]["content"] for m in held_out]
         assert all(isinstance(r["global"], str) and isinstance(r["personalized"], str) for r in mine)

@@ -40,4 +40,13 @@ def test_shakespeare_preset_small_runs_roles_as_clients_and_reports_perplexity(t
         assert math.isfinite(final[name]) and final[name] > 1.0
         # The worst 10% of 3 clients is the worst one: its perplexity is at least the mean.
         assert final[f"{name}_worst10"] >= final[name]
-    assert sorted(summary["per_client"]["final_round"]) == ["0", "1", "2"]
+    # Each client is reported under its role's name, with its partition id, in the summary and the table.
+    roles = [
+        "a-midsummer-night-s-dream/BOTTOM",
+        "a-midsummer-night-s-dream/DEMETRIUS",
+        "a-midsummer-night-s-dream/EGEUS",
+    ]
+    clients = summary["per_client"]["final_round"]
+    assert [(name, c["partition"]) for name, c in clients.items()] == [(r, i) for i, r in enumerate(roles)]
+    assert set(summary["per_client"]["local_only_loss"]) == set(roles)
+    assert all(role in proc.stdout for role in roles)

@@ -70,7 +70,11 @@ def add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         help="write a client's personalized model (adapters merged into the base) for plain transformers",
     )
     export.add_argument("source", help="a run directory, a device's state-dir, or a client's .state file")
-    export.add_argument("--client", type=int, help="which client of a run directory (default 0)")
+    export.add_argument(
+        "--client",
+        help="which client of a run directory: its name in the run's results (summary.json, per_client()) "
+        "or its partition number (default 0)",
+    )
     export.add_argument("--out", required=True, help="folder for the model")
     export.add_argument(
         "--no-verify", action="store_true", help="skip comparing the merged model with the client's own"

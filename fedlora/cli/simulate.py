@@ -25,6 +25,9 @@ from rich.table import Table
 
 __all__ = ["add_simulate_commands"]
 
+# The end-of-run table of clients lists this many at most, in partition order; all are in summary.json.
+MAX_CLIENT_ROWS = 20
+
 
 def _pct(value: Any) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"
@@ -159,6 +162,28 @@ def _table(summary: dict[str, Any], out_dir: Path) -> None:
     console.print(f"wall time: {final.wall_s:.1f} s in the ServerApp")
 
 
+def _clients_table(results: api.Results) -> None:
+    """Every client's final figures under its own name: held-out accuracy, or perplexity for causal LMs."""
+    clients = results.per_client()
+    if clients.empty:
+        return
+    metric, shown = ("perplexity", _ppl) if "personalized_perplexity" in clients else ("accuracy", _pct)
+    table = Table(title=f"held-out {metric} per client")
+    table.add_column("client", overflow="fold")
+    for model in ("global", "personalized", "local-only"):
+        table.add_column(model, justify="right")
+    for _, row in clients.head(MAX_CLIENT_ROWS).iterrows():
+        figures = (row[f"{model}_{metric}"] for model in ("global", "personalized", "local_only"))
+        table.add_row(str(row["client"]), *(shown(float(v)) for v in figures))
+    console = Console()
+    console.print(table)
+    if len(clients) > MAX_CLIENT_ROWS:
+        console.print(
+            f"... and {len(clients) - MAX_CLIENT_ROWS} more clients (summary.json; "
+            f"fedlora.load_results(DIR).per_client())"
+        )
+
+
 def _placement(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gpus-per-client",
@@ -205,6 +230,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _report(results: api.Results) -> None:
+    _clients_table(results)
     _table(results.summary, results.out_dir)
     print(f"accuracy per round: {plot_accuracy(results.summary, results.out_dir / 'accuracy.png')}")
     if (results.out_dir / RESPONSES).is_file():

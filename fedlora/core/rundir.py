@@ -74,11 +74,13 @@ def read_config(out_dir: Path) -> dict[str, Any]:
 class ClientRecord:
     """One client's evaluation in a round, as kept in ``per_client`` of a round and the summary.
 
-    The optional parts are present only where they apply: ``epsilon`` and
+    The optional parts are present only where they apply: ``partition`` for a simulated
+    client (its partition id; the record is kept under the client's name), ``epsilon`` and
     ``budget_exhausted`` under DP-SGD, the membership-inference advantages in the final
     round, the canary exposures on a run with a canary.
     """
 
+    partition: int | None = None
     global_accuracy: float = math.nan
     personalized_accuracy: float = math.nan
     num_test_examples: float = math.nan
@@ -222,7 +224,9 @@ class FinalSummary:
 class ClientsSummary:
     """Per-client figures: the last round's metrics by client, and the local-only baseline.
 
-    ``final_round`` holds `ClientRecord.to_dict` objects; `clients` reads them back.
+    Every client is keyed by its name (`fedlora.data.client_names`; a deployed device is
+    ``node-<id>``). ``final_round`` holds `ClientRecord.to_dict` objects; `clients` reads
+    them back.
     """
 
     final_round: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -230,8 +234,23 @@ class ClientsSummary:
     local_only_loss: dict[str, float] = field(default_factory=dict)
 
     def clients(self) -> dict[str, ClientRecord]:
-        """The last round's record of every client, by client id."""
+        """The last round's record of every client, by name."""
         return {cid: ClientRecord.from_dict(values) for cid, values in self.final_round.items()}
+
+    def partitions(self) -> dict[str, int]:
+        """The partition id of every simulated client, by name, in partition order.
+
+        A summary written before clients had names keys them by their partition id, which is
+        read back as such; deployed devices (``node-<id>``) have none and are left out.
+        """
+        found: dict[str, int] = {}
+        for name, values in self.final_round.items():
+            pid = values.get("partition")
+            if isinstance(pid, int) and not isinstance(pid, bool):
+                found[name] = pid
+            elif "partition" not in values and name.isascii() and name.isdigit():
+                found[name] = int(name)
+        return dict(sorted(found.items(), key=lambda item: item[1]))
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ package is imported.
 from fedlora.data import shakespeare, shakespeare_chat, sources
 from fedlora.data.federated import load_client_data, resolve_labels
 from fedlora.data.jsonl import client_folders, read_jsonl
+from fedlora.data.names import client_names
 from fedlora.data.partition import PARTITIONERS, partition
 from fedlora.data.registry import DATASETS, ClientData, Corpus, DataSource
 from fedlora.data.sources import load_corpus
@@ -18,6 +19,7 @@ __all__ = [
     "Corpus",
     "DataSource",
     "client_folders",
+    "client_names",
     "load_client_data",
     "load_corpus",
     "partition",

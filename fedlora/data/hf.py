@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["hf_labels", "load_hf_client"]
+__all__ = ["hf_client_names", "hf_labels", "load_hf_client"]
 
 # The packaged `datasets` builder that reads a single data file, by its suffix.
 _BUILDERS = {".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -281,6 +281,26 @@ def _check_sizes(fed: _Federation, cfg: DataConfig, num_partitions: int) -> None
                 f"clients: {num_partitions} clients need at least {num_partitions * need} examples of split "
                 f"{split!r} ({need} each), but hf:{cfg.hf_dataset} has {rows}"
             )
+
+
+def hf_client_names(cfg: DataConfig, task: str, num_partitions: int, seed: int = 0) -> tuple[str, ...]:
+    """The clients' names, in partition order: ``natural``, each client's value of ``partition-by``.
+
+    ``iid`` and ``dirichlet`` clients have no natural name: they are numbered ("0", "1", ...),
+    and the dataset is not loaded.
+
+    Raises
+    ------
+    DataError
+        If the dataset cannot be loaded, lacks the column, or has fewer ids than clients.
+
+    """
+    if cfg.partitioner != "natural":
+        return tuple(str(pid) for pid in range(num_partitions))
+    fed = _federation(cfg, task, num_partitions, seed)
+    _check_sizes(fed, cfg, num_partitions)
+    ids = fed.partitioners[cfg.hf_split].partition_id_to_natural_id
+    return tuple(str(ids[pid]) for pid in range(num_partitions))
 
 
 def _examples(

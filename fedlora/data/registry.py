@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +62,9 @@ class DataSource:
     clients : ClientLoader or None
         For datasets with natural clients: loads one client directly, in place of the
         partitioner (Shakespeare's roles). None: the configured partitioner splits the corpus.
+    names : callable or None
+        With ``clients``: every natural client's name, in partition order (``play/ROLE``);
+        `fedlora.data.names.client_names` reads it. None: clients are named by number.
 
     """
 
@@ -69,6 +72,7 @@ class DataSource:
     corpus: Callable[[], Corpus]
     clients: ClientLoader | None = None
     chat: bool = False  # its examples are conversations (`task=chat`)
+    names: Callable[[DataConfig], Sequence[str]] | None = None
 
 
 DATASETS: Registry[DataSource] = Registry("dataset")

@@ -23,6 +23,7 @@ __all__ = [
     "parse_play",
     "role_corpus",
     "role_lines",
+    "role_names",
     "roles",
     "split_in_time",
 ]
@@ -222,5 +223,10 @@ def role_corpus(min_lines: int = MIN_LINES) -> Corpus:
     return Corpus("shakespeare", tuple(texts), (0,) * len(texts), (), tuple(groups))
 
 
+def role_names(cfg: DataConfig) -> tuple[str, ...]:
+    """Every client's name (``play/NAME``), in partition order."""
+    return tuple(role.client_id for role in roles(cfg.min_lines))
+
+
 # Natural clients (one per play and role), split in time: no partitioner.
-register(DataSource("shakespeare", role_corpus, clients=load_role_client))
+register(DataSource("shakespeare", role_corpus, clients=load_role_client, names=role_names))

@@ -17,7 +17,7 @@ from fedlora.data.chat import encode
 from fedlora.data.registry import ClientData, Corpus, DataSource, register
 from fedlora.data.shakespeare import Role, _play_files, parse_play, roles, split_in_time
 
-__all__ = ["CUE_LINES", "REPLY_LINES", "chat_roles", "exchanges", "load_chat_client"]
+__all__ = ["CUE_LINES", "REPLY_LINES", "chat_role_names", "chat_roles", "exchanges", "load_chat_client"]
 
 CUE_LINES = 1  # the last lines of the speech before: the user turn
 REPLY_LINES = 1  # the first lines of the role's answer: the assistant turn
@@ -90,4 +90,11 @@ def chat_corpus(min_lines: int = 40) -> Corpus:
     return Corpus("shakespeare-chat", tuple(texts), (0,) * len(texts), (), tuple(groups))
 
 
-register(DataSource("shakespeare-chat", chat_corpus, clients=load_chat_client, chat=True))
+def chat_role_names(cfg: DataConfig) -> tuple[str, ...]:
+    """Every client's name (``play/NAME``), in partition order."""
+    return tuple(role.client_id for role in chat_roles(cfg.min_lines))
+
+
+register(
+    DataSource("shakespeare-chat", chat_corpus, clients=load_chat_client, chat=True, names=chat_role_names)
+)

@@ -22,9 +22,9 @@ from flwr.serverapp.strategy import Strategy
 from fedlora import plan
 from fedlora.config import RunConfig
 from fedlora.core import keys
-from fedlora.core.errors import ConfigError
+from fedlora.core.errors import ConfigError, DataError
 from fedlora.core.rundir import GLOBAL_ADAPTER, RESULTS_LINE, ROUNDS
-from fedlora.data import resolve_labels
+from fedlora.data import client_names, resolve_labels
 from fedlora.lora.adapters import from_record, save_peft_adapter, to_record
 from fedlora.models import BUNDLED_MODELS, build_model, lora_config
 from fedlora.privacy.client_dp import wait_for_nodes, with_client_dp
@@ -75,11 +75,33 @@ def _local_only(grid: Grid, cfg: RunConfig, recorder: RunRecorder, check: Upload
             continue
         metrics = reply.content.metric_records[keys.METRICS]
         accuracy, loss = metrics[keys.M_ACCURACY_LOCAL_ONLY], metrics.get(keys.M_LOSS_LOCAL_ONLY)
-        client = client_id(metrics, reply.metadata.src_node_id)
+        client = client_id(metrics, reply.metadata.src_node_id, recorder.names)
         if isinstance(accuracy, (int, float)):
             recorder.local_only[client] = float(accuracy)
         if isinstance(loss, (int, float)):
             recorder.local_only_loss[client] = float(loss)
+
+
+def _client_names(grid: Grid, cfg: RunConfig) -> Callable[[], Sequence[str]] | None:
+    """How results name simulated clients (`fedlora.data.client_names`), or None in a deployment.
+
+    A deployed device sends no partition id and is named ``node-<id>``. The names are
+    looked up when the first client is named: by then every simulated node is registered,
+    and their number is the run's number of partitions.
+    """
+    if deployed():
+        return None
+
+    def names() -> Sequence[str]:
+        num_nodes = len(list(grid.get_node_ids()))
+        try:
+            return client_names(cfg.data, cfg.model.task, num_nodes, cfg.federation.data_seed)
+        except DataError as err:
+            # Names only label results: a run whose clients the server cannot name keeps their numbers.
+            log.warning("fedlora: clients are named by their partition id: %s", err)
+            return ()
+
+    return names
 
 
 def build_strategy(
@@ -138,6 +160,7 @@ def run_federation(grid: Grid, cfg: RunConfig, context: Context) -> dict[str, An
         full_model_bytes=loaded.full_model_bytes,
         rounds=resumed.rounds if resumed else None,
         wall_s=resumed.wall_s if resumed else 0.0,
+        names=_client_names(grid, cfg),
     )
     log.info("%s %s", RESULTS_LINE, out_dir)
     if resumed:

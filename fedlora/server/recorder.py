@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,10 @@ class RunRecorder:
     """Collects round metrics from the strategy and writes the run directory as it goes.
 
     Every write is a whole file or one appended line, so a reader (the CLI's progress
-    display) never sees half a record.
+    display) never sees half a record. ``names`` gives the simulated clients' names by
+    partition id (`fedlora.data.client_names`); it is called once, when a client is first
+    named (by then the simulated nodes are all known). Without it, clients are named by
+    their partition id.
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class RunRecorder:
         full_model_bytes: int,
         rounds: dict[int, RoundRecord] | None = None,
         wall_s: float = 0.0,
+        names: Callable[[], Sequence[str]] | None = None,
     ) -> None:
         self.out_dir = out_dir
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -96,10 +100,28 @@ class RunRecorder:
         self.rounds: dict[int, RoundRecord] = dict(rounds or {})
         self.local_only: dict[str, float] = {}
         self.local_only_loss: dict[str, float] = {}
+        self._name_clients = names
+        self._names: tuple[str, ...] | None = None
+        self._index: dict[str, int] | None = None  # name -> partition id
         self.started = time.perf_counter() - wall_s
         (out_dir / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
         if rounds is None or not (out_dir / METRICS).exists():
             (out_dir / METRICS).write_text("")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The simulated clients' names, by partition id (empty: they are named by number)."""
+        if self._names is None:
+            self._names = tuple(self._name_clients()) if self._name_clients is not None else ()
+        return self._names
+
+    def partition(self, client: str) -> int | None:
+        """The partition id of the client named ``client``; None for a deployed device (``node-<id>``)."""
+        if self._index is None:
+            self._index = {name: pid for pid, name in enumerate(self.names)}
+        if client in self._index:
+            return self._index[client]
+        return int(client) if client.isascii() and client.isdigit() else None
 
     def elapsed(self) -> float:
         """Seconds of the run so far (across a resume)."""
@@ -120,6 +142,17 @@ class RunRecorder:
         record = self.round(server_round)
         record.wall_s = time.perf_counter() - self.started
         self.event("round", **{k: v for k, v in vars(record).items() if k != "per_client"})
+
+    def _with_partitions(self, clients: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        # Each simulated client's record says its partition id, so that readers of ids find it;
+        # simulated clients come in partition order, deployed devices after them.
+        partitions = {name: pid for name in clients if (pid := self.partition(name)) is not None}
+        simulated = sorted(partitions, key=partitions.__getitem__)
+        devices = sorted(name for name in clients if name not in partitions)
+        return {
+            **{name: {"partition": partitions[name], **clients[name]} for name in simulated},
+            **{name: clients[name] for name in devices},
+        }
 
     def summary(
         self, *, labels: Sequence[str] = (), strategy: str = "", personalization: str = ""
@@ -163,7 +196,9 @@ class RunRecorder:
         record = RunSummary(
             rounds=[RoundSummary.of(r) for r in rounds],
             final=final,
-            per_client=ClientsSummary(last.per_client, self.local_only, self.local_only_loss),
+            per_client=ClientsSummary(
+                self._with_partitions(last.per_client), self.local_only, self.local_only_loss
+            ),
             labels=list(labels),
             strategy=strategy,
             personalization=personalization,

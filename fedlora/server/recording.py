@@ -177,7 +177,9 @@ class Recorded(Strategy):
         )
         ok = [m for m in replies if not m.has_error()]
         record_evaluation(
-            self.recorder.round(server_round), [(client_of(m), metrics_of(m)) for m in ok], self.recorder.task
+            self.recorder.round(server_round),
+            [(client_of(m, self.recorder.names), metrics_of(m)) for m in ok],
+            self.recorder.task,
         )
         return self.strategy.aggregate_evaluate(
             server_round, for_strategy(self.check, replies, self.recorder, server_round, train=False)

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from flwr.app import Message
 
 from fedlora.core import keys
 
-__all__ = ["client_id", "client_of", "error_reason", "metric", "metrics_of", "order_key", "value"]
+__all__ = [
+    "client_id",
+    "client_of",
+    "error_reason",
+    "metric",
+    "metrics_of",
+    "order_key",
+    "partition_id",
+    "value",
+]
 
 # An error reply's reason is the client's text: kept to one line of at most this many characters.
 MAX_REASON = 500
@@ -32,15 +41,28 @@ def metric(message: Message, key: str) -> float:
     return value(metrics_of(message), key)
 
 
-def client_id(metrics: Mapping[str, Any], node: int | str) -> str:
-    """A client's name in results: its partition id (a whole number from 0), else its node id."""
+def partition_id(metrics: Mapping[str, Any]) -> int | None:
+    """The partition id a simulated client names itself with (a whole number from 0), else None."""
     pid = value(metrics, keys.M_PARTITION_ID)
-    return str(int(pid)) if math.isfinite(pid) and pid >= 0 and pid == int(pid) else f"node-{node}"
+    return int(pid) if math.isfinite(pid) and pid >= 0 and pid == int(pid) else None
 
 
-def client_of(message: Message) -> str:
-    """The name in results of the client that sent ``message``."""
-    return client_id(metrics_of(message), message.metadata.src_node_id)
+def client_id(metrics: Mapping[str, Any], node: int | str, names: Sequence[str] = ()) -> str:
+    """A client's name in results.
+
+    A simulated client is named by its partition id: ``names[pid]`` (the run's client
+    names, `fedlora.data.client_names`), or the id itself where ``names`` has none. A
+    deployed device, which sends no partition id, is ``node-<node id>``.
+    """
+    pid = partition_id(metrics)
+    if pid is None:
+        return f"node-{node}"
+    return names[pid] if pid < len(names) else str(pid)
+
+
+def client_of(message: Message, names: Sequence[str] = ()) -> str:
+    """The name in results of the client that sent ``message`` (`client_id`)."""
+    return client_id(metrics_of(message), message.metadata.src_node_id, names)
 
 
 def order_key(message: Message) -> tuple[float, int]:

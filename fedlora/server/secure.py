@@ -148,7 +148,10 @@ class SeesOnlyAggregate(LegacyStrategy):
         record = self.recorder.round(server_round)
         record_evaluation(
             record,
-            [(client_id(_metrics(res), proxy.cid), _metrics(res)) for proxy, res in results],
+            [
+                (client_id(_metrics(res), proxy.cid, self.recorder.names), _metrics(res))
+                for proxy, res in results
+            ],
             self.recorder.task,
         )
         for failure in failures:

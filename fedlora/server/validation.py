@@ -214,7 +214,7 @@ def _reject(
 ) -> None:
     # ``named``: the reply's own partition id may name it (not when it claimed another's).
     node = message.metadata.src_node_id
-    client = client_of(message) if named else f"node-{node}"
+    client = client_of(message, recorder.names) if named else f"node-{node}"
     log.warning(
         "fedlora: round %s: rejected the %s reply of node %s (client %s): %s",
         server_round,
@@ -381,7 +381,7 @@ def for_strategy(
                 "weight-capped",
                 round=server_round,
                 node=m.metadata.src_node_id,
-                client=client_of(m),
+                client=client_of(m, recorder.names),
                 claimed=claimed,
                 weight=weight,
             )
