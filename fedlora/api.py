@@ -10,6 +10,7 @@ ServerApp and ClientApp, no second engine.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -20,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 from fedlora import launch
 from fedlora.config import CAUSAL_TASKS, HF_PREFIX, RunConfig, Scalar, keys_where
+from fedlora.core import keys
 from fedlora.core.errors import ConfigError, FedloraError, PairingError
 from fedlora.core.rundir import CONFIG, SUMMARY, RunSummary, read_config
-from fedlora.core.stats import t_interval
+from fedlora.core.stats import paired_gain, t_interval, verdicts
 from fedlora.data.jsonl import client_folders
 from fedlora.export import RESPONSE_CLIENTS, RESPONSES, write_responses
 from fedlora.presets import get_preset
@@ -99,17 +101,24 @@ class Results:
     def per_client(self) -> pd.DataFrame:
         """Final-round metrics of every client: global, personalized and local-only.
 
-        Accuracy always; for causal LMs also held-out perplexity (``exp`` of the client's
-        mean token loss). Rows are in client order.
+        ``client`` is the client's name (`fedlora.data.client_names`: its data folder, its
+        natural id or its role, else its number; ``node-<id>`` for a deployed device) and
+        ``partition`` its partition id (empty for a deployed device). Accuracy always; for
+        causal LMs also held-out perplexity (``exp`` of the client's mean token loss). Rows
+        are in partition order, deployed devices last.
         """
         import pandas as pd  # noqa: PLC0415 - heavy: pandas
 
         clients = self.record.per_client
+        partitions = clients.partitions()
         causal = self.config.get("task") in CAUSAL_TASKS
         rows = []
-        for cid, client in sorted(clients.clients().items(), key=lambda item: _client_order(item[0])):
+        for cid, client in sorted(
+            clients.clients().items(), key=lambda item: _client_order(item[0], partitions)
+        ):
             row = {
                 "client": cid,
+                "partition": partitions.get(cid),
                 "global_accuracy": client.global_accuracy,
                 "personalized_accuracy": client.personalized_accuracy,
                 "local_only_accuracy": clients.local_only_accuracy.get(cid, math.nan),
@@ -124,6 +133,8 @@ class Results:
                     row[f"{name}_perplexity"] = math.exp(loss) if not math.isnan(loss) else math.nan
             rows.append(row)
         frame = pd.DataFrame(rows)
+        # Integers with gaps for deployed devices (a plain column would turn them into floats).
+        frame["partition"] = pd.array([row["partition"] for row in rows], dtype="Int64")
         frame.insert(0, "personalization", self.personalization)
         frame.insert(0, "strategy", self.strategy)
         return frame
@@ -141,9 +152,9 @@ class Results:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _client_order(cid: str) -> tuple[int, int | str]:
-    # Simulated clients are numbered ("0", "1", ...); deployed ones are "node-<id>".
-    return (0, int(cid)) if cid.isdigit() else (1, cid)
+def _client_order(cid: str, partitions: Mapping[str, int]) -> tuple[int, int | str]:
+    # Simulated clients by partition id, then deployed devices ("node-<id>") by name.
+    return (0, partitions[cid]) if cid in partitions else (1, cid)
 
 
 def load_results(out_dir: str | Path) -> Results:
@@ -355,54 +366,75 @@ _FIGURES = {
     False: ("personalized_accuracy", "global_accuracy", "local_only_accuracy"),
     True: ("personalized_perplexity", "global_perplexity", "local_only_perplexity"),
 }
+_VERDICTS = ("better", "tied", "worse")
 
 
 class Sweep(list[Results]):
-    """The runs of a `sweep`, with comparison tables; ``skipped`` lists the combinations not run, and why."""
+    """The runs of a `sweep`, with comparison tables.
 
-    def __init__(self, runs: Iterable[Results] = (), skipped: Iterable[tuple[str, str, str]] = ()) -> None:
+    ``skipped`` lists the combinations the methods' rules exclude, as ``(strategy,
+    personalization, why)``; ``varied`` the run-config keys the sweep varied besides
+    strategy, personalization and seed (`sweep`'s ``vary``), which name a configuration too.
+    """
+
+    def __init__(
+        self,
+        runs: Iterable[Results] = (),
+        skipped: Iterable[tuple[str, str, str]] = (),
+        varied: Iterable[str] = (),
+    ) -> None:
         super().__init__(runs)
         self.skipped: list[tuple[str, str, str]] = list(skipped)
+        self.varied: tuple[str, ...] = tuple(varied)
 
     def _causal(self) -> bool:
         return bool(self) and self[0].config.get("task") in CAUSAL_TASKS
 
+    def label(self, run: Results) -> str:
+        """A run's configuration: ``strategy/personalization``, and its value of each varied key."""
+        config = run.config
+        varied = "".join(f" {k}={config.get(k)}" for k in self.varied)
+        return f"{run.strategy}/{run.personalization}{varied}"
+
     def to_dataframe(self) -> pd.DataFrame:
-        """One row per run: final figures (mean and worst-10% of clients), bytes, wall time, seed.
+        """One row per run: final figures (mean and worst-10% of clients), client outcomes, bytes, time.
 
         Accuracies for classification; for causal LMs also perplexities. The local-only
         figures come from the run of the same seed that measured them (a sweep measures the
-        baseline once per seed: it does not depend on the strategy).
+        baseline once per seed: it does not depend on the method). ``better_than_global``,
+        ``tied_with_global``, ``worse_than_global`` count the clients on which the
+        personalized model beats, ties (within the client's own noise) or loses to the
+        global model; ``..._local_only`` the same against the local-only model of that seed.
         """
         import pandas as pd  # noqa: PLC0415 - heavy: pandas
 
-        names = [f"{kind}_{m}" for kind in ("local_only",) for m in ("accuracy", "perplexity")]
-        local_keys = [k for n in names for k in (n, f"{n}_worst10")]
-        baseline = {
-            r.seed: {k: r.final.get(k, math.nan) for k in local_keys}
-            for r in self
-            if r.final.get("local_only_accuracy") is not None
-        }
         causal = self._causal()
+        measures = ("accuracy", "perplexity") if causal else ("accuracy",)
+        baseline = {r.seed: r for r in self if r.final.get("local_only_accuracy") is not None}
         rows = []
         for r in self:
             f = r.final
+            local = baseline[r.seed].final if r.seed in baseline else {}
             row: dict[str, Any] = {
+                "config": self.label(r),
                 "strategy": r.strategy,
                 "personalization": r.personalization,
                 "seed": r.seed,
                 "partition_seed": r.partition_seed,
             }
-            for model in ("personalized", "global"):
-                for m in ("accuracy", "perplexity") if causal else ("accuracy",):
-                    row[f"{model}_{m}"] = f.get(f"{model}_{m}", math.nan)
-                    row[f"{model}_{m}_worst10"] = f.get(f"{model}_{m}_worst10", math.nan)
-            local = baseline.get(r.seed, {})
-            for m in ("accuracy", "perplexity") if causal else ("accuracy",):
-                row[f"local_only_{m}"] = _number(local.get(f"local_only_{m}"))
-                row[f"local_only_{m}_worst10"] = _number(local.get(f"local_only_{m}_worst10"))
+            for m in measures:
+                for model, found in (("personalized", f), ("global", f), ("local_only", local)):
+                    row[f"{model}_{m}"] = _number(found.get(f"{model}_{m}"))
+                    row[f"{model}_{m}_worst10"] = _number(found.get(f"{model}_{m}_worst10"))
+            versus_global = f.get("personalized_vs_global") or {}
+            versus_local = _versus_local_only(r, baseline.get(r.seed))
+            for verdict in _VERDICTS:
+                word = "than" if verdict != "tied" else "with"
+                row[f"{verdict}_{word}_global"] = versus_global.get(verdict, math.nan)
+                row[f"{verdict}_{word}_local_only"] = versus_local.get(verdict, math.nan)
             row.update(
                 {
+                    "mix_weight": f.get("mix_weight", math.nan),
                     "bytes_up_per_client_round": f["bytes_up_per_client_round"],
                     "bytes_down_per_client_round": f.get("bytes_down_per_client_round", math.nan),
                     "wall_s": f["wall_s"],
@@ -412,32 +444,41 @@ class Sweep(list[Results]):
             rows.append(row)
         return pd.DataFrame(rows)
 
-    def summary(
-        self, baseline: str | tuple[str, str] | None = None, confidence: float = 0.95
-    ) -> pd.DataFrame:
-        """One row per configuration (strategy, personalization), over its seeds.
+    def summary(self, baseline: str | None = None, confidence: float = 0.95) -> pd.DataFrame:
+        """One row per configuration (`label`), over its seeds.
 
         For each figure (personalized, global and local-only accuracy, or perplexity for
         causal LMs, and each one's worst 10% of clients): the mean, the sample standard
         deviation and a ``confidence`` interval of the mean (Student's t with n - 1 degrees
-        of freedom; NaN with one seed). Against ``baseline`` (a personalization name, or a
-        ``(strategy, personalization)`` pair), the paired per-seed difference of the
-        personalized and global figures, its interval, and whether the interval excludes 0.
+        of freedom; NaN with one seed); the clients better than, tied with and worse than
+        the global and the local-only model (means over seeds). Against ``baseline`` (a
+        configuration's label, or a personalization name that one configuration has): the
+        paired per-seed difference of the personalized and global figures, its interval,
+        and whether the interval excludes 0 (the difference is distinguishable from noise).
+
+        Raises
+        ------
+        ConfigError
+            If ``baseline`` names no configuration of the sweep, or several.
+
         """
         import pandas as pd  # noqa: PLC0415 - heavy: pandas
 
         runs = self.to_dataframe()
         if runs.empty:
             return runs
-        figures = [f for name in _FIGURES[self._causal()] for f in (name, f"{name}_worst10")]
-        configs = list(dict.fromkeys(zip(runs["strategy"], runs["personalization"], strict=True)))
-        base = _baseline_of(baseline, configs)
+        causal = self._causal()
+        figures = [f for name in _FIGURES[causal] for f in (name, f"{name}_worst10")]
+        counts = [c for c in runs.columns if c.split("_")[0] in _VERDICTS]
+        configs = list(dict.fromkeys(runs["config"]))
+        base = _baseline_of(baseline, configs, runs)
         rows = []
-        for strategy, personalization in configs:
-            mine = runs[(runs["strategy"] == strategy) & (runs["personalization"] == personalization)]
+        for config in configs:
+            mine = runs[runs["config"] == config]
             row: dict[str, Any] = {
-                "strategy": strategy,
-                "personalization": personalization,
+                "config": config,
+                "strategy": mine["strategy"].iloc[0],
+                "personalization": mine["personalization"].iloc[0],
                 "seeds": ",".join(str(s) for s in mine["seed"]),
             }
             for figure in figures:
@@ -450,11 +491,12 @@ class Sweep(list[Results]):
                         f"{figure}_ci_high": interval.high,
                     }
                 )
+            row.update({c: mine[c].mean() for c in counts})
             if base is not None:
-                theirs = runs[(runs["strategy"] == base[0]) & (runs["personalization"] == base[1])]
-                for figure in _FIGURES[self._causal()][:2]:
-                    paired = mine.set_index("seed")[figure] - theirs.set_index("seed")[figure]
-                    diff = t_interval(paired.dropna(), confidence)
+                theirs = runs[runs["config"] == base].set_index("seed")
+                for figure in _FIGURES[causal][:2]:
+                    paired = (mine.set_index("seed")[figure] - theirs[figure]).dropna()
+                    diff = t_interval(paired, confidence)
                     row.update(
                         {
                             f"{figure}_vs_baseline_mean": diff.mean,
@@ -470,37 +512,85 @@ class Sweep(list[Results]):
         """Every run's per-round metrics, stacked."""
         import pandas as pd  # noqa: PLC0415 - heavy: pandas
 
-        return pd.concat([r.to_dataframe() for r in self], ignore_index=True)
+        return pd.concat([r.to_dataframe().assign(config=self.label(r)) for r in self], ignore_index=True)
 
     def per_client(self) -> pd.DataFrame:
-        """Every run's final per-client figures, stacked (with each run's seed)."""
+        """Every run's final per-client figures, stacked, with each run's configuration and seed.
+
+        The local-only columns come from the run of the same seed that measured them.
+        """
         import pandas as pd  # noqa: PLC0415 - heavy: pandas
 
-        return pd.concat([r.per_client() for r in self], ignore_index=True)
+        measured = {r.seed: r.per_client() for r in self if r.final.get("local_only_accuracy") is not None}
+        frames = []
+        for r in self:
+            frame = r.per_client()
+            local = measured.get(r.seed)
+            if local is not None:
+                by_client = local.set_index("client")
+                for column in (c for c in local.columns if c.startswith("local_only_")):
+                    frame[column] = frame["client"].map(by_client[column])
+            frame.insert(0, "seed", r.seed)
+            frame.insert(0, "config", self.label(r))
+            frames.append(frame)
+        return pd.concat(frames, ignore_index=True)
 
 
 def _number(found: Any) -> float:
     return math.nan if found is None else float(found)
 
 
-def _baseline_of(
-    baseline: str | tuple[str, str] | None, configs: list[tuple[str, str]]
-) -> tuple[str, str] | None:
-    """The ``(strategy, personalization)`` that ``baseline`` names among ``configs``.
+def _client_scores(run: Results, key: str) -> dict[int, tuple[float, ...]]:
+    """Per-example held-out scores a simulated run's clients kept in their state, by partition id."""
+    from fedlora.client.state import read_state  # noqa: PLC0415 - heavy: flwr's serde
+
+    found: dict[int, tuple[float, ...]] = {}
+    for path in sorted((run.out_dir / "clients").glob("federation-*/client-*.state")):
+        if not path.stem[7:].isdigit():  # after "client-"
+            continue
+        try:
+            record = read_state(path).config_records.get(key)
+        except FedloraError:
+            continue
+        if record is not None:
+            found[int(path.stem[7:])] = tuple(float(x) for x in record["scores"])  # type: ignore[union-attr]
+    return found
+
+
+def _versus_local_only(run: Results, local: Results | None) -> dict[str, int]:
+    """Clients better than, tied with and worse than the local-only model of ``local``'s run (same seed).
+
+    Paired per held-out example, from the scores the clients kept (simulations only); empty
+    where the runs kept none.
+    """
+    if local is None:
+        return {}
+    if local is run:
+        return dict(run.final.get("personalized_vs_local_only") or {})
+    mine, theirs = _client_scores(run, keys.S_FINAL_SCORES), _client_scores(local, keys.S_LOCAL_ONLY_SCORES)
+    shared = sorted(set(mine) & set(theirs))
+    return verdicts(paired_gain(mine[pid], theirs[pid]) for pid in shared) if shared else {}
+
+
+def _baseline_of(baseline: str | None, configs: list[str], runs: pd.DataFrame) -> str | None:
+    """The configuration ``baseline`` names: a label, or a personalization that one configuration has.
 
     Raises
     ------
     ConfigError
-        If it names none, or a personalization that several strategies ran.
+        If it names none, or a personalization that several configurations ran.
 
     """
     if baseline is None:
         return None
-    found = [c for c in configs if (c == baseline if isinstance(baseline, tuple) else c[1] == baseline)]
+    if baseline in configs:
+        return baseline
+    found = list(dict.fromkeys(runs[runs["personalization"] == baseline]["config"]))
     if len(found) != 1:
-        ran = ", ".join(f"{s}/{p}" for s, p in configs)
-        how = "is none" if not found else "is ambiguous: name (strategy, personalization)"
-        raise ConfigError(f"baseline: {baseline!r} {how} of the sweep's configurations ({ran})")
+        how = "is none" if not found else "is ambiguous: give its label"
+        raise ConfigError(
+            f"baseline: {baseline!r} {how} of the sweep's configurations ({', '.join(configs)})"
+        )
     return found[0]
 
 
@@ -509,19 +599,23 @@ def sweep(
     strategies: Iterable[str] = ("fedavg",),
     personalizations: Iterable[str] = ("auto",),
     seeds: Iterable[int] = (0,),
+    vary: Mapping[str, Iterable[Scalar]] | None = None,
     out: str | Path = "runs/sweep",
     per_strategy: Mapping[str, Mapping[str, Scalar]] | None = None,
     reuse: bool = False,
     on_run: Callable[[Results], None] | None = None,
     **common: Any,
 ) -> Sweep:
-    """Run every combination of strategy, personalization and seed; each in ``out/<s>__<p>__seed<n>``.
+    """Run every combination of strategy, personalization, varied setting and seed.
 
+    Each run goes in ``out/<strategy>__<personalization>[__<key>-<value>...]__seed<n>``.
     ``seeds`` vary the training seed (``seed``: initialisation, batches, dropout, client
     sampling); the data partition follows it unless ``partition_seed`` is given in
-    ``common``, which holds one split of the data fixed across seeds. ``per_strategy`` adds
-    run-config overrides for one strategy (e.g. ``client_ranks`` for ``flora``). The
-    local-only baseline runs once per seed. Everything else in ``common`` goes to `run`.
+    ``common``, which holds one split of the data fixed across seeds. ``vary`` adds axes
+    of other run-config keys (``vary={"personal_mix": ["off", "validation"]}``).
+    ``per_strategy`` adds run-config overrides for one strategy (e.g. ``client_ranks`` for
+    ``flora``). The local-only baseline runs once per seed. Everything else in ``common``
+    goes to `run`.
 
     Every configuration is checked before anything runs: a bad or misspelt setting is a
     one-line `ConfigError`. Only combinations the methods' own rules exclude (e.g.
@@ -535,17 +629,17 @@ def sweep(
         A bad setting, or no combination left to run.
 
     """
+    axes = {k: list(v) for k, v in (vary or {}).items()}
     planned, skipped = _plan_sweep(
-        list(strategies), list(personalizations), list(seeds), per_strategy, common
+        list(strategies), list(personalizations), list(seeds), axes, per_strategy, common
     )
     with launch.flower_session() as session:
-        results = Sweep(skipped=skipped)
-        for strategy, personalization, seed, flat in planned:
-            run_dir = Path(out) / f"{strategy}__{personalization}__seed{seed}"
+        results = Sweep(skipped=skipped, varied=[k.replace("_", "-") for k in axes])
+        for run_dir, strategy, personalization, flat in planned:
             result = run(
                 strategy=strategy,
                 personalization=personalization,
-                out=run_dir,
+                out=Path(out) / run_dir,
                 reuse=reuse,
                 session=session,
                 **flat,
@@ -560,25 +654,35 @@ def _plan_sweep(
     strategies: list[str],
     personalizations: list[str],
     seeds: list[int],
+    axes: Mapping[str, list[Scalar]],
     per_strategy: Mapping[str, Mapping[str, Scalar]] | None,
     common: Mapping[str, Any],
-) -> tuple[list[tuple[str, str, int, dict[str, Any]]], list[tuple[str, str, str]]]:
-    """The sweep's runs, each checked, and the combinations the methods' rules exclude (with why)."""
-    planned: list[tuple[str, str, int, dict[str, Any]]] = []
+) -> tuple[list[tuple[str, str, str, dict[str, Any]]], list[tuple[str, str, str]]]:
+    """The sweep's runs, each checked, and the combinations the methods' rules exclude.
+
+    Runs are ``(folder, strategy, personalization, settings)``; exclusions ``(strategy,
+    personalization, why)``.
+    """
+    planned: list[tuple[str, str, str, dict[str, Any]]] = []
     skipped: dict[tuple[str, str], str] = {}
     measured: set[int] = set()
     for seed in seeds:
         for strategy in strategies:
             for personalization in personalizations:
-                flat = {**common, **dict((per_strategy or {}).get(strategy, {})), "seed": seed}
-                flat.setdefault("local_only_baseline", seed not in measured)
-                try:
-                    _config_of(flat, strategy, personalization)
-                except PairingError as err:
-                    skipped[(strategy, personalization)] = str(err)
-                    continue
-                measured.add(seed)
-                planned.append((strategy, personalization, seed, flat))
+                for values in itertools.product(*axes.values()):
+                    varied = dict(zip(axes, values, strict=True))
+                    extra = dict((per_strategy or {}).get(strategy, {}))
+                    flat = {**common, **extra, **varied, "seed": seed}
+                    flat.setdefault("local_only_baseline", seed not in measured)
+                    try:
+                        _config_of(flat, strategy, personalization)
+                    except PairingError as err:
+                        skipped[(strategy, personalization)] = str(err)
+                        continue
+                    measured.add(seed)
+                    named = "".join(f"__{k.replace('_', '-')}-{v}" for k, v in varied.items())
+                    folder = f"{strategy}__{personalization}{named}__seed{seed}"
+                    planned.append((folder, strategy, personalization, flat))
     if not planned:
         reasons = "; ".join(f"{s}/{p}: {why}" for (s, p), why in skipped.items())
         raise ConfigError(f"sweep: no combination to run ({reasons or 'no strategies or seeds'})")

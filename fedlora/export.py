@@ -204,7 +204,7 @@ class Personalized:
         cfg = self.cfg
         try:
             return load_client_data(
-                cfg.data, cfg.model.task, self.partition_id, self.num_partitions, cfg.federation.seed
+                cfg.data, cfg.model.task, self.partition_id, self.num_partitions, cfg.federation.data_seed
             )
         except DataError:
             return None
@@ -358,7 +358,7 @@ def write_responses(state_dir: Path, out_file: Path, per_client: int, *, max_new
             cfg.model.task,
             personalized.partition_id,
             personalized.num_partitions,
-            cfg.federation.seed,
+            cfg.federation.data_seed,
         )
         names = client_names(cfg.data, cfg.model.task, personalized.num_partitions, cfg.federation.data_seed)
         for text in data.test_texts[:per_client]:

@@ -165,8 +165,11 @@ def mutate(rng: random.Random, kind: str, arrays: dict[str, np.ndarray], pid: in
     elif mutation == "drop-key":
         del metrics[rng.choice(sorted(k for k in metrics if k != "partition-id"))]
     elif mutation == "bad-value":
-        # Out of every metric's range (NaN is a measurement that could not be made: not bad per se).
-        metrics[rng.choice(sorted(metrics))] = rng.choice([math.inf, -math.inf, -1.0, 1e300])
+        # Out of every metric's range (NaN is a measurement that could not be made: not bad per se);
+        # a gain is signed, so -1 is one of its values.
+        key = rng.choice(sorted(metrics))
+        signed = key.startswith("gain-over") and not key.endswith("-se")
+        metrics[key] = rng.choice([math.inf, -math.inf, -1e300 if signed else -1.0, 1e300])
     elif mutation == "fractional-count":
         metrics[rng.choice(["num-examples", "partition-id"])] = 2.5
     elif mutation == "list-value":

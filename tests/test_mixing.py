@@ -1,4 +1,4 @@
-"""The validation split, the mixture of global and personalized predictions, paired gains, and sweep statistics."""
+"""The validation split, the global/personalized mixture, paired gains, and sweep statistics."""
 
 import json
 import math
@@ -94,7 +94,11 @@ def test_a_mixture_is_exact_at_its_ends_and_scores_like_evaluate(task, tiny_mode
     alone_second = evaluate(loaded.model, data)
     for weight, same_as in ((0.0, alone_first), (1.0, alone_second)):
         both = compare(loaded.model, data, first, second, weight=weight, batch_size=5)
-        for found, expected in ((both.first, alone_first), (both.second, alone_second), (both.mixed, same_as)):
+        for found, expected in (
+            (both.first, alone_first),
+            (both.second, alone_second),
+            (both.mixed, same_as),
+        ):
             assert found.loss == pytest.approx(expected.loss, rel=1e-5)
             assert found.accuracy == pytest.approx(expected.accuracy)
             assert found.example_losses == pytest.approx(expected.example_losses, rel=1e-5)
@@ -152,27 +156,38 @@ def test_a_sweep_skips_only_what_the_methods_rules_exclude_and_says_why():
     from fedlora.api import _plan_sweep
     from fedlora.core.errors import ConfigError
 
-    planned, skipped = _plan_sweep(["fedavg", "fedsa-lora"], ["dual", "fedsa-lora"], [0, 1], None, {})
-    ran = {(s, p) for s, p, _, _ in planned}
+    planned, skipped = _plan_sweep(["fedavg", "fedsa-lora"], ["dual", "fedsa-lora"], [0, 1], {}, None, {})
+    ran = {(s, p) for _, s, p, _ in planned}
     assert ran == {("fedavg", "dual"), ("fedsa-lora", "fedsa-lora")}
     assert {(s, p) for s, p, _ in skipped} == {("fedavg", "fedsa-lora"), ("fedsa-lora", "dual")}
     assert all("does not fit strategy" in why for _, _, why in skipped)
     # The local-only baseline is measured once per seed, by the first run of that seed.
-    assert [(seed, flat["local_only_baseline"]) for _, _, seed, flat in planned] == [
+    assert [(flat["seed"], flat["local_only_baseline"]) for _, _, _, flat in planned] == [
         (0, True),
         (0, False),
         (1, True),
         (1, False),
     ]
     with pytest.raises(ConfigError, match="no combination to run"):
-        _plan_sweep(["fedsa-lora"], ["ditto"], [0], None, {})
+        _plan_sweep(["fedsa-lora"], ["ditto"], [0], {}, None, {})
+    # A varied setting is an axis of its own, named in the run's folder.
+    varied, _ = _plan_sweep(["fedavg"], ["dual"], [0], {"personal_mix": ["off", "validation"]}, None, {})
+    assert [folder for folder, _, _, _ in varied] == [
+        "fedavg__dual__personal-mix-off__seed0",
+        "fedavg__dual__personal-mix-validation__seed0",
+    ]
 
 
 def _fake_run(folder, strategy, personalization, seed, personalized, glob, local=None):
     from fedlora.api import Results
 
     folder.mkdir(parents=True)
-    config = {"strategy": strategy, "personalization": personalization, "seed": seed, "task": "classification"}
+    config = {
+        "strategy": strategy,
+        "personalization": personalization,
+        "seed": seed,
+        "task": "classification",
+    }
     (folder / "config.json").write_text(json.dumps(config))
     final = {
         "personalized_accuracy": personalized,
@@ -201,6 +216,7 @@ def test_a_sweep_summary_gives_intervals_over_seeds_and_paired_differences(tmp_p
         ]
     )
     table = runs.summary(baseline="dual").set_index("personalization")
+    assert list(table["config"]) == ["fedavg/dual", "fedavg/finetune"]
     dual, finetune = table.loc["dual"], table.loc["finetune"]
     assert dual["seeds"] == "0,1,2"
     expected = t_interval([0.80, 0.90, 0.70])
@@ -214,3 +230,28 @@ def test_a_sweep_summary_gives_intervals_over_seeds_and_paired_differences(tmp_p
     assert finetune["personalized_accuracy_ci_low"] < dual["personalized_accuracy_ci_high"]
     assert not bool(finetune["global_accuracy_vs_baseline_distinguishable"])  # identical: 0 +- 0
     assert list(runs.to_dataframe()["seed"]) == [0, 0, 1, 1, 2, 2]
+
+
+def test_the_summary_counts_clients_better_tied_and_worse_within_their_own_noise(tmp_path):
+    from fedlora.core import keys
+    from fedlora.core.stats import Gain
+    from fedlora.server.evaluation import record_evaluation
+    from fedlora.server.recorder import RunRecorder
+
+    recorder = RunRecorder(tmp_path, {}, full_model_bytes=1)
+    base = {keys.M_ACCURACY_GLOBAL: 0.5, keys.M_ACCURACY_PERSONALIZED: 0.6, keys.M_NUM_EXAMPLES: 10}
+    clients = [
+        ("0", {**base, keys.M_GAIN_GLOBAL: 0.30, keys.M_GAIN_GLOBAL_SE: 0.05, keys.M_MIX_WEIGHT: 1.0}),
+        ("1", {**base, keys.M_GAIN_GLOBAL: 0.05, keys.M_GAIN_GLOBAL_SE: 0.05, keys.M_MIX_WEIGHT: 0.5}),
+        ("2", {**base, keys.M_GAIN_GLOBAL: -0.20, keys.M_GAIN_GLOBAL_SE: 0.05, keys.M_MIX_WEIGHT: 0.0}),
+        ("3", {**base, keys.M_GAIN_GLOBAL: 0.0, keys.M_GAIN_GLOBAL_SE: 0.0, keys.M_MIX_WEIGHT: 0.0}),
+    ]
+    record_evaluation(recorder.round(1), clients)
+    recorder.local_only_gain = {"0": Gain(-0.5, 0.1), "1": Gain(0.01, 0.1)}
+    final = recorder.summary()["final"]
+    assert final["personalized_vs_global"] == {"better": 1, "tied": 2, "worse": 1}
+    assert final["personalized_vs_local_only"] == {"better": 0, "tied": 1, "worse": 1}
+    assert final["mix_weight"] == pytest.approx(0.375)
+    per_client = recorder.summary()["per_client"]
+    assert per_client["final_round"]["2"]["gain_over_global"] == -0.20
+    assert per_client["local_only_gain"] == {"0": -0.5, "1": 0.01}

@@ -123,6 +123,17 @@ def _table(summary: dict[str, Any], out_dir: Path) -> None:
                 _ppl(getattr(final, f"{model}_perplexity_worst10")),
             )
         console.print(ppl)
+    for versus, counts in (
+        ("global", final.personalized_vs_global),
+        ("local-only", final.personalized_vs_local_only),
+    ):
+        if counts:
+            console.print(
+                f"personalized vs {versus}: better on {counts['better']} clients, tied on {counts['tied']} "
+                f"(within each client's own noise), worse on {counts['worse']}"
+            )
+    if not math.isnan(final.mix_weight):
+        console.print(f"personal-mix: mean weight of the personalized model {final.mix_weight:.2f}")
     ratio = final.upload_reduction
     console.print(
         f"upload per client per round: {_bytes(final.bytes_up_per_client_round)} "

@@ -14,10 +14,10 @@ the personalized model helps from one where the two are tied.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fedlora.core.stats import Gain, paired_gain
 from fedlora.train import EvalResult
 from fedlora.train.local import evaluate_adapter, use_adapter
 from fedlora.train.loops import compare
@@ -33,41 +33,11 @@ __all__ = ["MIX_GRID", "Gain", "Measured", "gain", "measure", "scores"]
 MIX_GRID = tuple(i / 10 for i in range(11))
 
 
-@dataclass(frozen=True)
-class Gain:
-    """How much better one model does than another on the same examples, and the noise of that.
-
-    ``mean`` is the mean paired per-example difference: accuracy for classification, loss
-    (the other's minus this one's) for causal LMs, so positive is always better; ``se`` is
-    its standard error (NaN with fewer than 2 examples).
-    """
-
-    mean: float
-    se: float
-
-    def verdict(self, z: float = 1.96) -> int:
-        """+1 better, -1 worse, 0 a tie within ``z`` standard errors (NaN: a tie)."""
-        if math.isnan(self.mean):
-            return 0
-        noise = 0.0 if math.isnan(self.se) else z * self.se
-        if abs(self.mean) <= noise:
-            return 0
-        return 1 if self.mean > 0 else -1
-
-
 def gain(better: EvalResult | tuple[float, ...], than: EvalResult | tuple[float, ...], causal: bool) -> Gain:
     """The paired gain of ``better`` over ``than`` (results, or their `scores`) on the same examples."""
     a = better if isinstance(better, tuple) else scores(better, causal)
     b = than if isinstance(than, tuple) else scores(than, causal)
-    if len(a) != len(b) or not a:
-        return Gain(math.nan, math.nan)
-    diffs = [x - y for x, y in zip(a, b, strict=True)]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    if n < 2:
-        return Gain(mean, math.nan)
-    var = sum((d - mean) ** 2 for d in diffs) / (n - 1)
-    return Gain(mean, math.sqrt(var / n))
+    return paired_gain(a, b)
 
 
 def scores(result: EvalResult, causal: bool) -> tuple[float, ...]:

@@ -130,6 +130,8 @@ def evaluate(message: Message, context: Context) -> Message:
         num_examples = global_only.num_examples
         causal = client.cfg.model.causal
         over_global = gain(personalized, global_only, causal)
+        if found.weight is not None:
+            client.state[keys.S_MIX_WEIGHT] = ConfigRecord({"weight": found.weight})
         if final:
             # For the local-only baseline, run after the rounds: paired with the same examples.
             client.state[keys.S_FINAL_SCORES] = ConfigRecord({"scores": list(scores(personalized, causal))})
@@ -166,9 +168,12 @@ def local_only(message: Message, context: Context) -> Message:
     result, ev = train_local_only(
         client.loaded, client.train_all, client.test, steps, client.cfg.train, seed=client.seed(0, 7)
     )
+    local_scores = scores(ev, client.cfg.model.causal)
+    # Kept for a sweep's runs of other methods, which pair their clients with this baseline.
+    client.state[keys.S_LOCAL_ONLY_SCORES] = ConfigRecord({"scores": list(local_scores)})
     final = client.state.config_records.get(keys.S_FINAL_SCORES)
     personalized = tuple(float(x) for x in final["scores"]) if final else ()  # type: ignore[union-attr]
-    over_local = gain(personalized, scores(ev, client.cfg.model.causal), client.cfg.model.causal)
+    over_local = gain(personalized, local_scores, client.cfg.model.causal)
     return reply(
         message,
         {

@@ -66,6 +66,7 @@ __all__ = [
     "S_PERSONAL_ROUNDS",
     "S_MIX_WEIGHT",
     "S_FINAL_SCORES",
+    "S_LOCAL_ONLY_SCORES",
     "S_LAST_GLOBAL",
     "S_CLIENT_CONFIG",
     "E_CLIENT_INPUT",
@@ -169,6 +170,7 @@ S_DECLINED = "fedlora-budget-declined"  # set once the client declined a round f
 S_PERSONAL_ROUNDS = "fedlora-personal-rounds"  # rounds the personal state has been trained
 S_MIX_WEIGHT = "fedlora-mix-weight"  # personal-mix: the weight chosen in the last evaluated round
 S_FINAL_SCORES = "fedlora-final-scores"  # the final personalized model's per-example held-out scores
+S_LOCAL_ONLY_SCORES = "fedlora-local-only-scores"  # the local-only model's, the same way
 # What `fedlora export` rebuilds the personalized model from: the server's last arrays and
 # this client's effective configuration (run config, node's data, profile and rank).
 S_LAST_GLOBAL = "fedlora-last-global"

@@ -95,6 +95,11 @@ class ClientRecord:
     mia_examples: float | None = None
     canary_exposure_global: float | None = None
     canary_exposure_personalized: float | None = None
+    # The personalized model's mean paired gain over the global one on this client's held-out
+    # examples (accuracy; causal LMs: loss) and its standard error; personal-mix: its weight.
+    gain_over_global: float = math.nan
+    gain_over_global_se: float = math.nan
+    mix_weight: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of ``summary.json``: optional parts that do not apply are left out."""
@@ -218,6 +223,13 @@ class FinalSummary:
     full_model_bytes: int = 0
     wall_s: float = math.nan
     upload_reduction: float | None = None
+    # Clients on which the personalized model is better than the global (local-only) one,
+    # tied with it within the client's own noise (|gain| <= 1.96 standard errors over its
+    # held-out examples), or worse.
+    personalized_vs_global: dict[str, int] = field(default_factory=dict)
+    personalized_vs_local_only: dict[str, int] = field(default_factory=dict)
+    # personal-mix: the mean over clients of the weight on the personalized model.
+    mix_weight: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -232,6 +244,9 @@ class ClientsSummary:
     final_round: dict[str, dict[str, Any]] = field(default_factory=dict)
     local_only_accuracy: dict[str, float] = field(default_factory=dict)
     local_only_loss: dict[str, float] = field(default_factory=dict)
+    # The final personalized model's paired gain over the local-only one, and its standard error.
+    local_only_gain: dict[str, float] = field(default_factory=dict)
+    local_only_gain_se: dict[str, float] = field(default_factory=dict)
 
     def clients(self) -> dict[str, ClientRecord]:
         """The last round's record of every client, by name."""

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Interval", "t_interval"]
+__all__ = ["Gain", "Interval", "paired_gain", "t_interval", "verdicts"]
 
 
 @dataclass(frozen=True)
@@ -42,3 +42,47 @@ def t_interval(values: Iterable[float], confidence: float = 0.95) -> Interval:
     sd = math.sqrt(sum((v - mean) ** 2 for v in kept) / (n - 1))
     half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * sd / math.sqrt(n)
     return Interval(mean, sd, mean - half, mean + half, n)
+
+
+@dataclass(frozen=True)
+class Gain:
+    """How much better one model does than another on the same examples, and the noise of that.
+
+    ``mean`` is the mean paired per-example difference: accuracy for classification, loss
+    (the other's minus this one's) for causal LMs, so positive is always better; ``se`` is
+    its standard error (NaN with fewer than 2 examples).
+    """
+
+    mean: float
+    se: float
+
+    def verdict(self, z: float = 1.96) -> int:
+        """+1 better, -1 worse, 0 a tie within ``z`` standard errors (NaN: a tie)."""
+        if math.isnan(self.mean):
+            return 0
+        noise = 0.0 if math.isnan(self.se) else z * self.se
+        if abs(self.mean) <= noise:
+            return 0
+        return 1 if self.mean > 0 else -1
+
+
+def verdicts(gains: Iterable[Gain], z: float = 1.96) -> dict[str, int]:
+    """How many of ``gains`` are better, tied within their noise, and worse."""
+    found = [g.verdict(z) for g in gains]
+    return {"better": found.count(1), "tied": found.count(0), "worse": found.count(-1)}
+
+
+def paired_gain(a: Sequence[float], b: Sequence[float]) -> Gain:
+    """The mean of ``a[i] - b[i]`` over paired examples (higher is better) and its standard error.
+
+    Unpaired or empty inputs give NaN.
+    """
+    if len(a) != len(b) or not a:
+        return Gain(math.nan, math.nan)
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    if n < 2:
+        return Gain(mean, math.nan)
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1)
+    return Gain(mean, math.sqrt(var / n))

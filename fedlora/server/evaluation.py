@@ -40,6 +40,9 @@ def client_record(m: Mapping[str, Any]) -> ClientRecord:
         mia_examples=_optional(m, keys.M_MIA_EXAMPLES, audited),
         canary_exposure_global=_optional(m, keys.M_CANARY_GLOBAL, canary),
         canary_exposure_personalized=_optional(m, keys.M_CANARY_PERSONALIZED, canary),
+        gain_over_global=value(m, keys.M_GAIN_GLOBAL),
+        gain_over_global_se=value(m, keys.M_GAIN_GLOBAL_SE),
+        mix_weight=_optional(m, keys.M_MIX_WEIGHT, keys.M_MIX_WEIGHT in m),
     )
 
 

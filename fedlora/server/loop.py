@@ -24,6 +24,7 @@ from fedlora.config import RunConfig
 from fedlora.core import keys
 from fedlora.core.errors import ConfigError, DataError
 from fedlora.core.rundir import GLOBAL_ADAPTER, RESULTS_LINE, ROUNDS
+from fedlora.core.stats import Gain
 from fedlora.data import client_names, resolve_labels
 from fedlora.lora.adapters import from_record, save_peft_adapter, to_record
 from fedlora.models import BUNDLED_MODELS, build_model, lora_config
@@ -31,7 +32,7 @@ from fedlora.privacy.client_dp import wait_for_nodes, with_client_dp
 from fedlora.server.checkpoint import Checkpoint, load_checkpoint, restore_strategy, save_checkpoint
 from fedlora.server.recorder import RunRecorder
 from fedlora.server.recording import Recorded
-from fedlora.server.replies import client_id, error_reason
+from fedlora.server.replies import client_id, error_reason, value
 from fedlora.server.runs_root import check_server_reads, deployed, held_run, run_directory
 from fedlora.server.schema import LOCAL_ONLY
 from fedlora.server.secure import run_secure
@@ -80,6 +81,9 @@ def _local_only(grid: Grid, cfg: RunConfig, recorder: RunRecorder, check: Upload
             recorder.local_only[client] = float(accuracy)
         if isinstance(loss, (int, float)):
             recorder.local_only_loss[client] = float(loss)
+        recorder.local_only_gain[client] = Gain(
+            value(metrics, keys.M_GAIN_LOCAL_ONLY), value(metrics, keys.M_GAIN_LOCAL_ONLY_SE)
+        )
 
 
 def _client_names(grid: Grid, cfg: RunConfig) -> Callable[[], Sequence[str]] | None:

@@ -21,6 +21,7 @@ from fedlora.core.rundir import (
     RoundSummary,
     RunSummary,
 )
+from fedlora.core.stats import Gain, verdicts
 
 __all__ = [
     "CHECKPOINT",
@@ -100,6 +101,7 @@ class RunRecorder:
         self.rounds: dict[int, RoundRecord] = dict(rounds or {})
         self.local_only: dict[str, float] = {}
         self.local_only_loss: dict[str, float] = {}
+        self.local_only_gain: dict[str, Gain] = {}
         self._name_clients = names
         self._names: tuple[str, ...] | None = None
         self._index: dict[str, int] | None = None  # name -> partition id
@@ -192,12 +194,22 @@ class RunRecorder:
             full_model_bytes=self.full_model_bytes,
             wall_s=time.perf_counter() - self.started,
             upload_reduction=self.full_model_bytes / per_client if per_client else None,
+            personalized_vs_global=verdicts(
+                Gain(c.get("gain_over_global", math.nan), c.get("gain_over_global_se", math.nan))
+                for c in last.per_client.values()
+            ),
+            personalized_vs_local_only=verdicts(self.local_only_gain.values()),
+            mix_weight=_mean([c["mix_weight"] for c in last.per_client.values() if "mix_weight" in c]),
         )
         record = RunSummary(
             rounds=[RoundSummary.of(r) for r in rounds],
             final=final,
             per_client=ClientsSummary(
-                self._with_partitions(last.per_client), self.local_only, self.local_only_loss
+                self._with_partitions(last.per_client),
+                self.local_only,
+                self.local_only_loss,
+                {name: gain.mean for name, gain in self.local_only_gain.items()},
+                {name: gain.se for name, gain in self.local_only_gain.items()},
             ),
             labels=list(labels),
             strategy=strategy,
