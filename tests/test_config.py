@@ -41,12 +41,13 @@ def test_flat_round_trip_and_coercion():
         ),
         (
             {"strategy": "fedwhat"},
-            "strategy: must be one of fedadam, fedavg, fedavgm, fedex-lora, fedmedian, fedprox, fedsa-lora, "
-            "fedyogi, ffa-lora, flexlora, flora, krum, trimmed-mean, got 'fedwhat'",
+            "strategy: must be one of fedadam, fedalt, fedavg, fedavgm, fedex-lora, fedmedian, fedprox, "
+            "fedsa-lora, fedyogi, ffa-lora, flexlora, flora, krum, trimmed-mean, got 'fedwhat'",
         ),
         (
             {"personalization": "magic"},
-            "personalization: must be auto or one of ditto, dual, fedsa-lora, finetune, none, got 'magic'",
+            "personalization: must be auto or one of ditto, dual, fedalt, feddpa, fedsa-lora, finetune, "
+            "none, got 'magic'",
         ),
         (
             {"personalization": "fedsa-lora"},

@@ -42,17 +42,35 @@ def train(message: Message, context: Context) -> Message:
     if dp is not None:
         # A round is the shared and the personal steps: start it only if both fit in the budget.
         client.check_budget(client.dp_steps_per_round(), dp)
-    state, result = train_shared(
+    seed, progress = client.seed(server_round), (server_round, client.cfg.federation.num_server_rounds)
+    local = Local(
         client.loaded,
         client.train,
-        view.own_state,
+        client.test,
+        view,
         client.cfg.train,
-        seed=client.seed(server_round),
-        frozen=client.protocol.frozen,
-        proximal_mu=mu,
-        dp=dp,
-        progress=(server_round, client.cfg.federation.num_server_rounds),
+        seed,
+        dp,
+        progress,
+        client.validation,
     )
+    own = client.method.train_round(local, client.personal())
+    if own is not None:
+        # The method trains its own adapter (FedALT: the individual LoRA) and keeps its state.
+        state, result = own.sent, own.result
+        client.state[keys.S_PERSONAL] = to_record(own.kept)
+    else:
+        state, result = train_shared(
+            client.loaded,
+            client.train,
+            view.own_state,
+            client.cfg.train,
+            seed=seed,
+            frozen=client.protocol.frozen,
+            proximal_mu=mu,
+            dp=dp,
+            progress=progress,
+        )
     client.spend(result.steps, dp)
     client.keep(state)
     metrics = {

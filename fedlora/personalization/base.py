@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from fedlora.train.dpsgd import DPSettings
 from fedlora.train import evaluate
 
-__all__ = ["PERSONALIZATIONS", "Local", "Personalization", "get_personalization", "register"]
+__all__ = ["PERSONALIZATIONS", "Local", "OwnRound", "Personalization", "get_personalization", "register"]
 
 
 @dataclass(frozen=True)
@@ -42,12 +42,27 @@ class Local:
     validation: Tokenized | None = None
 
 
+@dataclass(frozen=True)
+class OwnRound:
+    """A federated round that a method trained its own way (`Personalization.train_round`).
+
+    ``sent`` is the adapter the reply uploads (the strategy's protocol picks its parts);
+    ``kept`` is the client's stored state after the round, which never leaves it.
+    """
+
+    sent: AdapterState
+    kept: AdapterState
+    result: TrainResult
+
+
 class Personalization(ABC):
     """A personalization method: run on every client after each round's aggregation.
 
     `update` trains whatever the client keeps (the stored state never leaves the client)
     against the new global adapter; `prepare` makes the model the personalized one (what
-    `evaluate` measures and ``fedlora export`` writes).
+    `evaluate` measures and ``fedlora export`` writes). A method whose clients upload an
+    adapter of their own rather than one trained from the server's arrays also trains the
+    federated round (`train_round`).
     """
 
     name: ClassVar[str]
@@ -64,6 +79,17 @@ class Personalization(ABC):
     # The method selects or fits something on the client's validation split (``Local.validation``),
     # so every client holds one out of its training examples (``validation-fraction``).
     uses_validation: ClassVar[bool] = False
+
+    def train_round(self, local: Local, stored: AdapterState | None) -> OwnRound | None:
+        """Train the federated round the method's own way, or None to train it the common way.
+
+        The common way (`fedlora.train.local.train_shared`) trains an adapter from the
+        server's arrays alone, and sends it. A method that returns an `OwnRound` instead
+        trains ``local-steps`` steps (with ``local.dp`` when set) from its stored state and
+        says what is sent and what is kept: FedALT trains each client's individual LoRA on
+        next to the frozen adapter the server sent, and sends the individual one.
+        """
+        return None
 
     def update(
         self, local: Local, stored: AdapterState | None

@@ -31,13 +31,18 @@ def train_adapter(
     regularizer: Callable[[], torch.Tensor] | None = None,
     dp: DPSettings | None = None,
     progress: tuple[int, int] = (1, 1),
+    extra: Collection[torch.nn.Parameter] = (),
 ) -> TrainResult:
     """Train the last adapter in ``names`` (all of them compute) for ``steps`` steps.
 
     With ``dp``, the steps are DP-SGD steps (`fedlora.train.dpsgd`). ``progress`` is
     ``(server_round, rounds)``: where these steps fall in the learning-rate schedule.
+    ``extra`` parameters of the model outside its adapters train too (FedALT's mixer gates,
+    `fedlora.lora.mixer`).
     """
     activate(loaded.model, names, trainable=names[-1:], frozen=frozen)
+    for param in extra:
+        param.requires_grad_(True)
     if dp is not None:
         if regularizer is not None:
             raise ValueError("train_adapter: DP-SGD with a regulariser is not supported")
