@@ -255,3 +255,26 @@ def test_the_summary_counts_clients_better_tied_and_worse_within_their_own_noise
     per_client = recorder.summary()["per_client"]
     assert per_client["final_round"]["2"]["gain_over_global"] == -0.20
     assert per_client["local_only_gain"] == {"0": -0.5, "1": 0.01}
+
+
+def test_a_classifier_chooses_its_mixture_by_accuracy_first_then_loss():
+    import math as m
+
+    from fedlora.train import EvalResult
+    from fedlora.train.loops import Comparison
+
+    # Three examples of class 0. The global model gives each p0 = 0.6 (all right, unsure); the
+    # personalized one 0.99, 0.99 and 0.2 (surer, one wrong). The mixture's loss is lowest at
+    # w = 0.5 (accuracy 2/3); example 3 stays right while 0.6 - 0.4 w > 0.5, i.e. w < 0.25.
+    first = torch.log(torch.tensor([[0.6, 0.4]] * 3))
+    second = torch.log(torch.tensor([[0.99, 0.01], [0.99, 0.01], [0.2, 0.8]]))
+    labels = torch.zeros(3, dtype=torch.long)
+    none = EvalResult(m.nan, m.nan, 0)
+    found = Comparison(none, none, none, 0.0, first[:, 0], second[:, 0], first, second, labels)
+    assert found.mixture_accuracy(0.0) == 1.0 and found.mixture_accuracy(1.0) == pytest.approx(2 / 3)
+    by_loss = min(MIX_GRID, key=found.mixture_loss)
+    assert by_loss == 0.5 and found.mixture_accuracy(by_loss) == pytest.approx(2 / 3)
+    assert found.best_weight(MIX_GRID) == 0.2  # the surest mixture that keeps every example right
+    # Causal LMs have no per-class record: the loss alone decides.
+    lm = Comparison(none, none, none, 0.0, first[:, 0], second[:, 0])
+    assert m.isnan(lm.mixture_accuracy(0.5)) and lm.best_weight(MIX_GRID) == 0.5

@@ -349,7 +349,9 @@ class Comparison:
 
     ``mixed`` predicts with ``(1 - weight) * p_first + weight * p_second`` (the two models'
     probabilities). ``first_logp`` and ``second_logp`` hold each counted target's log-probability
-    under either model, in the same order: enough to score any other mixture (`mixture_loss`).
+    under either model, in the same order: enough to score any other mixture's loss
+    (`mixture_loss`). For classification, ``first_all`` and ``second_all`` hold every class's
+    log-probability (N, C) and ``labels`` the targets, for any mixture's accuracy.
     """
 
     first: EvalResult
@@ -358,6 +360,9 @@ class Comparison:
     weight: float
     first_logp: torch.Tensor
     second_logp: torch.Tensor
+    first_all: torch.Tensor | None = None
+    second_all: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
 
     def mixture_loss(self, weight: float) -> float:
         """Mean held-out loss of the mixture with this ``weight`` on the second setup."""
@@ -365,13 +370,28 @@ class Comparison:
             return math.nan
         return float(-_mix(self.first_logp, self.second_logp, weight).mean())
 
+    def mixture_accuracy(self, weight: float) -> float:
+        """Classification: the accuracy of the mixture with this ``weight`` (NaN for causal LMs)."""
+        if self.first_all is None or self.second_all is None or self.labels is None or not len(self.labels):
+            return math.nan
+        predicted = _mix(self.first_all, self.second_all, weight).argmax(-1)
+        return float((predicted == self.labels).float().mean())
+
     def best_weight(self, grid: Sequence[float]) -> float:
-        """The weight of ``grid`` whose mixture has the lowest loss; the smallest of equal ones."""
+        """The weight of ``grid`` whose mixture scores best; the smallest of equal ones.
+
+        Best is the highest accuracy, then the lowest loss, for classification (the
+        figure a classifier is judged by); the lowest loss for causal LMs.
+        """
         if not len(self.first_logp):
             return min(grid)
-        losses = [self.mixture_loss(w) for w in grid]
-        best = min(losses)
-        return min(w for w, loss in zip(grid, losses, strict=True) if loss <= best + 1e-9)
+
+        def rank(weight: float) -> tuple[float, float]:
+            accuracy = self.mixture_accuracy(weight)
+            return (0.0 if math.isnan(accuracy) else -round(accuracy, 9), round(self.mixture_loss(weight), 9))
+
+        best = min(rank(w) for w in grid)
+        return min(w for w in grid if rank(w) == best)
 
 
 def compare(
@@ -394,6 +414,7 @@ def compare(
     model.eval()
     tallies = (_Tally(), _Tally(), _Tally())
     logps: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    every: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] = ([], [], [])
     with torch.no_grad():
         for batch in _batches(model, data, batch_size):
             first()
@@ -413,9 +434,15 @@ def compare(
                 counted = keep.bool()
                 logps[0].append(_at(lp_a, target)[counted])
                 logps[1].append(_at(lp_b, target)[counted])
+                if "labels" in batch:  # classification: every class, for any mixture's accuracy
+                    for kept, part in zip(
+                        every, (lp_a[counted], lp_b[counted], target[counted]), strict=True
+                    ):
+                        kept.append(part)
     first_r, second_r, mixed_r = (t.result(len(data)) for t in tallies)
     cat = [torch.cat(lp) if lp else torch.zeros(0) for lp in logps]
-    return Comparison(first_r, second_r, mixed_r, weight, cat[0], cat[1])
+    classes = [torch.cat(part) if part else None for part in every]
+    return Comparison(first_r, second_r, mixed_r, weight, cat[0], cat[1], *classes)
 
 
 def _at(logp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
