@@ -317,9 +317,10 @@ class TrainConfig:
     personal_mix: str = setting(
         "off",
         "`validation`: each client predicts with `(1 - w) * global + w * personalized` (a mixture of the two "
-        "models' predicted probabilities), `w` chosen in {0, 0.1, ..., 1} each evaluated round to minimise "
-        "the loss on its validation split; a client whose personal part does not help falls back to the "
-        "global model (`w = 0`); `off`: the personalized model alone",
+        "models' predicted probabilities), `w` chosen in {0, 0.1, ..., 1} each evaluated round on its "
+        "validation split (classification: best accuracy, then loss; causal LMs: loss); a client whose "
+        "personal part does not help falls back to the global model (`w = 0`); `off`: the personalized "
+        "model alone",
     )
     validation_fraction: float = setting(
         0.2,
