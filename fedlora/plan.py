@@ -129,6 +129,15 @@ def _check_privacy(strategy: StrategyInfo, method: type[Personalization], cfg: R
         )
 
 
+def _check_mixing(method: type[Personalization], cfg: RunConfig) -> None:
+    if cfg.train.personal_mix != "off" and not method.mixable:
+        mixable = ", ".join(name for name, m in PERSONALIZATIONS.items() if m.mixable)
+        raise PairingError(
+            f"personal-mix: personalization {method.name!r} predicts through per-input weights that "
+            f"personal-mix cannot mix yet; use personal-mix=off, or one of {mixable}"
+        )
+
+
 def _heterogeneous() -> list[str]:
     # Strategies whose clients may use different LoRA ranks.
     return [name for name, info in STRATEGIES.items() if info.protocol.heterogeneous_ranks]
@@ -148,6 +157,7 @@ def resolve(cfg: RunConfig) -> Plan:
     method = PERSONALIZATIONS.get(resolved_personalization(cfg))
     _check_pairing(strategy, method, cfg)
     _check_privacy(strategy, method, cfg)
+    _check_mixing(method, cfg)
     return Plan(cfg, strategy, method)
 
 

@@ -278,3 +278,12 @@ def test_a_classifier_chooses_its_mixture_by_accuracy_first_then_loss():
     # Causal LMs have no per-class record: the loss alone decides.
     lm = Comparison(none, none, none, 0.0, first[:, 0], second[:, 0])
     assert m.isnan(lm.mixture_accuracy(0.5)) and lm.best_weight(MIX_GRID) == 0.5
+
+
+def test_personal_mix_refuses_methods_whose_prediction_it_cannot_mix():
+    from fedlora import plan
+    from fedlora.core.errors import PairingError
+
+    plan.load({"personalization": "finetune", "personal-mix": "validation"})
+    with pytest.raises(PairingError, match=r"^personal-mix: personalization 'feddpa' predicts through"):
+        plan.load({"personalization": "feddpa", "personal-mix": "validation"})

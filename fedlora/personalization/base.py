@@ -79,6 +79,9 @@ class Personalization(ABC):
     # The method selects or fits something on the client's validation split (``Local.validation``),
     # so every client holds one out of its training examples (``validation-fraction``).
     uses_validation: ClassVar[bool] = False
+    # `prepare` alone makes the model predict as the personalized one (no per-input weights or
+    # hooks that only `evaluate` installs), so `personal-mix` can mix its predictions.
+    mixable: ClassVar[bool] = True
 
     def train_round(self, local: Local, stored: AdapterState | None) -> OwnRound | None:
         """Train the federated round the method's own way, or None to train it the common way.

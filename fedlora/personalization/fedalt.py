@@ -16,9 +16,9 @@ restart. The head is the individual one: a task head is not a delta a gate can w
 What fedlora measures: the personalized model is the mixed one; the "global" model is
 the adapter in the evaluate message, i.e. this client's RoW LoRA alone (with the mean of
 the others' heads). ``personal-steps`` is not used: the paper trains nothing after
-aggregation. `prepare` (what ``fedlora export`` merges, and what ``personal-mix`` mixes
-with) has no per-input weight: it weighs each delta by 1/2, the gate's weight for an
-input it cannot tell apart.
+aggregation. `prepare` (what ``fedlora export`` merges) has no per-input weight: it weighs
+each delta by 1/2, the gate's weight for an input it cannot tell apart. ``personal-mix``
+is refused (it would mix the ungated model).
 """
 
 from __future__ import annotations
@@ -79,6 +79,8 @@ class FedALT(Personalization):
     """Personalized = base + per-token softmax-gated mix of the individual and the RoW LoRA."""
 
     name = "fedalt"
+    # Its prediction needs hooks that `evaluate` installs: `personal-mix` cannot mix it yet.
+    mixable = False
     paper = "FedALT (Bian et al., AAAI 2026, arXiv:2503.11880)"
     summary = (
         "individual LoRA trained on across rounds next to the frozen Rest-of-World LoRA, "

@@ -161,6 +161,8 @@ class FedDPA(Dual):
     """Personalized = global LoRA + t(x) * personal LoRA, t(x) the input's likeness to the client's data."""
 
     name = "feddpa"
+    # Its prediction needs hooks that `evaluate` installs: `personal-mix` cannot mix it yet.
+    mixable = False
     paper = "FedDPA (Yang et al., NeurIPS 2024, arXiv:2403.19211)"
     summary = (
         "dual's adapters; each input weights the personal one by its mean cosine similarity "
