@@ -24,7 +24,7 @@ from fedlora.config import CAUSAL_TASKS, HF_PREFIX, RunConfig, Scalar, keys_wher
 from fedlora.core import keys
 from fedlora.core.errors import ConfigError, FedloraError, PairingError
 from fedlora.core.rundir import CONFIG, SUMMARY, RunSummary, read_config
-from fedlora.core.stats import paired_gain, t_interval, verdicts
+from fedlora.core.stats import Gain, paired_gain, t_interval, verdicts
 from fedlora.data.jsonl import client_folders
 from fedlora.export import RESPONSE_CLIENTS, RESPONSES, write_responses
 from fedlora.presets import get_preset
@@ -104,8 +104,12 @@ class Results:
         ``client`` is the client's name (`fedlora.data.client_names`: its data folder, its
         natural id or its role, else its number; ``node-<id>`` for a deployed device) and
         ``partition`` its partition id (empty for a deployed device). Accuracy always; for
-        causal LMs also held-out perplexity (``exp`` of the client's mean token loss). Rows
-        are in partition order, deployed devices last.
+        causal LMs also held-out perplexity (``exp`` of the client's mean token loss).
+        ``vs_global`` and ``vs_local_only`` say whether the personalized model is better (1),
+        tied within the client's own noise (0) or worse (-1), from the paired per-example
+        gains (``gain_over_global`` and its ``_se``); ``mix_weight`` is the weight a
+        ``personal-mix`` client put on its personalized model. Rows are in partition order,
+        deployed devices last.
         """
         import pandas as pd  # noqa: PLC0415 - heavy: pandas
 
@@ -131,6 +135,19 @@ class Results:
                 )
                 for name, loss in zip(("global", "personalized", "local_only"), losses, strict=True):
                     row[f"{name}_perplexity"] = math.exp(loss) if not math.isnan(loss) else math.nan
+            over_local = Gain(
+                clients.local_only_gain.get(cid, math.nan), clients.local_only_gain_se.get(cid, math.nan)
+            )
+            over_global = Gain(client.gain_over_global, client.gain_over_global_se)
+            row.update(
+                {
+                    "gain_over_global": over_global.mean,
+                    "gain_over_global_se": over_global.se,
+                    "vs_global": over_global.verdict(),
+                    "vs_local_only": over_local.verdict() if not math.isnan(over_local.mean) else math.nan,
+                    "mix_weight": client.mix_weight if client.mix_weight is not None else math.nan,
+                }
+            )
             rows.append(row)
         frame = pd.DataFrame(rows)
         # Integers with gaps for deployed devices (a plain column would turn them into floats).

@@ -173,6 +173,10 @@ def _table(summary: dict[str, Any], out_dir: Path) -> None:
     console.print(f"wall time: {final.wall_s:.1f} s in the ServerApp")
 
 
+# A per-client verdict (`fedlora.core.stats.Gain.verdict`), as the clients' table shows it.
+_VERDICT = {1: "better", 0: "tied", -1: "worse"}
+
+
 def _clients_table(results: api.Results) -> None:
     """Every client's final figures under its own name: held-out accuracy, or perplexity for causal LMs."""
     clients = results.per_client()
@@ -183,9 +187,12 @@ def _clients_table(results: api.Results) -> None:
     table.add_column("client", overflow="fold")
     for model in ("global", "personalized", "local-only"):
         table.add_column(model, justify="right")
+    # The personalized model against the others, within the client's own noise.
+    table.add_column("personalized vs global / local-only", justify="center")
     for _, row in clients.head(MAX_CLIENT_ROWS).iterrows():
         figures = (row[f"{model}_{metric}"] for model in ("global", "personalized", "local_only"))
-        table.add_row(str(row["client"]), *(shown(float(v)) for v in figures))
+        verdicts = " / ".join(_VERDICT.get(row[f"vs_{m}"], "n/a") for m in ("global", "local_only"))
+        table.add_row(str(row["client"]), *(shown(float(v)) for v in figures), verdicts)
     console = Console()
     console.print(table)
     if len(clients) > MAX_CLIENT_ROWS:
