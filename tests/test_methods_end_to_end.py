@@ -82,6 +82,11 @@ def test_strategy_and_personalization_run_end_to_end(tmp_path, session, strategy
     heterogeneous = STRATEGIES[strategy].protocol.heterogeneous_ranks
     clients = 3 if heterogeneous else 2
     extra = {"local_only_baseline": False, **({"client_ranks": MIXED_RANKS} if heterogeneous else {})}
+    # The first case of each method that can be mixed also mixes it with the global model.
+    first = next(case for case in CASES if case[1] == personalization) == (strategy, personalization)
+    mixes = first and PERSONALIZATIONS[personalization].mixable and personalization != "none"
+    if mixes:
+        extra["personal_mix"] = "validation"
     out = tmp_path / "run"
     if CASES.index((strategy, personalization)) % 6 == 1:
         summary = _through_cli(strategy, personalization, out, clients, extra)
@@ -108,6 +113,12 @@ def test_strategy_and_personalization_run_end_to_end(tmp_path, session, strategy
         assert r["bytes_up"] > 0 and math.isfinite(r["train_loss"])
         if personalization == "none":
             assert r["personalized_accuracy"] == r["global_accuracy"]
+    final, per_client = summary["final"], summary["per_client"]["final_round"]
+    # Every client is counted once as better, tied or worse than the global model.
+    assert sum(final["personalized_vs_global"].values()) == clients
+    if mixes:
+        assert 0.0 <= final["mix_weight"] <= 1.0
+        assert all(0.0 <= c["mix_weight"] <= 1.0 for c in per_client.values())
     if heterogeneous:
         assert json.loads((out / "config.json").read_text())["client-ranks"] == MIXED_RANKS
     assert (out / "global_adapter" / "adapter_model.safetensors").exists()
