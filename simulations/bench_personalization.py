@@ -21,7 +21,11 @@ next to it. Runs already finished in ``--out`` are reused, so an interrupted ben
 goes on where it stopped. Usage:
 
     python simulations/bench_personalization.py --setting default [--seeds 0,1,2]
-        [--methods dual,finetune,ditto] [--out runs/bench-personalization]
+        [--methods dual,finetune,ditto,feddpa,fedalt] [--strategies fedavg,fedalt]
+        [--out runs/bench-personalization]
+
+(Strategy and method pairs the methods' rules exclude, such as ``fedavg`` with ``fedalt``
+or ``personal-mix`` with ``feddpa``, are skipped and listed.)
 """
 
 from __future__ import annotations
@@ -94,12 +98,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="default")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--methods", default="dual,finetune,ditto")
+    parser.add_argument("--methods", default="dual,finetune,ditto,feddpa,fedalt")
+    parser.add_argument("--strategies", default="fedavg,fedalt")
     parser.add_argument("--mix", default="off,validation")
     parser.add_argument("--out", default="runs/bench-personalization")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     sweep = fedlora.sweep(
+        strategies=args.strategies.split(","),
         personalizations=args.methods.split(","),
         seeds=seeds,
         vary={"personal_mix": args.mix.split(",")},
@@ -109,6 +115,8 @@ def main() -> None:
         on_run=lambda r: print(f"finished {r.out_dir.name} in {r.final['wall_s']:.0f} s", flush=True),
         **SETTINGS[args.setting],
     )
+    for strategy, method, why in sweep.skipped:
+        print(f"skipped {strategy}/{method}: {why}")
     runs = sweep.to_dataframe()
     summary = sweep.summary(baseline=f"fedavg/dual personal-mix={args.mix.split(',')[0]}")
     causal = "personalized_perplexity" in runs.columns
