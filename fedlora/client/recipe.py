@@ -24,7 +24,6 @@ from fedlora.client.setup import Client
 from fedlora.core import keys
 from fedlora.lora.adapters import to_record
 from fedlora.lora.protocol import sent_parts
-from fedlora.personalization import Local
 from fedlora.train.local import local_only as train_local_only
 from fedlora.train.local import train_shared
 
@@ -43,17 +42,7 @@ def train(message: Message, context: Context) -> Message:
         # A round is the shared and the personal steps: start it only if both fit in the budget.
         client.check_budget(client.dp_steps_per_round(), dp)
     seed, progress = client.seed(server_round), (server_round, client.cfg.federation.num_server_rounds)
-    local = Local(
-        client.loaded,
-        client.train,
-        client.test,
-        view,
-        client.cfg.train,
-        seed,
-        dp,
-        progress,
-        client.validation,
-    )
+    local = client.local(view, seed, dp, server_round)
     own = client.method.train_round(local, client.personal())
     if own is not None:
         # The method trains its own adapter (FedALT: the individual LoRA) and keeps its state.
@@ -101,18 +90,7 @@ def evaluate(message: Message, context: Context) -> Message:
     seed = client.seed(server_round, 1)
     # With dp-personal off, the personal adapter (which never leaves the client) trains without DP.
     personal_dp = dp if client.cfg.privacy.dp_personal else None
-    progress = (server_round, client.cfg.federation.num_server_rounds)
-    local = Local(
-        client.loaded,
-        client.train,
-        client.test,
-        view,
-        client.cfg.train,
-        seed,
-        personal_dp,
-        progress,
-        client.validation,
-    )
+    local = client.local(view, seed, personal_dp, server_round)
     stored, result = client.personal(), None
     # A client that declined a round for its budget stops training altogether, personal
     # adapter included, and only evaluates; otherwise the personal steps complete its round.

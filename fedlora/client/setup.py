@@ -26,7 +26,7 @@ from fedlora.lora.maths import part_of
 from fedlora.lora.protocol import ClientView, receive
 from fedlora.models import cached_model
 from fedlora.models.device import check_compute
-from fedlora.personalization import get_personalization
+from fedlora.personalization import Local, get_personalization
 from fedlora.privacy import PrivacyLedger, noise_multiplier
 from fedlora.privacy.canary import canary_text
 from fedlora.strategies.base import initial_record
@@ -193,6 +193,13 @@ class Client:
     def _stored(self, name: str) -> AdapterState | None:
         record = self.state.array_records.get(name)
         return from_record(record) if record is not None else None
+
+    def local(self, view: ClientView, seed: int, dp: DPSettings | None, server_round: int) -> Local:
+        """What a personalization method works with in ``server_round``: this client's model, splits, view."""
+        progress = (server_round, self.cfg.federation.num_server_rounds)
+        return Local(
+            self.loaded, self.train, self.test, view, self.cfg.train, seed, dp, progress, self.validation
+        )
 
     def personal(self) -> AdapterState | None:
         """The personalization method's stored state, if any."""
