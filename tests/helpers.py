@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 
@@ -48,3 +48,14 @@ def simulate_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc
+
+
+def client_context(cfg, partition_id: int = 0) -> Context:
+    """A simulated client's context: partition ``partition_id`` of 3, empty state, ``cfg``'s run config."""
+    return Context(
+        run_id=1,
+        node_id=partition_id + 1,
+        state=RecordDict(),
+        run_config=cfg.to_flat(),
+        node_config={"partition-id": partition_id, "num-partitions": 3},
+    )

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
-from helpers import as_server
+from flwr.app import ConfigRecord, Message, RecordDict
+from helpers import as_server, client_context
 
 import fedlora.train.loops
 from fedlora.client_app import app
@@ -12,16 +12,6 @@ from fedlora.config import RunConfig
 from fedlora.core import keys
 from fedlora.lora.adapters import from_record, to_record
 from fedlora.models import load_base
-
-
-def _context(cfg, partition_id=0):
-    return Context(
-        run_id=1,
-        node_id=partition_id + 1,
-        state=RecordDict(),
-        run_config=cfg.to_flat(),
-        node_config={"partition-id": partition_id, "num-partitions": 3},
-    )
 
 
 def _message(kind, content):
@@ -48,7 +38,7 @@ def test_every_client_message_is_the_shared_adapter_and_scalar_metrics(cfg, tiny
     loaded = build_model(cfg.model, 3, seed=0)
     expected_keys = list(loaded.initial_global)
     base_shapes = {tuple(p.shape) for p in load_base(cfg.model, 3)[0].parameters() if p.dim() == 2}
-    context = _context(cfg)
+    context = client_context(cfg)
     sent = []
     global_arrays = to_record(loaded.initial_global)
     for server_round in (1, 2, 3):
@@ -128,7 +118,7 @@ def test_personal_adapter_survives_rounds_and_differs_per_client(cfg):
 
     loaded = build_model(cfg.model, 3, seed=0)
     arrays = to_record(loaded.initial_global)
-    contexts = [_context(cfg, pid) for pid in (0, 1)]
+    contexts = [client_context(cfg, pid) for pid in (0, 1)]
     for context in contexts:
         app(
             _message("evaluate", {keys.ARRAYS: arrays, keys.CONFIG: ConfigRecord({keys.C_SERVER_ROUND: 1})}),
@@ -152,7 +142,7 @@ def test_a_client_with_bad_data_replies_with_the_file_and_line_and_logs_the_rest
     load_client_data.cache_clear()
     reply = app(
         _message("train", {keys.ARRAYS: to_record({}), keys.CONFIG: ConfigRecord({keys.C_SERVER_ROUND: 1})}),
-        _context(cfg),
+        client_context(cfg),
     )
     assert reply.has_error() and reply.error.code == keys.E_CLIENT_INPUT
     # What leaves the device: the kind of error, the file's name and line; no path, no content.
@@ -169,7 +159,7 @@ def test_a_label_outside_the_label_set_is_reported_without_the_label(cfg, jsonl_
     load_client_data.cache_clear()
     reply = app(
         _message("train", {keys.ARRAYS: to_record({}), keys.CONFIG: ConfigRecord({keys.C_SERVER_ROUND: 1})}),
-        _context(cfg.replace(labels="sport,music,cooking")),
+        client_context(cfg.replace(labels="sport,music,cooking")),
     )
     assert reply.has_error()
     assert reply.error.reason == "DataError: test.jsonl: record 1 (label not in the label set)"
@@ -195,7 +185,7 @@ def test_each_strategy_uploads_only_the_parts_it_shares(cfg, strategy, parts):
     ranks = "4,16" if strategy_info(strategy).protocol.heterogeneous_ranks else ""
     cfg = cfg.replace(strategy=strategy, client_ranks=ranks)
     loaded = build_model(cfg.model, 3, seed=0)
-    context = _context(cfg, partition_id=1)  # rank 16 where ranks differ
+    context = client_context(cfg, partition_id=1)  # rank 16 where ranks differ
     config = ConfigRecord({keys.C_SERVER_ROUND: 1, keys.C_PROXIMAL_MU: 0.1})
     arrays = to_record(initial_record(strategy_info(strategy), loaded.initial_global))
     train = app(_message("train", {keys.ARRAYS: arrays, keys.CONFIG: config}), context)
@@ -222,7 +212,7 @@ def test_each_strategy_uploads_only_the_parts_it_shares(cfg, strategy, parts):
 
 
 def test_a_node_with_its_own_rank_is_refused_where_the_strategy_needs_one_rank(cfg, caplog):
-    context = _context(cfg)
+    context = client_context(cfg)
     context.node_config["lora-rank"] = 4
     reply = app(
         _message("train", {keys.ARRAYS: to_record({}), keys.CONFIG: ConfigRecord({keys.C_SERVER_ROUND: 1})}),
@@ -267,7 +257,7 @@ def _count_evaluations(monkeypatch) -> list[int]:
 
 def test_rounds_between_evaluations_train_but_measure_nothing(cfg, three_labels, monkeypatch):
     cfg = cfg.replace(evaluate_every=2, num_server_rounds=3, audit_examples=256)
-    context, calls = _context(cfg), _count_evaluations(monkeypatch)
+    context, calls = client_context(cfg), _count_evaluations(monkeypatch)
     first = _evaluate(cfg, context, 1, three_labels)
     assert keys.M_ACCURACY_GLOBAL not in first and keys.M_ACCURACY_PERSONALIZED not in first
     # Trained its personal steps, measured nothing.
@@ -281,7 +271,7 @@ def test_rounds_between_evaluations_train_but_measure_nothing(cfg, three_labels,
 
 def test_a_personalized_model_that_is_the_global_one_is_measured_once(cfg, three_labels, monkeypatch):
     cfg = cfg.replace(personalization="none", num_server_rounds=1, audit_examples=256)
-    context, calls = _context(cfg), _count_evaluations(monkeypatch)
+    context, calls = client_context(cfg), _count_evaluations(monkeypatch)
     metrics = _evaluate(cfg, context, 1, three_labels)
     assert metrics[keys.M_ACCURACY_GLOBAL] == metrics[keys.M_ACCURACY_PERSONALIZED]
     assert metrics[keys.M_MIA_GLOBAL] == metrics[keys.M_MIA_PERSONALIZED]
@@ -291,11 +281,13 @@ def test_a_personalized_model_that_is_the_global_one_is_measured_once(cfg, three
 
 def test_the_audit_compares_a_bounded_sample_and_reports_its_size(cfg, three_labels, monkeypatch):
     cfg = cfg.replace(num_server_rounds=1, audit_examples=3)
-    context, calls = _context(cfg), _count_evaluations(monkeypatch)
+    context, calls = client_context(cfg), _count_evaluations(monkeypatch)
     metrics = _evaluate(cfg, context, 1, three_labels)
     assert metrics[keys.M_MIA_EXAMPLES] == 6  # 3 training + 3 held-out examples
     assert sorted(calls)[:2] == [3, 3]  # the audit's two passes (global, personalized) over 3 examples
-    off = _evaluate(cfg.replace(audit_examples=0), _context(cfg.replace(audit_examples=0)), 1, three_labels)
+    off = _evaluate(
+        cfg.replace(audit_examples=0), client_context(cfg.replace(audit_examples=0)), 1, three_labels
+    )
     assert keys.M_MIA_GLOBAL not in off and keys.M_ACCURACY_GLOBAL in off
     assert RunConfig.from_flat({}).privacy.audit_examples == 0  # the audit is opt-in
 
@@ -308,7 +300,7 @@ def _held_out_size(cfg, partition_id=0):
 
 def test_rounds_before_the_last_measure_the_same_seeded_sample(cfg, three_labels, monkeypatch):
     cfg = cfg.replace(num_server_rounds=3, eval_examples=2)
-    context, calls = _context(cfg), _count_evaluations(monkeypatch)
+    context, calls = client_context(cfg), _count_evaluations(monkeypatch)
     held_out = _held_out_size(cfg)
     assert held_out > 2
     first = _evaluate(cfg, context, 1, three_labels)
@@ -329,4 +321,4 @@ def test_rounds_before_the_last_measure_the_same_seeded_sample(cfg, three_labels
     assert last[keys.M_NUM_EXAMPLES] == held_out and calls == [held_out, held_out]
     everything = cfg.replace(eval_examples=0)
     calls.clear()
-    assert _evaluate(everything, _context(everything), 1, three_labels)[keys.M_NUM_EXAMPLES] == held_out
+    assert _evaluate(everything, client_context(everything), 1, three_labels)[keys.M_NUM_EXAMPLES] == held_out

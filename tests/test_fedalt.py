@@ -6,8 +6,8 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
-from helpers import as_server, reply
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from helpers import as_server, client_context, reply
 
 from fedlora import plan
 from fedlora.client_app import app
@@ -137,16 +137,6 @@ def cfg(tiny_cfg, jsonl_dir):
     return tiny_cfg.replace(data_dir=str(jsonl_dir), labels="cooking,music,sport", strategy="fedalt")
 
 
-def _context(cfg):
-    return Context(
-        run_id=1,
-        node_id=1,
-        state=RecordDict(),
-        run_config=cfg.to_flat(),
-        node_config={"partition-id": 0, "num-partitions": 3},
-    )
-
-
 def _message(kind, arrays, server_round):
     as_server()
     content = {keys.ARRAYS: arrays, keys.CONFIG: ConfigRecord({keys.C_SERVER_ROUND: server_round})}
@@ -159,7 +149,7 @@ def _distance(a, b):
 
 def test_a_train_reply_is_the_individual_lora_alone_and_the_client_trains_on_from_it(cfg):
     loaded = build_model(cfg.model, 3, seed=0)
-    context = _context(cfg)
+    context = client_context(cfg)
     row = to_record(loaded.initial_global)
     first = app(_message("train", row, 1), context)
     assert not first.has_error(), first.error

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
-from helpers import TINY_FEDERATION, as_server
+from flwr.app import ConfigRecord, Message, RecordDict
+from helpers import TINY_FEDERATION, as_server, client_context
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedlora import plan
@@ -44,18 +44,8 @@ def _round(cfg, context, server_round):
     return train, evaluation
 
 
-def _context(cfg):
-    return Context(
-        run_id=1,
-        node_id=1,
-        state=RecordDict(),
-        run_config=cfg.to_flat(),
-        node_config={"partition-id": 0, "num-partitions": 3},
-    )
-
-
 def test_reported_epsilon_equals_an_independent_accountant_after_several_rounds(dp_cfg):
-    context = _context(dp_cfg)
+    context = client_context(dp_cfg)
     rounds, per_round = 3, dp_cfg.train.local_steps + dp_cfg.train.personal_steps
     sample_rate = dp_cfg.train.batch_size / 16  # client-0 has 16 training records
     reported = []
@@ -96,7 +86,7 @@ def test_a_client_stops_training_exactly_when_its_next_round_would_exceed_the_bu
         after.append(ledger.epsilon(DELTA))
     budget = (after[0] + after[1]) / 2  # two rounds fit, the third does not
     cfg = dp_cfg.replace(dp_epsilon_budget=budget)
-    context = _context(cfg)
+    context = client_context(cfg)
     replies = [_round(cfg, context, r) for r in (1, 2, 3, 4)]
     assert [t.has_error() for t, _ in replies] == [False, False, True, True]
     declined = replies[2][0].error
@@ -215,7 +205,7 @@ def test_a_dp_federation_completes_when_clients_run_out_of_budget(tmp_path, json
 
 
 def test_with_dp_on_a_client_still_sends_only_adapter_tensors_and_scalars(dp_cfg):
-    context = _context(dp_cfg)
+    context = client_context(dp_cfg)
     expected = list(build_model(dp_cfg.model, 3, seed=0).initial_global)
     for server_round in (1, 2):
         train, evaluation = _round(dp_cfg, context, server_round)
@@ -280,7 +270,7 @@ def test_client_side_clipping_bounds_what_a_client_uploads(tiny_cfg, jsonl_dir):
     for clip in (None, 1e-3):
         config = {keys.C_SERVER_ROUND: 1, **({KEY_CLIPPING_NORM: clip} if clip else {})}
         content = RecordDict({keys.ARRAYS: to_record(sent), keys.CONFIG: ConfigRecord(config)})
-        reply = app(Message(content=content, dst_node_id=1, message_type="train"), _context(cfg))
+        reply = app(Message(content=content, dst_node_id=1, message_type="train"), client_context(cfg))
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
         assert reply.content.metric_records[keys.METRICS][keys.M_UNIT_WEIGHT] == 1
         uploaded = reply.content[keys.ARRAYS].to_torch_state_dict()
@@ -330,7 +320,7 @@ def test_chance_advantage_is_the_floor_without_leakage_and_shrinks_with_more_exa
 
 def test_with_dp_personal_off_only_the_shared_steps_spend_epsilon(dp_cfg):
     cfg = dp_cfg.replace(dp_personal=False)
-    context = _context(cfg)
+    context = client_context(cfg)
     metrics = [_round(cfg, context, r)[1].content.metric_records[keys.METRICS] for r in (1, 2)]
     ledger = PrivacyLedger()
     ledger.record(2 * cfg.train.local_steps, noise_multiplier=NOISE, sample_rate=cfg.train.batch_size / 16)
