@@ -287,3 +287,20 @@ def test_personal_mix_refuses_methods_whose_prediction_it_cannot_mix():
     plan.load({"personalization": "finetune", "personal-mix": "validation"})
     with pytest.raises(PairingError, match=r"^personal-mix: personalization 'feddpa' predicts through"):
         plan.load({"personalization": "feddpa", "personal-mix": "validation"})
+
+
+def test_only_the_personal_part_gives_up_the_validation_split(tiny_cfg, jsonl_dir):
+    from helpers import client_context
+
+    from fedlora.client.setup import Client
+
+    cfg = tiny_cfg.replace(data_dir=str(jsonl_dir), labels="cooking,music,sport", personal_mix="validation")
+    client = Client(client_context(cfg))
+    assert client.validation is not None and len(client.train) == client.data.num_train
+    assert len(client.personal_train) + len(client.validation) == len(client.train)
+    shared = client.local(None, 0, None, 1, personal=False)  # type: ignore[arg-type]
+    personal = client.local(None, 0, None, 1, personal=True)  # type: ignore[arg-type]
+    assert shared.train is client.train and personal.train is client.personal_train
+    assert personal.validation is client.validation
+    plain = Client(client_context(tiny_cfg.replace(data_dir=str(jsonl_dir), labels="cooking,music,sport")))
+    assert plain.validation is None and plain.personal_train is plain.train

@@ -42,7 +42,7 @@ def train(message: Message, context: Context) -> Message:
         # A round is the shared and the personal steps: start it only if both fit in the budget.
         client.check_budget(client.dp_steps_per_round(), dp)
     seed, progress = client.seed(server_round), (server_round, client.cfg.federation.num_server_rounds)
-    local = client.local(view, seed, dp, server_round)
+    local = client.local(view, seed, dp, server_round, personal=False)
     own = client.method.train_round(local, client.personal())
     if own is not None:
         # The method trains its own adapter (FedALT: the individual LoRA) and keeps its state.
@@ -90,7 +90,7 @@ def evaluate(message: Message, context: Context) -> Message:
     seed = client.seed(server_round, 1)
     # With dp-personal off, the personal adapter (which never leaves the client) trains without DP.
     personal_dp = dp if client.cfg.privacy.dp_personal else None
-    local = client.local(view, seed, personal_dp, server_round)
+    local = client.local(view, seed, personal_dp, server_round, personal=True)
     stored, result = client.personal(), None
     # A client that declined a round for its budget stops training altogether, personal
     # adapter included, and only evaluates; otherwise the personal steps complete its round.
@@ -162,7 +162,7 @@ def local_only(message: Message, context: Context) -> Message:
     steps = client.incoming(message).int(keys.C_LOCAL_STEPS)
     # A client alone trains on all its training examples, validation split included.
     result, ev = train_local_only(
-        client.loaded, client.train_all, client.test, steps, client.cfg.train, seed=client.seed(0, 7)
+        client.loaded, client.train, client.test, steps, client.cfg.train, seed=client.seed(0, 7)
     )
     local_scores = scores(ev, client.cfg.model.causal)
     # Kept for a sweep's runs of other methods, which pair their clients with this baseline.

@@ -37,7 +37,7 @@ from fedlora.train.splits import tokenize_split
 if TYPE_CHECKING:
     from fedlora.lora.adapters import AdapterState
 
-__all__ = ["Client", "sample_rows", "trained_count", "validation_split"]
+__all__ = ["Client", "sample_rows", "validation_split"]
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +87,6 @@ def _validates(cfg: RunConfig) -> bool:
     """Whether clients hold out a validation split: for ``personal-mix``, or a method that uses one."""
     method = get_personalization(plan.resolved_personalization(cfg))
     return cfg.train.personal_mix != "off" or method.uses_validation
-
-
-def trained_count(cfg: RunConfig, num_train: int) -> int:
-    """How many of a client's ``num_train`` training examples it trains on (its validation split aside)."""
-    if not _validates(cfg) or num_train < 2:
-        return num_train
-    return num_train - max(1, round(num_train * cfg.train.validation_fraction))
 
 
 def validation_split(
@@ -159,13 +152,13 @@ class Client:
             model_cfg = dataclasses.replace(model_cfg, device=str(node[keys.NODE_DEVICE]))
         check_compute(model_cfg)  # a device or format this node lacks: one line, before loading
         self.loaded = cached_model(model_cfg, len(labels), cfg.federation.seed)
-        _, self.train_all, self.test = _client_data(cfg, model_cfg, self.partition_id, num_partitions)
+        _, self.train, self.test = _client_data(cfg, model_cfg, self.partition_id, num_partitions)
         self.method = get_personalization(plan.resolved_personalization(cfg))
         # What the federated and the personal adapters train on, and the validation split held out of it.
-        self.train, self.validation = self.train_all, None
+        self.personal_train, self.validation = self.train, None
         if _validates(cfg):
-            self.train, self.validation = validation_split(
-                self.train_all, cfg.train.validation_fraction, cfg.federation.data_seed, self.partition_id
+            self.personal_train, self.validation = validation_split(
+                self.train, cfg.train.validation_fraction, cfg.federation.data_seed, self.partition_id
             )
 
     def _request(self, context: Context, policy: DevicePolicy) -> RunRequest:
@@ -175,7 +168,7 @@ class Client:
         if privacy.dp_target_epsilon > 0:
             # A calibrated noise multiplier depends on this device's number of examples.
             own = _own_data(self.cfg, self.partition_id, self.num_partitions)
-            noise = self._noise_and_rate(trained_count(self.cfg, own.num_train))[0]
+            noise = self._noise_and_rate(own.num_train)[0]
         here = elsewhere = 0.0
         if privacy.enabled and math.isfinite(policy.max_lifetime_epsilon):
             here = self.ledger().epsilon(privacy.dp_delta)
@@ -194,12 +187,17 @@ class Client:
         record = self.state.array_records.get(name)
         return from_record(record) if record is not None else None
 
-    def local(self, view: ClientView, seed: int, dp: DPSettings | None, server_round: int) -> Local:
-        """What a personalization method works with in ``server_round``: this client's model, splits, view."""
+    def local(
+        self, view: ClientView, seed: int, dp: DPSettings | None, server_round: int, *, personal: bool
+    ) -> Local:
+        """What a method works with in ``server_round``: this client's model, splits and view.
+
+        ``personal``: the personal part's training examples (the validation split held out);
+        otherwise the federated round's (all of them).
+        """
         progress = (server_round, self.cfg.federation.num_server_rounds)
-        return Local(
-            self.loaded, self.train, self.test, view, self.cfg.train, seed, dp, progress, self.validation
-        )
+        train = self.personal_train if personal else self.train
+        return Local(self.loaded, train, self.test, view, self.cfg.train, seed, dp, progress, self.validation)
 
     def personal(self) -> AdapterState | None:
         """The personalization method's stored state, if any."""
@@ -259,7 +257,7 @@ class Client:
         if not self.cfg.privacy.enabled:
             return None
         privacy = self.cfg.privacy
-        noise, rate = self._noise_and_rate(len(self.train))
+        noise, rate = self._noise_and_rate(self.data.num_train)
         return DPSettings(noise, privacy.dp_max_grad_norm, rate, privacy.dp_secure_mode)
 
     def _noise_and_rate(self, num_train: int) -> tuple[float, float]:

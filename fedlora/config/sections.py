@@ -324,9 +324,9 @@ class TrainConfig:
     )
     validation_fraction: float = setting(
         0.2,
-        "share of each client's training examples held out as its validation split (seeded by "
-        "`partition-seed`, never from the test split) when `personal-mix=validation` or the method uses "
-        "one; none is held out from a client with fewer than 2 training examples",
+        "share of each client's training examples held out of its personal training as its validation "
+        "split (seeded by `partition-seed`, never from the test split; the shared adapter trains on all) "
+        "when `personal-mix=validation` or the method uses one; none from a client with fewer than 2",
     )
     num_threads: int = setting(1, "torch threads per client process (0: torch's default)", resumable=True)
     micro_batch_size: int = setting(
