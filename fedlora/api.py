@@ -468,7 +468,8 @@ class Sweep(list[Results]):
         causal LMs, and each one's worst 10% of clients): the mean, the sample standard
         deviation and a ``confidence`` interval of the mean (Student's t with n - 1 degrees
         of freedom; NaN with one seed); the clients better than, tied with and worse than
-        the global and the local-only model (means over seeds). Against ``baseline`` (a
+        the global and the local-only model and the mean ``personal-mix`` weight (means over
+        seeds). Against ``baseline`` (a
         configuration's label, or a personalization name that one configuration has): the
         paired per-seed difference of the personalized and global figures, its interval,
         and whether the interval excludes 0 (the difference is distinguishable from noise).
@@ -509,6 +510,7 @@ class Sweep(list[Results]):
                     }
                 )
             row.update({c: mine[c].mean() for c in counts})
+            row["mix_weight_mean"] = mine["mix_weight"].mean()
             if base is not None:
                 theirs = runs[runs["config"] == base].set_index("seed")
                 for figure in _FIGURES[causal][:2]:
