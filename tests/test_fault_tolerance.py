@@ -40,6 +40,11 @@ def _events(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
 
 
+def _partition(name: str) -> int:
+    # Results name these clients by their folders: client-000, client-001, ...
+    return int(name.rsplit("-", 1)[1])
+
+
 def _bbc_clients(root: Path, num: int) -> Path:
     """``num`` client folders of real BBC News text; every client holds client 0's or client 1's."""
     corpus = load_corpus("bbc-news")
@@ -77,8 +82,8 @@ def test_no_reply_ends_the_run_and_no_client_takes_the_global_adapter_by_default
     node_of = {e["client"]: e["node"] for e in events if e["event"] == "weight-capped"}
     reasons = {pid: [] for pid in range(2, 19)}
     for e in rejected:
-        if e["client"].isdigit() and e["reply"] == "train":
-            reasons.setdefault(int(e["client"]), []).append(e["reason"])
+        if e["client"].startswith("client-") and e["reply"] == "train":
+            reasons.setdefault(_partition(e["client"]), []).append(e["reason"])
     expected = {
         2: "exceeds 10 x the round's median",
         4: "is <U1 (numpy.ndarray), expected float32",
@@ -108,15 +113,16 @@ def test_no_reply_ends_the_run_and_no_client_takes_the_global_adapter_by_default
     assert all(r["clients_trained"] == 4 for r in attacked["rounds"])
     # The 100,000-example claim weighs a quarter of its round (of four clients: the 0.2 cap is
     # raised to 1/4), not 99.9%; the three others hold 45 examples each.
-    assert set(node_of) == {"3"}
+    assert set(node_of) == {"client-003"}
     capped = [e for e in events if e["event"] == "weight-capped"]
     assert [(e["claimed"], e["weight"]) for e in capped] == [(100_000, 0.25 * (100_000 + 3 * 45))] * 2
     # 52 clients x 2 rounds x 2 messages = 208 generated replies, every one rejected; with the
     # named train (15 clients) and evaluate (5) attacks of both rounds, 248 rejections in all.
     assert len(rejected) == 208 + 2 * 15 + 2 * 5
     final = attacked["per_client"]["final_round"]
-    assert sorted(final, key=int) == [str(i) for i in (0, 1, 2, 3, *range(8, 18))]
-    assert not any(e["client"] in ("0", "1") for e in rejected)
+    assert sorted(final, key=_partition) == [f"client-{i:03d}" for i in (0, 1, 2, 3, *range(8, 18))]
+    assert [final[f"client-{i:03d}"]["partition"] for i in (0, 1, 2)] == [0, 1, 2]
+    assert not any(e["client"] in ("client-000", "client-001") for e in rejected)
     # The global adapter is finite and of an honest size: its largest weight was 0.19 here, where
     # one accepted 1e30 upload would make it 2.5e29 (the honest clients' accuracy against a clean
     # run, over seeds and a pretrained model: simulations/bench_attacks.py).
