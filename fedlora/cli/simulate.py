@@ -174,7 +174,7 @@ def _table(summary: dict[str, Any], out_dir: Path) -> None:
 
 
 # A per-client verdict (`fedlora.core.stats.Gain.verdict`), as the clients' table shows it.
-_VERDICT = {1: "better", 0: "tied", -1: "worse"}
+_VERDICT = {1: "+", 0: "=", -1: "-"}
 
 
 def _clients_table(results: api.Results) -> None:
@@ -184,15 +184,20 @@ def _clients_table(results: api.Results) -> None:
         return
     metric, shown = ("perplexity", _ppl) if "personalized_perplexity" in clients else ("accuracy", _pct)
     table = Table(title=f"held-out {metric} per client")
-    table.add_column("client", overflow="fold")
+    # A name is kept whole where it fits (roles run to about 40 characters); other columns wrap.
+    longest = max((len(str(c)) for c in clients["client"].head(MAX_CLIENT_ROWS)), default=6)
+    table.add_column("client", overflow="fold", min_width=min(longest, 40))
     for model in ("global", "personalized", "local-only"):
         table.add_column(model, justify="right")
-    # The personalized model against the others, within the client's own noise.
-    table.add_column("personalized vs global / local-only", justify="center")
     for _, row in clients.head(MAX_CLIENT_ROWS).iterrows():
         figures = (row[f"{model}_{metric}"] for model in ("global", "personalized", "local_only"))
-        verdicts = " / ".join(_VERDICT.get(row[f"vs_{m}"], "n/a") for m in ("global", "local_only"))
-        table.add_row(str(row["client"]), *(shown(float(v)) for v in figures), verdicts)
+        glob, personal, local = (shown(float(v)) for v in figures)
+        signs = "".join(_VERDICT.get(row[f"vs_{m}"], "?") for m in ("global", "local_only"))
+        table.add_row(str(row["client"]), glob, f"{personal} {signs}", local)
+    table.caption = (
+        "after the personalized figure, against the global then the local-only model: "
+        "+ better, = tied within the client's own noise, - worse, ? not measured"
+    )
     console = Console()
     console.print(table)
     if len(clients) > MAX_CLIENT_ROWS:
