@@ -108,7 +108,8 @@ class Results:
         ``vs_global`` and ``vs_local_only`` say whether the personalized model is better (1),
         tied within the client's own noise (0) or worse (-1), from the paired per-example
         gains (``gain_over_global`` and its ``_se``); ``mix_weight`` is the weight a
-        ``personal-mix`` client put on its personalized model. Rows are in partition order,
+        ``personal-mix`` client put on its personalized model; ``seed`` is the run's. Rows are
+        in partition order,
         deployed devices last.
         """
         import pandas as pd  # noqa: PLC0415 - heavy: pandas
@@ -152,6 +153,7 @@ class Results:
         frame = pd.DataFrame(rows)
         # Integers with gaps for deployed devices (a plain column would turn them into floats).
         frame["partition"] = pd.array([row["partition"] for row in rows], dtype="Int64")
+        frame.insert(0, "seed", self.seed)
         frame.insert(0, "personalization", self.personalization)
         frame.insert(0, "strategy", self.strategy)
         return frame
@@ -549,7 +551,6 @@ class Sweep(list[Results]):
                 by_client = local.set_index("client")
                 for column in (c for c in local.columns if c.startswith("local_only_")):
                     frame[column] = frame["client"].map(by_client[column])
-            frame.insert(0, "seed", r.seed)
             frame.insert(0, "config", self.label(r))
             frames.append(frame)
         return pd.concat(frames, ignore_index=True)
