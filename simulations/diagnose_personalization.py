@@ -123,7 +123,7 @@ def main() -> None:
                 other, _ = FineTune().update(dataclasses.replace(local, cfg=variant), None)
                 results[name] = FineTune().evaluate(local, other)
             for name, method, stored in (("dual", Dual(), c["dual"]), ("finetune", FineTune(), tuned)):
-                found = measure(method, local, stored, validation=c["validation"], mix=True)
+                found = measure(method, local, stored, mix=True)
                 results[f"{name} + mix"] = found.personalized
                 per.setdefault(f"{name} + mix weight", []).append(found.weight)
                 method.prepare(local, stored)

@@ -1,5 +1,6 @@
 """The validation split, the global/personalized mixture, paired gains, and sweep statistics."""
 
+import dataclasses
 import json
 import math
 
@@ -120,18 +121,18 @@ def test_a_personal_part_that_does_not_help_is_mixed_out(tiny_model):
     # Trained on the opposite labels, the personal adapter is worse than the global one here.
     harmful, _ = Dual().update(Local(tiny_model, flipped, data, view, cfg, 1), None)
     local = Local(tiny_model, data, data, view, cfg, 1, validation=data)
-    plain = measure(Dual(), local, harmful, validation=data, mix=False)
-    mixed = measure(Dual(), local, harmful, validation=data, mix=True)
+    plain = measure(Dual(), local, harmful, mix=False)
+    mixed = measure(Dual(), local, harmful, mix=True)
     assert plain.personalized.loss > plain.global_only.loss
     assert mixed.weight == 0.0 and mixed.personalized.loss == pytest.approx(plain.global_only.loss, rel=1e-5)
     assert gain(mixed.personalized, mixed.global_only, causal=False).mean == 0.0
     # Trained on the right labels, it is kept.
     helpful, _ = Dual().update(Local(tiny_model, data, data, view, cfg, 1), None)
-    kept = measure(Dual(), local, helpful, validation=data, mix=True)
+    kept = measure(Dual(), local, helpful, mix=True)
     assert kept.weight is not None and kept.weight > 0
     assert kept.personalized.loss <= kept.global_only.loss + 1e-6
     # No validation examples: the client keeps the global model.
-    blind = measure(Dual(), local, helpful, validation=None, mix=True)
+    blind = measure(Dual(), dataclasses.replace(local, validation=None), helpful, mix=True)
     assert blind.weight == 0.0 and blind.personalized.loss == pytest.approx(blind.global_only.loss, rel=1e-5)
     assert scores(blind.personalized, causal=True) == tuple(-x for x in blind.personalized.example_losses)
 

@@ -2,8 +2,8 @@
 
 With ``personal-mix=validation`` the personalized model is a mixture of the two models'
 predictions, ``(1 - w) * global + w * personalized``, with ``w`` chosen on the client's
-validation split (carved from its training examples) to minimise the mixture's loss there.
-The mixture's loss is convex in ``w`` and ``w = 0`` is the global model exactly, so a
+validation split (held out of its personal training): by accuracy, then loss, for
+classification; by loss for causal LMs. ``w = 0`` is the global model exactly, so a
 personal part that does not help this client's held-out-like examples is turned down
 rather than trusted.
 
@@ -25,7 +25,6 @@ from fedlora.train.loops import compare
 if TYPE_CHECKING:
     from fedlora.lora.adapters import AdapterState
     from fedlora.personalization import Local, Personalization
-    from fedlora.train import Tokenized
 
 __all__ = ["MIX_GRID", "Gain", "Measured", "gain", "measure", "scores"]
 
@@ -63,12 +62,11 @@ def measure(
     local: Local,
     stored: AdapterState | None,
     *,
-    validation: Tokenized | None,
     mix: bool,
 ) -> Measured:
     """Measure the global and the personalized model on ``local.test``.
 
-    With ``mix``, the mixture weight is chosen on ``validation`` first (no validation
+    With ``mix``, the mixture weight is chosen on ``local.validation`` first (no validation
     examples: the global model, ``w = 0``); the personalized figure is the mixture's.
     """
     loaded, glob = local.loaded, local.view.global_state
@@ -87,6 +85,7 @@ def measure(
 
     precision = loaded.config.precision
     model, weight = loaded.model, 0.0
+    validation = local.validation
     if validation is not None and len(validation):
         on_validation = compare(model, validation, use_global, use_personalized, precision=precision)
         weight = on_validation.best_weight(MIX_GRID)

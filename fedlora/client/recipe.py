@@ -117,7 +117,6 @@ def evaluate(message: Message, context: Context) -> Message:
             client.method,
             dataclasses.replace(local, test=held_out),
             stored,
-            validation=client.validation,
             mix=mix,
         )
         global_only, personalized = found.global_only, found.personalized
@@ -126,8 +125,6 @@ def evaluate(message: Message, context: Context) -> Message:
         num_examples = global_only.num_examples
         causal = client.cfg.model.causal
         over_global = gain(personalized, global_only, causal)
-        if found.weight is not None:
-            client.state[keys.S_MIX_WEIGHT] = ConfigRecord({"weight": found.weight})
         if final:
             # For the local-only baseline, run after the rounds: paired with the same examples.
             client.state[keys.S_FINAL_SCORES] = ConfigRecord({"scores": list(scores(personalized, causal))})

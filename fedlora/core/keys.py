@@ -64,7 +64,6 @@ __all__ = [
     "S_LEDGER",
     "S_DECLINED",
     "S_PERSONAL_ROUNDS",
-    "S_MIX_WEIGHT",
     "S_FINAL_SCORES",
     "S_LOCAL_ONLY_SCORES",
     "S_LAST_GLOBAL",
@@ -168,7 +167,6 @@ S_KEPT = "fedlora-kept-parts"  # adapter parts a strategy keeps on the client (F
 S_LEDGER = "fedlora-privacy-ledger"  # every DP-SGD step taken
 S_DECLINED = "fedlora-budget-declined"  # set once the client declined a round for its budget
 S_PERSONAL_ROUNDS = "fedlora-personal-rounds"  # rounds the personal state has been trained
-S_MIX_WEIGHT = "fedlora-mix-weight"  # personal-mix: the weight chosen in the last evaluated round
 S_FINAL_SCORES = "fedlora-final-scores"  # the final personalized model's per-example held-out scores
 S_LOCAL_ONLY_SCORES = "fedlora-local-only-scores"  # the local-only model's, the same way
 # What `fedlora export` rebuilds the personalized model from: the server's last arrays and
