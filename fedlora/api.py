@@ -616,8 +616,8 @@ def _baseline_of(baseline: str | None, configs: list[str], runs: pd.DataFrame) -
 
 def sweep(
     *,
-    strategies: Iterable[str] = ("fedavg",),
-    personalizations: Iterable[str] = ("auto",),
+    strategies: Iterable[str] | None = None,
+    personalizations: Iterable[str] | None = None,
     seeds: Iterable[int] = (0,),
     vary: Mapping[str, Iterable[Scalar]] | None = None,
     out: str | Path = "runs/sweep",
@@ -635,7 +635,8 @@ def sweep(
     of other run-config keys (``vary={"personal_mix": ["off", "validation"]}``).
     ``per_strategy`` adds run-config overrides for one strategy (e.g. ``client_ranks`` for
     ``flora``). The local-only baseline runs once per seed. Everything else in ``common``
-    goes to `run`.
+    goes to `run`; a ``preset`` there is the starting point of every run, as in `run`
+    (its strategy and personalization when none are given, its client count).
 
     Every configuration is checked before anything runs: a bad or misspelt setting is a
     one-line `ConfigError`. Only combinations the methods' own rules exclude (e.g.
@@ -650,6 +651,15 @@ def sweep(
 
     """
     axes = {k: list(v) for k, v in (vary or {}).items()}
+    common = dict(common)
+    if (preset := common.pop("preset", None)) is not None:
+        chosen = get_preset(preset)
+        common = {**{k.replace("-", "_"): v for k, v in chosen.config.items()}, **common}
+        common.setdefault("clients", chosen.clients)
+    strategies = strategies or [str(common.pop("strategy", "fedavg"))]
+    personalizations = personalizations or [str(common.pop("personalization", "auto"))]
+    common.pop("strategy", None)
+    common.pop("personalization", None)
     planned, skipped = _plan_sweep(
         list(strategies), list(personalizations), list(seeds), axes, per_strategy, common
     )

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -151,6 +152,27 @@ def test_a_misspelt_sweep_setting_is_one_line_before_anything_runs(monkeypatch):
     assert "lora-rnak" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="learning-rate"):
         fedlora.sweep(strategies=["fedavg"], learning_rate=5.0)
+
+
+def test_a_sweep_starts_every_run_from_its_preset(monkeypatch, tmp_path):
+    import contextlib
+
+    import fedlora
+    from fedlora import api, launch
+    from fedlora.core.errors import ConfigError
+
+    calls = []
+    monkeypatch.setattr(launch, "flower_session", contextlib.nullcontext)
+    monkeypatch.setattr(api, "run", lambda **kw: calls.append(kw) or SimpleNamespace())
+    monkeypatch.setattr(api.Sweep, "append", lambda self, r: None)
+    fedlora.sweep(preset="shakespeare-chat", seeds=[0, 1], rounds=2, out=tmp_path)
+    # The preset's method, client count and settings; the caller's overrides win.
+    assert [(c["personalization"], c["clients"], c["task"], c["rounds"], c["seed"]) for c in calls] == [
+        ("finetune", 10, "chat", 2, 0),
+        ("finetune", 10, "chat", 2, 1),
+    ]
+    with pytest.raises(ConfigError, match="preset: must be one of"):
+        fedlora.sweep(preset="leaf")
 
 
 def test_a_sweep_skips_only_what_the_methods_rules_exclude_and_says_why():
