@@ -101,9 +101,14 @@ def test_auto_resolves_to_the_strategy_s_own_method_else_dual():
     assert plan.load({"strategy": "fedavg", "personalization": "ditto"}).personalization_name == "ditto"
 
 
-def test_unknown_key_lists_accepted_keys():
-    with pytest.raises(ConfigError, match=r"^lora-rnak: unknown run-config key; accepted keys: .*lora-rank"):
+def test_unknown_key_suggests_the_closest_or_lists_accepted_keys():
+    with pytest.raises(ConfigError, match=r"^lora-rnak: unknown run-config key; did you mean lora-rank\?$"):
         RunConfig.from_flat({"lora-rnak": 8})
+    # Python's underscores on the command line, where keys are kebab-case.
+    with pytest.raises(ConfigError, match=r"^lora_rank: unknown run-config key; did you mean lora-rank\?$"):
+        RunConfig.from_flat({"lora_rank": 8})
+    with pytest.raises(ConfigError, match=r"^colour: unknown run-config key; accepted keys: .*lora-rank"):
+        RunConfig.from_flat({"colour": "blue"})
 
 
 def test_unknown_model_is_refused_before_training():

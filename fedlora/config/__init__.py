@@ -8,6 +8,7 @@ them combine, is decided by `fedlora.plan`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,7 +74,18 @@ def field_info(run_key: str) -> FieldInfo:
         if key(f.name) == run_key:
             info: FieldInfo = f.metadata["fedlora"]
             return info
-    raise ConfigError(f"{run_key}: unknown run-config key")
+    raise ConfigError(unknown_key(run_key, RunConfig.accepted_keys()))
+
+
+def unknown_key(name: str, accepted: list[str]) -> str:
+    """The one-line error for an unknown key: the closest accepted key if one is near, else all of them.
+
+    Underscores count as dashes (the Python API takes ``lora_rank``, the run config ``lora-rank``).
+    """
+    close = difflib.get_close_matches(name.replace("_", "-"), accepted, n=1, cutoff=0.75)
+    if close:
+        return f"{name}: unknown run-config key; did you mean {close[0]}?"
+    return f"{name}: unknown run-config key; accepted keys: {', '.join(accepted)}"
 
 
 def keys_where(flag: str) -> frozenset[str]:
@@ -152,9 +164,7 @@ class RunConfig:
         accepted = set(cls.accepted_keys())
         unknown = sorted(set(flat) - accepted)
         if unknown:
-            raise ConfigError(
-                f"{unknown[0]}: unknown run-config key; accepted keys: {', '.join(sorted(accepted))}"
-            )
+            raise ConfigError(unknown_key(unknown[0], sorted(accepted)))
         sections: dict[str, Any] = {}
         for name, section in _SECTIONS.items():
             kwargs = {}
