@@ -25,7 +25,7 @@ from fedlora.core import keys
 from fedlora.core.errors import ConfigError, FedloraError, PairingError
 from fedlora.core.rundir import CONFIG, SUMMARY, RunSummary, read_config
 from fedlora.core.stats import Gain, paired_gain, t_interval, verdicts
-from fedlora.data.jsonl import client_folders
+from fedlora.data.names import natural_clients
 from fedlora.export import RESPONSE_CLIENTS, RESPONSES, write_responses
 from fedlora.presets import get_preset
 
@@ -329,10 +329,9 @@ def resume(
 
 
 def default_clients(cfg: RunConfig) -> int:
-    """One client per folder of ``data-dir``, else the default benchmark's 20."""
-    if cfg.data.data_dir:
-        return len(client_folders(cfg.data.data_dir))
-    return DEFAULT_CLIENTS
+    """One client per folder of ``data-dir`` or natural id (``partitioner=natural``), else 20."""
+    count = natural_clients(cfg.data, cfg.model.task, cfg.federation.data_seed)
+    return DEFAULT_CLIENTS if count is None else count
 
 
 _RUN_ARGS = (

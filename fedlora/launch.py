@@ -25,6 +25,7 @@ from fedlora.core.errors import ConfigError, DataError, FedloraError, RunInterru
 from fedlora.core.rundir import CHECKPOINT, ERROR_LINE, METRICS, SUMMARY
 from fedlora.data import DATASETS
 from fedlora.data.federated import validate_data
+from fedlora.data.jsonl import SPLITS
 from fedlora.models import check_model, model_source
 from fedlora.models.device import check_compute
 from fedlora.server.runs_root import RUNS_ROOT_ENV, held_run
@@ -177,6 +178,30 @@ def preflight(cfg: RunConfig, num_clients: int) -> RunConfig:
             f"({', '.join(labels) or 'none'}); use task=causal-lm for text without classes"
         )
     return cfg.replace(labels=",".join(labels)) if labels and not cfg.data.labels else cfg
+
+
+def check_layout(cfg: RunConfig, out_dir: Path) -> None:
+    """Refuse a ``data-dir`` that is one client's folder, and a run directory inside the data.
+
+    Raises
+    ------
+    FedloraError
+        In one line, naming the folder.
+
+    """
+    if not cfg.data.data_dir:
+        return
+    root = Path(cfg.data.data_dir).expanduser().resolve()
+    if any((root / f"{split}.jsonl").is_file() for split in SPLITS):
+        raise DataError(
+            f"data-dir: {root} holds train.jsonl and test.jsonl itself, one client's data; a simulation "
+            "needs one subfolder per client (DIR/<client>/train.jsonl, DIR/<client>/test.jsonl)"
+        )
+    if out_dir == root or root in out_dir.parents:
+        raise ConfigError(
+            f"out: {out_dir} is inside the data folder {root}, where the next run would read it as a "
+            "client; choose a folder outside it"
+        )
 
 
 def _check_chat(cfg: RunConfig) -> None:
@@ -426,6 +451,7 @@ def simulate(
             "give it to flower_session(ray_address=...)"
         )
     check_gpus(gpus_per_client, cluster=bool(ray_address or (session and session.ray_address)))
+    check_layout(cfg, out_dir)
     if not cfg.federation.resume and not overwrite:
         refuse_finished_run(out_dir)
     cfg = preflight(cfg, num_clients)

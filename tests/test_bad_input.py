@@ -137,6 +137,38 @@ def test_the_command_line_reports_bad_input_in_one_line(tmp_path, capsys, jsonl_
     assert not Path(out).exists()
 
 
+def test_a_data_folder_of_one_client_or_a_run_inside_the_data_is_refused(tmp_path, capsys, jsonl_dir):
+    # train.jsonl and test.jsonl directly in --data: one device's data, not a federation.
+    device = jsonl_dir / "client-0"
+    line = _one_line_error(capsys, "simulate", "--data", str(device), "--out", str(tmp_path / "r"))
+    assert line == (
+        f"fedlora: error: data-dir: {device} holds train.jsonl and test.jsonl itself, one client's data; "
+        "a simulation needs one subfolder per client (DIR/<client>/train.jsonl, DIR/<client>/test.jsonl)"
+    )
+    inside = jsonl_dir / "runs" / "first"
+    line = _one_line_error(capsys, "simulate", "--data", str(jsonl_dir), "--out", str(inside))
+    assert line == (
+        f"fedlora: error: out: {inside} is inside the data folder {jsonl_dir}, where the next run would "
+        "read it as a client; choose a folder outside it"
+    )
+    assert not (jsonl_dir / "runs").exists() and not (tmp_path / "r").exists()
+
+
+def test_a_label_only_in_test_data_is_refused_naming_file_and_line(tmp_path):
+    for i in range(2):
+        rows = [{"text": f"t {n}", "label": ["billing", "shipping"][n % 2]} for n in range(4)]
+        write_client(tmp_path / "data" / f"c{i}", rows, rows)
+    test = tmp_path / "data" / "c1" / "test.jsonl"
+    test.write_text(test.read_text() + json.dumps({"text": "refund please", "label": "Billing"}) + "\n")
+    cfg = RunConfig.from_flat({"model": "tiny-bert", "data-dir": str(tmp_path / "data")})
+    with pytest.raises(DataError) as err:
+        preflight(cfg, 2)
+    assert str(err.value) == (
+        f"{test}:5: label 'Billing' is in test data only, so no client can learn it (training has "
+        "'billing': labels are case-sensitive); fix the label, or give every class with labels=... to keep it"
+    )
+
+
 def test_resume_of_a_corrupt_config_is_one_line(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text("{not json")

@@ -140,9 +140,7 @@ def test_cli_bad_input_stops_before_training_with_one_line(tmp_path, jsonl_dir, 
         "fedlora: error: clients: 3000 clients need at least"
     )
     # Privacy settings the run cannot honour stop here too, before any training.
-    assert error_of(
-        "--out", out, "--strategy", "krum", "--run-config", "secure-aggregation=true"
-    ).startswith(
+    assert error_of("--out", out, "--strategy", "krum", "--run-config", "secure-aggregation=true").startswith(
         "fedlora: error: secure-aggregation: the server sees only the sum of the uploads, which strategy"
     )
     assert error_of("--out", out, "--run-config", "dp-delta=1.5").startswith(

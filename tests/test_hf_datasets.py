@@ -91,6 +91,17 @@ def test_natural_ids_give_each_client_exactly_its_speaker_s_rows(chat_dir):
     )
 
 
+def test_natural_ids_set_the_default_client_count(chat_dir):
+    from fedlora.api import default_clients
+    from fedlora.config import RunConfig
+
+    cfg = RunConfig.from_flat(
+        {"dataset": f"hf:{chat_dir}", "partitioner": "natural", "partition-by": "speaker", "task": "chat"}
+    )
+    assert default_clients(cfg) == len(SPEAKERS) == 3
+    assert default_clients(RunConfig.from_flat({})) == 20  # the default benchmark's
+
+
 def test_the_held_out_split_is_seeded(chat_dir):
     cfg = _natural(chat_dir)
     first = load_client_data(cfg, "chat", 2, 3, seed=0)

@@ -317,7 +317,10 @@ def add_simulate_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     sim.add_argument(
         "--clients",
         type=int,
-        help=f"number of simulated clients (default {api.DEFAULT_CLIENTS}, or one per folder of --data)",
+        help=(
+            "number of simulated clients (default: one per folder of --data or natural id, "
+            f"else {api.DEFAULT_CLIENTS})"
+        ),
     )
     sim.add_argument("--preset", help=f"a named workload: {', '.join(PRESETS)} (listed below)")
     sim.add_argument("--rounds", type=int, help="federated rounds (run-config num-server-rounds)")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
+from pathlib import Path
 
 from fedlora.config import DataConfig
 from fedlora.core.errors import DataError
@@ -26,11 +28,29 @@ def resolve_labels(cfg: DataConfig, task: str) -> tuple[str, ...]:
         return hf_labels(cfg)
     if not cfg.data_dir:
         return load_corpus(cfg.dataset).label_names
-    found: set[str] = set()
+    trained: set[str] = set()
+    tested: dict[str, Path] = {}
     for folder in client_folders(cfg.data_dir):
-        for split in ("train", "test"):
-            found.update(r["label"] for r in read_jsonl(folder / f"{split}.jsonl", task=task))
-    return tuple(sorted(found))
+        trained.update(r["label"] for r in read_jsonl(folder / "train.jsonl", task=task))
+        for record in read_jsonl(folder / "test.jsonl", task=task):
+            tested.setdefault(record["label"], folder / "test.jsonl")
+    untrained = sorted(set(tested) - trained)
+    if untrained:
+        raise _untrained_label(untrained[0], tested[untrained[0]], trained)
+    return tuple(sorted(trained))
+
+
+def _untrained_label(label: str, path: Path, trained: set[str]) -> DataError:
+    # A label no client trains on would silently become a class no model can learn.
+    lines = path.read_text(encoding="utf-8-sig").split("\n")
+    number = next((n for n, line in enumerate(lines, 1) if json.dumps(label) in line), 0)
+    where = f"{path}:{number}" if number else str(path)
+    near = [t for t in sorted(trained) if t.casefold() == label.casefold()]
+    hint = f" (training has {near[0]!r}: labels are case-sensitive)" if near else ""
+    return DataError(
+        f"{where}: label {label!r} is in test data only, so no client can learn it{hint}; "
+        "fix the label, or give every class with labels=... to keep it"
+    )
 
 
 @lru_cache(maxsize=1)

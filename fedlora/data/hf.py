@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["hf_client_names", "hf_labels", "load_hf_client"]
+__all__ = ["hf_client_names", "hf_labels", "hf_natural_clients", "load_hf_client"]
 
 # The packaged `datasets` builder that reads a single data file, by its suffix.
 _BUILDERS = {".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -281,6 +281,12 @@ def _check_sizes(fed: _Federation, cfg: DataConfig, num_partitions: int) -> None
                 f"clients: {num_partitions} clients need at least {num_partitions * need} examples of split "
                 f"{split!r} ({need} each), but hf:{cfg.hf_dataset} has {rows}"
             )
+
+
+def hf_natural_clients(cfg: DataConfig, task: str, seed: int = 0) -> int:
+    """How many clients ``partitioner=natural`` finds: the distinct values of ``partition-by``."""
+    fed = _federation(cfg, task, 1, seed)
+    return _num_partitions(fed.partitioners[cfg.hf_split], cfg, cfg.hf_split, 1)
 
 
 def hf_client_names(cfg: DataConfig, task: str, num_partitions: int, seed: int = 0) -> tuple[str, ...]:

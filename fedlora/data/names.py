@@ -12,11 +12,12 @@ from functools import lru_cache
 
 from fedlora.config import DataConfig
 from fedlora.core.errors import DataError
-from fedlora.data.hf import hf_client_names
+from fedlora.data.hf import hf_client_names, hf_natural_clients
 from fedlora.data.jsonl import client_folders
 from fedlora.data.registry import DATASETS
+from fedlora.data.sources import load_corpus
 
-__all__ = ["client_names"]
+__all__ = ["client_names", "natural_clients"]
 
 
 @lru_cache(maxsize=8)
@@ -69,3 +70,19 @@ def client_names(cfg: DataConfig, task: str, num_partitions: int, seed: int = 0)
             f"clients: {num_partitions} clients asked, but dataset {cfg.dataset!r} has only {len(names)}"
         )
     return names[:num_partitions]
+
+
+def natural_clients(cfg: DataConfig, task: str, seed: int = 0) -> int | None:
+    """How many clients the data itself defines, or None where a count must be chosen.
+
+    A ``data-dir``: its client folders. ``partitioner=natural``: the distinct ids (an
+    ``hf:`` dataset's values of ``partition-by``, a bundled corpus's natural groups).
+    """
+    if cfg.data_dir:
+        return len(client_folders(cfg.data_dir))
+    if cfg.partitioner != "natural":
+        return None
+    if cfg.hf_dataset:
+        return hf_natural_clients(cfg, task, seed)
+    groups = load_corpus(cfg.dataset).groups
+    return len(set(groups)) if groups is not None else None
