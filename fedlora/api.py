@@ -40,12 +40,28 @@ __all__ = ["DEFAULT_CLIENTS", "Results", "Sweep", "load_results", "resume", "run
 DEFAULT_CLIENTS = 20
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Results:
     """One finished run: its ``summary.json`` and where the run directory is."""
 
     summary: dict[str, Any]
     out_dir: Path
+
+    def __repr__(self) -> str:
+        # One line: the method, the headline figures and the folder (the summary is `summary`).
+        final = self.summary.get("final", {})
+        causal = not math.isnan(final.get("personalized_perplexity", math.nan))
+        measure = "perplexity" if causal else "accuracy"
+        shown = []
+        for model in ("personalized", "global", "local_only"):
+            value = final.get(f"{model}_{measure}", math.nan)
+            if value is not None and not math.isnan(value):
+                figure = f"{value:.1f}" if causal else f"{value:.1%}"
+                shown.append(f"{model.replace('_', '-')} {figure}")
+        return (
+            f"Results({self.strategy}/{self.personalization}, {len(self.summary.get('rounds', []))} rounds, "
+            f"{measure}: {', '.join(shown) or 'none'}; {self.out_dir})"
+        )
 
     @property
     def config(self) -> dict[str, Any]:

@@ -253,6 +253,11 @@ def test_a_sweep_summary_gives_intervals_over_seeds_and_paired_differences(tmp_p
     assert finetune["personalized_accuracy_ci_low"] < dual["personalized_accuracy_ci_high"]
     assert not bool(finetune["global_accuracy_vs_baseline_distinguishable"])  # identical: 0 +- 0
     assert list(runs.to_dataframe()["seed"]) == [0, 0, 1, 1, 2, 2]
+    # A run's repr is one line of headline figures, not its whole summary.
+    assert repr(runs[0]) == (
+        f"Results(fedavg/dual, 0 rounds, accuracy: personalized 80.0%, global 60.0%, local-only 70.0%; "
+        f"{tmp_path / 'a0'})"
+    )
 
 
 def test_the_summary_counts_clients_better_tied_and_worse_within_their_own_noise(tmp_path):
