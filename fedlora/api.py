@@ -10,6 +10,7 @@ ServerApp and ClientApp, no second engine.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -28,6 +29,7 @@ from fedlora.core.stats import Gain, paired_gain, t_interval, verdicts
 from fedlora.data.names import natural_clients
 from fedlora.export import RESPONSE_CLIENTS, RESPONSES, write_responses
 from fedlora.presets import get_preset
+from fedlora.progress import RunProgress
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -214,6 +216,7 @@ def run(
     preset: str | None = None,
     reuse: bool = False,
     overwrite: bool = False,
+    progress: bool | str = True,
     **overrides: Scalar,
 ) -> Results:
     """Run one simulated federation through Flower and return its results.
@@ -254,6 +257,9 @@ def run(
     overwrite : bool
         Replace a finished (or resumable) run already in ``out``; without it (or
         ``reuse``) such a folder is refused and left as it is.
+    progress : bool or str
+        Show the run's progress (a live bar in a terminal, a line per round in Jupyter or a
+        log); a string shows it under that title; False shows nothing.
     **overrides
         Any run-config key, with underscores for dashes (``lora_rank=4``, ``seed=1``).
 
@@ -273,19 +279,36 @@ def run(
     num_clients = clients if clients is not None else default_clients(cfg)
     out_dir = Path(out) if out is not None else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if reuse and _finished_run_of(out_dir, cfg, num_clients):
+        if progress:
+            print(f"{_titled(progress, 'reused the finished run in')} {out_dir}", flush=True)
         return load_results(out_dir)
-    summary = launch.simulate(
-        cfg,
-        num_clients=num_clients,
-        out_dir=out_dir,
-        cpus_per_client=cpus_per_client,
-        gpus_per_client=gpus_per_client,
-        ray_address=ray_address,
-        on_event=on_event,
-        session=session,
-        overwrite=overwrite or reuse,
-    )
-    return _with_responses(Results(summary, out_dir.expanduser().resolve()), cfg, on_event)
+    with _watched(progress, cfg.federation.num_server_rounds, on_event) as watch:
+        summary = launch.simulate(
+            cfg,
+            num_clients=num_clients,
+            out_dir=out_dir,
+            cpus_per_client=cpus_per_client,
+            gpus_per_client=gpus_per_client,
+            ray_address=ray_address,
+            on_event=watch,
+            session=session,
+            overwrite=overwrite or reuse,
+        )
+        return _with_responses(Results(summary, out_dir.expanduser().resolve()), cfg, watch)
+
+
+def _titled(progress: bool | str, text: str) -> str:
+    return f"{progress}: {text}" if isinstance(progress, str) else text
+
+
+def _watched(
+    progress: bool | str, rounds: int, on_event: Callable[[dict[str, Any]], None] | None
+) -> contextlib.AbstractContextManager[Callable[[dict[str, Any]], None] | None]:
+    # The run's events through a progress display (`fedlora.progress`), then to ``on_event``.
+    if not progress:
+        return contextlib.nullcontext(on_event)
+    title = progress if isinstance(progress, str) else ""
+    return RunProgress(rounds, title=title, then=on_event)
 
 
 def _with_responses(
@@ -312,11 +335,13 @@ def resume(
     gpus_per_client: float = 0.0,
     ray_address: str = "",
     on_event: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool | str = True,
 ) -> Results:
     """Go on with an interrupted (or finished) run from its last checkpoint.
 
     The run's own configuration (``config.json``) is used again, with ``rounds`` as the
     new total if given. Clients find their personal state where the run kept it.
+    ``progress`` is as in `run`.
 
     Raises
     ------
@@ -332,16 +357,17 @@ def resume(
     if rounds is not None:
         flat["num-server-rounds"] = rounds
     cfg = RunConfig.from_flat(flat)
-    summary = launch.simulate(
-        cfg,
-        num_clients=cfg.federation.min_clients,
-        out_dir=path,
-        cpus_per_client=cpus_per_client,
-        gpus_per_client=gpus_per_client,
-        ray_address=ray_address,
-        on_event=on_event,
-    )
-    return _with_responses(Results(summary, path), cfg, on_event)
+    with _watched(progress, cfg.federation.num_server_rounds, on_event) as watch:
+        summary = launch.simulate(
+            cfg,
+            num_clients=cfg.federation.min_clients,
+            out_dir=path,
+            cpus_per_client=cpus_per_client,
+            gpus_per_client=gpus_per_client,
+            ray_address=ray_address,
+            on_event=watch,
+        )
+        return _with_responses(Results(summary, path), cfg, watch)
 
 
 def default_clients(cfg: RunConfig) -> int:
@@ -360,6 +386,7 @@ _RUN_ARGS = (
     "on_event",
     "session",
     "overwrite",
+    "progress",
 )
 
 
@@ -650,7 +677,8 @@ def sweep(
     of other run-config keys (``vary={"personal_mix": ["off", "validation"]}``).
     ``per_strategy`` adds run-config overrides for one strategy (e.g. ``client_ranks`` for
     ``flora``). The local-only baseline runs once per seed. Everything else in ``common``
-    goes to `run`; a ``preset`` there is the starting point of every run, as in `run`
+    goes to `run` (``progress=False`` silences the runs' progress, which each shows under
+    its number and folder); a ``preset`` there is the starting point of every run, as in `run`
     (its strategy and personalization when none are given, its client count).
 
     Every configuration is checked before anything runs: a bad or misspelt setting is a
@@ -680,13 +708,15 @@ def sweep(
     )
     with launch.flower_session() as session:
         results = Sweep(skipped=skipped, varied=[k.replace("_", "-") for k in axes])
-        for run_dir, strategy, personalization, flat in planned:
+        for number, (run_dir, strategy, personalization, flat) in enumerate(planned, 1):
+            shown = flat.pop("progress", True)
             result = run(
                 strategy=strategy,
                 personalization=personalization,
                 out=Path(out) / run_dir,
                 reuse=reuse,
                 session=session,
+                progress=f"run {number}/{len(planned)} {run_dir}" if shown else False,
                 **flat,
             )
             results.append(result)

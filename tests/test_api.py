@@ -137,3 +137,38 @@ def test_reuse_ignores_where_a_finished_run_kept_its_client_state(tmp_path, monk
     calls = _fake_simulate(monkeypatch, tmp_path / "r")
     fedlora.run(out=tmp_path / "r", clients=3, reuse=True)
     assert calls == []
+
+
+def test_run_and_sweep_show_their_progress_unless_told_not_to(tmp_path, monkeypatch, capsys):
+    _finished(tmp_path / "done")
+    seen = []
+
+    def simulate(cfg, *, on_event, **_):
+        for event in (
+            {"event": "start"},
+            {"event": "round", "round": 1, "global_accuracy": 0.5, "personalized_accuracy": 0.75},
+            {"event": "round", "round": 2, "global_perplexity": 40.0, "personalized_perplexity": 30.25},
+        ):
+            if on_event is not None:  # None: nobody watches
+                on_event(event)
+        return json.loads((tmp_path / "done" / "summary.json").read_text())
+
+    monkeypatch.setattr("fedlora.launch.simulate", simulate)
+    fedlora.run(out=tmp_path / "a", clients=3, rounds=2, on_event=seen.append)
+    lines = [line.rsplit("  (", 1)[0] for line in capsys.readouterr().out.splitlines()]
+    assert lines == [
+        "starting Flower",
+        "round 1/2  global 50.0%  personalized 75.0%",
+        "round 2/2  perplexity global 40.0  personalized 30.2",
+    ]
+    assert [e["event"] for e in seen] == ["start", "round", "round"]  # the caller's own callback too
+    fedlora.run(out=tmp_path / "b", clients=3, rounds=2, progress=False)
+    assert capsys.readouterr().out == ""
+    # A sweep names each run by its number and folder; a reused run says so.
+    fedlora.sweep(strategies=["fedavg", "fedprox"], out=tmp_path / "s", clients=3, rounds=2)
+    reused = tmp_path / "t" / "fedavg__auto__seed0"
+    _finished(reused, local_only_baseline=True)
+    fedlora.sweep(strategies=["fedavg"], out=tmp_path / "t", clients=3, reuse=True)
+    out = capsys.readouterr().out
+    assert "run 2/2 fedprox__auto__seed0: round 2/2  perplexity global 40.0" in out
+    assert f"run 1/1 fedavg__auto__seed0: reused the finished run in {reused}" in out

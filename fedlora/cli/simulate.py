@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
 
 from fedlora import api
 from fedlora.config import RunConfig
@@ -16,12 +18,7 @@ from fedlora.export import RESPONSES
 from fedlora.launch import parse_overrides
 from fedlora.plots import plot_accuracy
 from fedlora.presets import PRESETS, get_preset
-
-if TYPE_CHECKING:
-    from rich.progress import Progress
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from fedlora.progress import RunProgress
 
 __all__ = ["add_simulate_commands"]
 
@@ -43,47 +40,6 @@ def _bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} GB"
-
-
-def _progress(num_rounds: int) -> tuple[Progress, Callable[[dict[str, Any]], None]]:
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[status]}"),
-        transient=False,
-    )
-    task = progress.add_task("starting Flower", total=num_rounds, status="")
-
-    def on_event(event: dict[str, Any]) -> None:
-        kind = event.get("event")
-        if kind == "start":
-            progress.update(task, description="federated rounds")
-        elif kind == "round":
-            progress.update(
-                task,
-                completed=event["round"],
-                status=f"global {_pct(event['global_accuracy'])}  "
-                f"personalized {_pct(event['personalized_accuracy'])}",
-            )
-        elif kind == "local-only":
-            progress.update(
-                task, description="local-only baseline", status=f"{event['steps']} steps per client"
-            )
-        elif kind == "responses":
-            progress.update(
-                task,
-                description="side-by-side replies",
-                status=f"{event['clients']} clients x {event['per_client']} held-out prompts",
-            )
-        elif kind == "client-error":
-            progress.console.print(
-                f"[yellow]client error (round {event['round']}, node {event['node']}): "
-                f"{event['reason'][:200]}"
-            )
-
-    return progress, on_event
 
 
 def _table(summary: dict[str, Any], out_dir: Path) -> None:
@@ -231,8 +187,7 @@ def _simulate(args: argparse.Namespace) -> int:
     # Checked like every key, so that `num-server-rounds=abc` stops with one line.
     given = {**flat, **({"num-server-rounds": rounds} if rounds is not None else {})}
     num_rounds = RunConfig.from_flat(given).federation.num_server_rounds
-    progress, on_event = _progress(num_rounds)
-    with progress:
+    with RunProgress(num_rounds) as on_event:
         results = api.run(
             strategy=strategy,
             personalization=personalization,
@@ -244,6 +199,7 @@ def _simulate(args: argparse.Namespace) -> int:
             gpus_per_client=args.gpus_per_client,
             ray_address=args.ray_address or "",
             on_event=on_event,
+            progress=False,  # shown here already
             preset=args.preset,
             overwrite=args.overwrite,
             **overrides,
@@ -266,8 +222,7 @@ def _resume(args: argparse.Namespace) -> int:
         raise FedloraError(f"{run_dir}: not a fedlora run directory (no {CONFIG})")
     saved = RunConfig.from_flat(read_config(run_dir)).federation.num_server_rounds
     rounds = args.rounds or saved
-    progress, on_event = _progress(rounds)
-    with progress:
+    with RunProgress(rounds) as on_event:
         results = api.resume(
             run_dir,
             rounds=args.rounds,
@@ -275,6 +230,7 @@ def _resume(args: argparse.Namespace) -> int:
             gpus_per_client=args.gpus_per_client,
             ray_address=args.ray_address or "",
             on_event=on_event,
+            progress=False,  # shown here already
         )
     _report(results)
     return 0
