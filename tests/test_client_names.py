@@ -150,3 +150,17 @@ def test_the_cli_s_end_of_run_table_shows_names(named_run, capsys):
     rows = [line.split("│")[1].strip() for line in lines if line.count("│") == 5]  # the body's rows
     assert rows == ["alice", "bob", "node-9"]
     assert "25.0%" in next(line for line in lines if "alice" in line)
+
+
+def test_the_results_table_says_what_its_accuracy_counts(named_run, capsys):
+    from fedlora.api import load_results
+    from fedlora.cli.simulate import _table
+
+    results = load_results(named_run)
+    _table(results.summary, named_run)
+    assert "mean accuracy" in capsys.readouterr().out
+    config = json.loads((named_run / "config.json").read_text())
+    (named_run / "config.json").write_text(json.dumps({**config, "task": "chat"}))
+    _table(results.summary, named_run)
+    out = capsys.readouterr().out
+    assert "mean reply-token accuracy" in out and "mean accuracy" not in out

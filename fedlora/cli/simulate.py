@@ -42,13 +42,18 @@ def _bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+# What "accuracy" counts for each task: a language model's is over tokens, not answers.
+_ACCURACY = {"causal-lm": "mean next-token accuracy", "chat": "mean reply-token accuracy"}
+
+
 def _table(summary: dict[str, Any], out_dir: Path) -> None:
     record = RunSummary.from_dict(summary)
     final = record.final
     method = f"{record.strategy or 'fedavg'} + {record.personalization or 'dual'}"
     table = Table(title=f"fedlora ({method}): {len(record.rounds)} rounds, results in {out_dir}")
     table.add_column("model")
-    table.add_column("mean accuracy", justify="right")
+    task = str(read_config(out_dir).get("task", ""))
+    table.add_column(_ACCURACY.get(task, "mean accuracy"), justify="right")
     table.add_column("worst-10% clients", justify="right")
     table.add_row("global adapter only", _pct(final.global_accuracy), _pct(final.global_accuracy_worst10))
     table.add_row(
