@@ -26,7 +26,7 @@ from fedlora.core.rundir import CHECKPOINT, ERROR_LINE, METRICS, SUMMARY
 from fedlora.data import DATASETS
 from fedlora.data.federated import validate_data
 from fedlora.data.jsonl import SPLITS
-from fedlora.models import check_model, model_source
+from fedlora.models import TEST_MODELS, check_model, model_source
 from fedlora.models.device import check_compute
 from fedlora.server.runs_root import RUNS_ROOT_ENV, held_run
 
@@ -168,6 +168,12 @@ def preflight(cfg: RunConfig, num_clients: int) -> RunConfig:
     if num_clients <= 0:
         raise ConfigError(f"clients: must be a positive integer, got {num_clients}")
     check_model(cfg.model)
+    if cfg.model.model in TEST_MODELS:
+        log.warning(
+            "model=%s is a test model with random weights: it learns next to nothing in a few steps, "
+            "so strategies and methods compared on it look alike; compare on minilm or smollm2",
+            cfg.model.model,
+        )
     check_compute(cfg.model)
     if cfg.model.task == "chat":
         _check_chat(cfg)

@@ -5,6 +5,7 @@ trains a round through fedlora's ClientApp with the LoRA targets PEFT picks for 
 architecture, or with ``lora-target-modules=all-linear``.
 """
 
+import logging
 import math
 
 import pytest
@@ -153,3 +154,18 @@ def test_an_architecture_without_a_default_is_named_and_all_linear_resolves_it(m
     # Every linear layer of the blocks: the fused attention and MLP projections too; not the LM head.
     assert any(".qkv_proj." in n for n in sent) and any(".gate_up_proj." in n for n in sent)
     assert not any("lm_head" in n for n in sent)
+
+
+def test_a_tiny_model_loads_without_warnings_and_a_run_on_one_says_it_is_a_test_model(caplog, jsonl_dir):
+    import warnings
+
+    from fedlora.launch import preflight
+
+    cfg = RunConfig.from_flat({"model": "tiny-llama", "task": "causal-lm"})
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        build_model(cfg.model, 1)
+    # Nothing that reads as if another model (MiniLM's BERT, whose tokenizer it borrows) were loaded.
+    assert [str(w.message) for w in caught] == [] and caplog.records == []
+    preflight(RunConfig.from_flat({"model": "tiny-bert", "data-dir": str(jsonl_dir)}), 3)
+    assert "model=tiny-bert is a test model with random weights" in caplog.text

