@@ -24,7 +24,7 @@ from fedlora import launch
 from fedlora.config import CAUSAL_TASKS, HF_PREFIX, RunConfig, Scalar, keys_where
 from fedlora.core import keys
 from fedlora.core.errors import ConfigError, FedloraError, PairingError
-from fedlora.core.rundir import CONFIG, SUMMARY, RunSummary, read_config
+from fedlora.core.rundir import CONFIG, SUMMARY, RunSummary, read_config, read_summary
 from fedlora.core.stats import Gain, paired_gain, t_interval, verdicts
 from fedlora.data.names import natural_clients
 from fedlora.export import RESPONSE_CLIENTS, RESPONSES, write_responses
@@ -197,7 +197,7 @@ def _client_order(cid: str, partitions: Mapping[str, int]) -> tuple[int, int | s
 def load_results(out_dir: str | Path) -> Results:
     """The `Results` of a finished run directory."""
     path = Path(out_dir).expanduser().resolve()
-    return Results(json.loads((path / SUMMARY).read_text()), path)
+    return Results(read_summary(path), path)
 
 
 def run(

@@ -22,7 +22,7 @@ from typing import Any
 
 from fedlora.config import RunConfig, Scalar
 from fedlora.core.errors import ConfigError, DataError, FedloraError, RunInterrupted
-from fedlora.core.rundir import CHECKPOINT, ERROR_LINE, METRICS, SUMMARY
+from fedlora.core.rundir import CHECKPOINT, ERROR_LINE, METRICS, SUMMARY, read_summary
 from fedlora.data import DATASETS
 from fedlora.data.federated import validate_data
 from fedlora.data.jsonl import SPLITS
@@ -543,7 +543,7 @@ def simulate(
         raise FedloraError(
             f"the federation did not finish: {last_error(out_dir / 'flwr.log')} (log: {out_dir / 'flwr.log'})"
         )
-    return json.loads(summary_path.read_text())
+    return read_summary(out_dir)
 
 
 def last_error(log_path: Path) -> str:

@@ -164,3 +164,17 @@ def test_the_results_table_says_what_its_accuracy_counts(named_run, capsys):
     _table(results.summary, named_run)
     out = capsys.readouterr().out
     assert "mean reply-token accuracy" in out and "mean accuracy" not in out
+
+
+def test_summary_json_is_strict_json_and_unmeasured_figures_read_back_as_nan(named_run):
+    import math
+
+    from fedlora.api import load_results
+
+    text = (named_run / "summary.json").read_text()
+    json.loads(text, parse_constant=lambda constant: pytest.fail(f"{constant} is not strict JSON"))
+    assert '"global_perplexity": null' in text  # a classification run measures no perplexity
+    results = load_results(named_run)
+    assert math.isnan(results.final["global_perplexity"]) and math.isnan(results.record.final.epsilon_max)
+    assert math.isnan(results.rounds[0]["personalized_perplexity"])
+    assert results.final["personalized_accuracy"] == pytest.approx(0.5)

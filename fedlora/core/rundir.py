@@ -34,6 +34,8 @@ __all__ = [
     "RoundSummary",
     "RunSummary",
     "read_config",
+    "read_summary",
+    "summary_text",
 ]
 
 SUMMARY = "summary.json"
@@ -303,4 +305,50 @@ class RunSummary:
     @classmethod
     def read(cls, out_dir: Path) -> RunSummary:
         """The summary of the run in ``out_dir``."""
-        return cls.from_dict(json.loads((out_dir / SUMMARY).read_text()))
+        return cls.from_dict(read_summary(out_dir))
+
+
+def _finite(value: Any) -> Any:
+    # Strict JSON has no NaN or Infinity: a figure that was not measured is written as null.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def summary_text(summary: dict[str, Any]) -> str:
+    """``summary.json``'s text: strict JSON, with null for a figure that was not measured (NaN)."""
+    return json.dumps(_finite(summary), indent=2, allow_nan=False)
+
+
+def _nan_where_null(values: dict[str, Any], kind: type[Any]) -> dict[str, Any]:
+    # A null figure whose record defaults to NaN reads back as NaN, as it was before writing.
+    nan = {f.name for f in dataclasses.fields(kind) if isinstance(f.default, float) and math.isnan(f.default)}
+    return {k: math.nan if v is None and k in nan else v for k, v in values.items()}
+
+
+def read_summary(out_dir: Path) -> dict[str, Any]:
+    """The ``summary.json`` of the run in ``out_dir``, each unmeasured figure (null) as NaN.
+
+    Summaries written by older fedlora, with ``NaN`` literals, read the same.
+    """
+    data: dict[str, Any] = json.loads((out_dir / SUMMARY).read_text())
+    if isinstance(data.get("final"), dict):
+        data["final"] = _nan_where_null(data["final"], FinalSummary)
+    data["rounds"] = [
+        _nan_where_null(r, RoundSummary) if isinstance(r, dict) else r for r in data.get("rounds", [])
+    ]
+    clients = data.get("per_client")
+    if isinstance(clients, dict):
+        for name, values in clients.items():
+            if name == "final_round" and isinstance(values, dict):
+                clients[name] = {
+                    cid: _nan_where_null(v, ClientRecord) if isinstance(v, dict) else v
+                    for cid, v in values.items()
+                }
+            elif isinstance(values, dict):
+                clients[name] = {cid: math.nan if v is None else v for cid, v in values.items()}
+    return data

@@ -16,7 +16,7 @@ from typing import Any
 
 from fedlora.config import RunConfig
 from fedlora.core.errors import ConfigError, FedloraError
-from fedlora.core.rundir import ERROR_LINE, RESULTS_LINE, SUMMARY
+from fedlora.core.rundir import ERROR_LINE, RESULTS_LINE, SUMMARY, read_summary
 from fedlora.deploy.commands import _ANSI
 from fedlora.deploy.operator_token import OPERATOR_TOKEN, write_operator_credentials
 from fedlora.launch import flower_env, flower_script, toml_value, write_app, write_run_config
@@ -331,10 +331,8 @@ def submit(
         failed = [line for line in tail if ERROR_LINE in line]
         reason = failed[-1].split(ERROR_LINE, 1)[1].strip() if failed else "its log was streamed above"
         raise FedloraError(f"submit: run {run_id} ended {status}: {_ANSI.sub('', reason)}")
-    summary = run_dir / SUMMARY if run_dir is not None else None
-    return Submitted(
-        run_dir, json.loads(summary.read_text()) if summary is not None and summary.exists() else None
-    )
+    finished = run_dir is not None and (run_dir / SUMMARY).exists()
+    return Submitted(run_dir, read_summary(run_dir) if finished and run_dir is not None else None)
 
 
 def _run_status(run_id: int, conn: str, home: Path) -> str | None:

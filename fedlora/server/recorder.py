@@ -20,6 +20,7 @@ from fedlora.core.rundir import (
     RoundRecord,
     RoundSummary,
     RunSummary,
+    summary_text,
 )
 from fedlora.core.stats import Gain, verdicts
 
@@ -217,7 +218,7 @@ class RunRecorder:
         )
         summary = record.to_dict()
         tmp = self.out_dir / (SUMMARY + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=2, allow_nan=True))
+        tmp.write_text(summary_text(summary))
         tmp.replace(self.out_dir / SUMMARY)
         self.event("done", summary=SUMMARY)
         return summary
