@@ -340,12 +340,21 @@ def _signal_run(flwr_home: Path, *, everything: bool) -> list[int]:
     return stopped
 
 
-def _events(path: Path, seen: int) -> tuple[list[dict[str, Any]], int]:
-    """Events after the first ``seen`` lines of ``metrics.jsonl``; a line still being written waits."""
-    if not path.exists():
-        return [], seen
-    complete = path.read_text().split("\n")[:-1]
-    return [json.loads(line) for line in complete[seen:] if line.strip()], len(complete)
+def _events(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
+    """The events of ``metrics.jsonl`` after byte ``offset``, and the offset to read on from.
+
+    Only what is new is read, so polling costs the same late in a long run as early; a
+    line still being written waits for the next call.
+    """
+    try:
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            chunk = fh.read()
+    except FileNotFoundError:
+        return [], offset
+    complete = chunk[: chunk.rfind(b"\n") + 1]
+    lines = complete.decode("utf-8").split("\n")
+    return [json.loads(line) for line in lines if line.strip()], offset + len(complete)
 
 
 def _free_port() -> int:
