@@ -1,6 +1,6 @@
 """fedlora: federated personalization with private LoRA adapters on Flower."""
 
-from fedlora.api import Results, Sweep, load_results, resume, run, sweep
+from fedlora.api import Results, Sweep, load_results, resume, run, session, sweep
 from fedlora.config import RunConfig
 from fedlora.core.errors import ConfigError, DataError, FedloraError, ModelError
 
@@ -16,6 +16,7 @@ __all__ = [
     "load_results",
     "resume",
     "run",
+    "session",
     "sweep",
 ]
 

@@ -11,11 +11,12 @@ ServerApp and ClientApp, no second engine.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import itertools
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 
     from fedlora.launch import FlowerSession
 
-__all__ = ["DEFAULT_CLIENTS", "Results", "Sweep", "load_results", "resume", "run", "sweep"]
+__all__ = ["DEFAULT_CLIENTS", "Results", "Sweep", "load_results", "resume", "run", "session", "sweep"]
 
 # The default benchmark: 20 clients with Dirichlet label skew over BBC News.
 DEFAULT_CLIENTS = 20
@@ -200,6 +201,46 @@ def load_results(out_dir: str | Path) -> Results:
     return Results(read_summary(path), path)
 
 
+# The session of the innermost `session` block, which `run`, `resume` and `sweep` use.
+_SESSION: contextvars.ContextVar[launch.FlowerSession | None] = contextvars.ContextVar(
+    "fedlora_session", default=None
+)
+
+
+@contextlib.contextmanager
+def session(*, ray_address: str = "", warm_ray: bool = True) -> Iterator[launch.FlowerSession]:
+    """A block whose federations share one warm Flower SuperLink and one Ray.
+
+    Every `run`, `resume` and `sweep` inside the block uses it without being told, and skips
+    what the session already started: the SuperLink (after the first run) and Ray (Flower's
+    simulation would otherwise start and stop one per run). Runs stay independent: each has
+    its own run id, configuration, seeds and results; a failed or interrupted run leaves
+    the session usable. When the block ends, every process the session started is stopped.
+
+    Parameters
+    ----------
+    ray_address : str
+        Run on this existing Ray cluster (``HOST:PORT`` of its head) instead of the
+        session's own.
+    warm_ray : bool
+        Start a Ray of the session's own on this machine (its workers see the environment
+        variables of the moment the session starts); False: each run starts its own Ray.
+
+    Examples
+    --------
+    >>> with fedlora.session():                                    # doctest: +SKIP
+    ...     a = fedlora.run(strategy="fedavg", clients=10, rounds=3)
+    ...     b = fedlora.run(strategy="ffa-lora", clients=10, rounds=3)
+
+    """
+    with launch.flower_session(ray_address, warm_ray=warm_ray) as opened:
+        token = _SESSION.set(opened)
+        try:
+            yield opened
+        finally:
+            _SESSION.reset(token)
+
+
 def run(
     *,
     strategy: str | None = None,
@@ -245,8 +286,9 @@ def run(
     on_event : callable, optional
         Called with every progress event (``metrics.jsonl`` lines) as the run goes.
     session : FlowerSession, optional
-        Run on the SuperLink of a `fedlora.launch.flower_session` (several runs in turn
-        skip its start-up); by default the run starts and stops its own.
+        Run on the SuperLink (and Ray) of a session (several runs in turn skip their
+        start-up); by default the `fedlora.session` whose block the call is in, else the run
+        starts and stops its own.
     preset : str, optional
         A workload from ``fedlora.presets.PRESETS`` (e.g. ``shakespeare``): its run config
         and client count are the starting point that the other arguments override.
@@ -291,7 +333,7 @@ def run(
             gpus_per_client=gpus_per_client,
             ray_address=ray_address,
             on_event=watch,
-            session=session,
+            session=session or _SESSION.get(),
             overwrite=overwrite or reuse,
         )
         return _with_responses(Results(summary, out_dir.expanduser().resolve()), cfg, watch)
@@ -366,6 +408,7 @@ def resume(
             gpus_per_client=gpus_per_client,
             ray_address=ray_address,
             on_event=watch,
+            session=_SESSION.get(),
         )
         return _with_responses(Results(summary, path), cfg, watch)
 
@@ -706,7 +749,10 @@ def sweep(
     planned, skipped = _plan_sweep(
         list(strategies), list(personalizations), list(seeds), axes, per_strategy, common
     )
-    with launch.flower_session() as session:
+    ray_address = str(common.get("ray_address", ""))
+    current = _SESSION.get()
+    started = launch.flower_session(ray_address, warm_ray=True) if current is None else None
+    with started or contextlib.nullcontext(current) as session:
         results = Sweep(skipped=skipped, varied=[k.replace("_", "-") for k in axes])
         for number, (run_dir, strategy, personalization, flat) in enumerate(planned, 1):
             shown = flat.pop("progress", True)

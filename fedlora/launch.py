@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -292,15 +293,17 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _stop_flower(flwr_home: Path, *, everything: bool = False) -> None:
+def _stop_flower(flwr_home: Path, *, everything: bool = False, since: float | None = None) -> None:
     """Stop the SuperLink/SuperExec that `flwr run` started for this FLWR_HOME.
 
     With ``everything``, every process of the run goes: `flwr run`, the simulation that
     runs the ServerApp and its Ray workers too (they all inherit the run's FLWR_HOME);
     the sweep is repeated until none is left, since a dying parent may start a last child.
+    ``since`` (seconds since boot, `_uptime`) spares processes started before it: a
+    session's own Ray, which outlives an interrupted run.
     """
     for _ in range(5 if everything else 1):
-        stopped = _signal_run(flwr_home, everything=everything)
+        stopped = _signal_run(flwr_home, everything=everything, since=since)
         if not stopped:
             return
         deadline = time.monotonic() + 10
@@ -320,8 +323,23 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _signal_run(flwr_home: Path, *, everything: bool) -> list[int]:
-    # SIGTERM to the processes of this FLWR_HOME (only Flower's servers unless ``everything``).
+def _uptime() -> float:
+    # Seconds since boot: the clock of /proc/<pid>/stat's start times.
+    try:
+        return float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _started(proc: Path) -> float:
+    # When a process started, in seconds since boot (field 22 of /proc/<pid>/stat).
+    fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def _signal_run(flwr_home: Path, *, everything: bool, since: float | None = None) -> list[int]:
+    # SIGTERM to the processes of this FLWR_HOME (only Flower's servers unless ``everything``;
+    # only those started at or after ``since`` if given).
     marker = f"FLWR_HOME={flwr_home}".encode()
     stopped: list[int] = []
     for proc in Path("/proc").glob("[0-9]*"):
@@ -330,6 +348,8 @@ def _signal_run(flwr_home: Path, *, everything: bool) -> list[int]:
                 continue
             cmdline = (proc / "cmdline").read_bytes()
             if not everything and b"flower-super" not in cmdline:
+                continue
+            if since is not None and _started(proc) < since:
                 continue
             if marker not in (proc / "environ").read_bytes().split(b"\0"):
                 continue
@@ -377,6 +397,8 @@ class FlowerSession:
     control_port: int = field(default_factory=_free_port)
     # An existing Ray cluster (`ray start`) the simulation runs on, else a Ray of its own.
     ray_address: str = ""
+    # The session started that Ray itself (`warm_ray`): it lives on this machine, and as long as the session.
+    ray_owned: bool = False
 
     @property
     def home(self) -> Path:
@@ -405,19 +427,58 @@ class FlowerSession:
 
 
 @contextlib.contextmanager
-def flower_session(ray_address: str = "") -> Iterator[FlowerSession]:
+def flower_session(ray_address: str = "", *, warm_ray: bool = False) -> Iterator[FlowerSession]:
     """Let several `simulate` calls share one local SuperLink, stopped when the block ends.
 
     Saves the SuperLink's start-up (several seconds) on every run after the first; runs
     stay independent (each has its own run id, config and results). ``ray_address``: run
     the simulations on that existing Ray cluster (``HOST:PORT`` of its head, or ``auto``).
+    ``warm_ray`` (without ``ray_address``): start a Ray of the session's own on this
+    machine, which every run joins instead of starting and stopping one (Flower's
+    simulation otherwise does both, about 10 s a run on 2 cores); the session stops it.
+    Its workers take the environment of the moment the session starts.
     """
-    with tempfile.TemporaryDirectory(prefix="fedlora-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fedlora-", ignore_cleanup_errors=True) as tmp:
         session = FlowerSession(Path(tmp), ray_address=ray_address)
         try:
+            if warm_ray and not ray_address:
+                session = dataclasses.replace(session, ray_address=_start_ray(session), ray_owned=True)
             yield session
         finally:
-            _stop_flower(session.home)
+            _stop_flower(session.home, everything=session.ray_owned)
+
+
+def _start_ray(session: FlowerSession) -> str:
+    """Start a Ray head for ``session`` (its processes carry the session's FLWR_HOME) and return its address.
+
+    A private temporary folder keeps it apart from any other Ray on the machine: a run outside
+    the session never joins it by accident.
+    """
+    port = _free_port()
+    command = [
+        flower_script("ray"),
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        f"--temp-dir={session.root / 'ray'}",
+        f"--num-cpus={os.cpu_count() or 1}",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+    ]
+    try:
+        subprocess.run(command, env=flower_env(session.env()), capture_output=True, check=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as err:
+        detail = (
+            err.stderr.decode(errors="replace").strip().splitlines()[-1:]
+            if isinstance(err, subprocess.CalledProcessError) and err.stderr
+            else [type(err).__name__]
+        )
+        _stop_flower(session.home, everything=True)
+        raise FedloraError(
+            f"warm-ray: could not start Ray for the session ({detail[0] if detail else err})"
+        ) from None
+    return f"127.0.0.1:{port}"
 
 
 def simulate(
@@ -465,7 +526,8 @@ def simulate(
             f"ray-address: the session runs on {session.ray_address or 'its own Ray'}, got {ray_address!r}; "
             "give it to flower_session(ray_address=...)"
         )
-    check_gpus(gpus_per_client, cluster=bool(ray_address or (session and session.ray_address)))
+    elsewhere = session is not None and session.ray_address and not session.ray_owned
+    check_gpus(gpus_per_client, cluster=bool(ray_address or elsewhere))
     check_layout(cfg, out_dir)
     if not cfg.federation.resume and not overwrite:
         refuse_finished_run(out_dir)
@@ -515,6 +577,7 @@ def simulate(
             + (f" client-resources-num-gpus={toml_value(float(gpus_per_client))}" if gpus_per_client else ""),
         ]
         seen = 0
+        began = _uptime()
         with (out_dir / "flwr.log").open("w") as logfile:
             # The SuperLink that `flwr run` starts inherits this working directory: the session's.
             proc = subprocess.Popen(
@@ -529,8 +592,9 @@ def simulate(
                             if on_event:
                                 on_event(event)
             except KeyboardInterrupt:
-                # Every process of the run, Ray's workers too: none may go on writing results.
-                _stop_flower(session.home, everything=True)
+                # Every process of the run, Ray's workers too: none may go on writing results. A
+                # session's own Ray, started before the run, stays for the session's next runs.
+                _stop_flower(session.home, everything=True, since=began if session.ray_owned else None)
                 proc.wait(timeout=30)
                 raise RunInterrupted(
                     f"interrupted: the run in {out_dir} was stopped; go on from its last checkpoint "
