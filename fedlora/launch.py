@@ -58,6 +58,8 @@ FLOWER_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
     "TOKENIZERS_PARALLELISM": "false",
+    # SuperExec looks for a new run every second by default: a run's start waits up to that.
+    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
 }
 
 
@@ -586,7 +588,7 @@ def simulate(
             try:
                 with _terminate_as_interrupt():
                     while proc.poll() is None:
-                        time.sleep(0.5)
+                        time.sleep(0.2)
                         events, seen = _events(out_dir / METRICS, seen)
                         for event in events:
                             if on_event:

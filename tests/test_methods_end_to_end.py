@@ -44,8 +44,8 @@ CASES = _cases()
 
 @pytest.fixture(scope="module")
 def session():
-    """One SuperLink for the API cases of this module (the CLI cases start their own)."""
-    with flower_session() as shared:
+    """One SuperLink and one Ray for the API cases of this module (the CLI cases start their own)."""
+    with flower_session(warm_ray=True) as shared:
         yield shared
 
 
