@@ -25,10 +25,17 @@ from fedlora import launch
 from fedlora.config import CAUSAL_TASKS, HF_PREFIX, RunConfig, Scalar, keys_where
 from fedlora.core import keys
 from fedlora.core.errors import ConfigError, FedloraError, PairingError
-from fedlora.core.rundir import CONFIG, SUMMARY, RunSummary, read_config, read_summary
+from fedlora.core.rundir import (
+    CONFIG,
+    RESPONSE_CLIENTS,
+    RESPONSES,
+    SUMMARY,
+    RunSummary,
+    read_config,
+    read_summary,
+)
 from fedlora.core.stats import Gain, paired_gain, t_interval, verdicts
 from fedlora.data.names import natural_clients
-from fedlora.export import RESPONSE_CLIENTS, RESPONSES, write_responses
 from fedlora.presets import get_preset
 from fedlora.progress import RunProgress
 
@@ -365,6 +372,8 @@ def _with_responses(
     if on_event:
         clients = min(RESPONSE_CLIENTS, len(results.record.per_client.final_round))
         on_event({"event": "responses", "clients": clients, "per_client": per_client})
+    from fedlora.export import write_responses  # noqa: PLC0415 - heavy: torch, transformers
+
     write_responses(state_dir, results.out_dir / RESPONSES, per_client)
     return results
 

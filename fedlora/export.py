@@ -21,7 +21,7 @@ from fedlora.client.state import read_state
 from fedlora.config import CAUSAL_TASKS, RunConfig
 from fedlora.core import keys
 from fedlora.core.errors import DataError, FedloraError
-from fedlora.core.rundir import SUMMARY, RunSummary
+from fedlora.core.rundir import RESPONSE_CLIENTS, SUMMARY, RunSummary
 from fedlora.data import client_names
 from fedlora.data.chat import decode
 from fedlora.data.federated import load_client_data
@@ -59,9 +59,6 @@ __all__ = [
 ]
 
 EXPORT_INFO = "fedlora_export.json"
-# `write_responses`: the file in the run directory, and the clients it covers at most.
-RESPONSES = "responses.jsonl"
-RESPONSE_CLIENTS = 16
 # Generation never repeats an n-gram of this length.
 NO_REPEAT_NGRAM = 3
 # An unknown client's error lists the accepted names, or this many of them.

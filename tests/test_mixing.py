@@ -162,7 +162,7 @@ def test_a_sweep_starts_every_run_from_its_preset(monkeypatch, tmp_path):
     from fedlora.core.errors import ConfigError
 
     calls = []
-    monkeypatch.setattr(launch, "flower_session", contextlib.nullcontext)
+    monkeypatch.setattr(launch, "flower_session", lambda *args, **kwargs: contextlib.nullcontext())
     monkeypatch.setattr(api, "run", lambda **kw: calls.append(kw) or SimpleNamespace())
     monkeypatch.setattr(api.Sweep, "append", lambda self, r: None)
     fedlora.sweep(preset="shakespeare-chat", seeds=[0, 1], rounds=2, out=tmp_path)

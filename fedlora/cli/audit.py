@@ -13,8 +13,6 @@ from rich.console import Console
 from fedlora import api
 from fedlora.core.errors import FedloraError
 from fedlora.core.rundir import GLOBAL_ADAPTER, METRICS, SUMMARY, read_config
-from fedlora.privacy.canary import SPACE
-from fedlora.privacy.wire import audit_wire_log
 
 __all__ = ["add_audit_command"]
 
@@ -72,6 +70,8 @@ def _audit(args: argparse.Namespace) -> int:
         console.print("membership inference: not run (opt-in: `audit-examples=256` in the run config)")
     canary = final.canary_exposure_personalized
     if canary is not None and not math.isnan(canary):
+        from fedlora.privacy.canary import SPACE  # noqa: PLC0415 - the privacy package imports Opacus
+
         console.print(
             f"canary exposure (client {config['canary-client']}, {config['canary-repeats']} repeats): global "
             f"{final.canary_exposure_global:.2f} bits, personalized {canary:.2f} bits "
@@ -80,6 +80,8 @@ def _audit(args: argparse.Namespace) -> int:
     wire = args.wire or config.get("audit-wire-log") or ""
     if wire:
         keys = json.loads((run_dir / GLOBAL_ADAPTER / "adapter_keys.json").read_text())
+        from fedlora.privacy.wire import audit_wire_log  # noqa: PLC0415 - heavy: Flower
+
         audit = audit_wire_log(wire, keys)
         kinds = ", ".join(f"{n} {t}" for t, n in sorted(audit.by_type.items()))
         console.print(

@@ -7,13 +7,14 @@ import math
 from pathlib import Path
 
 from fedlora.core.errors import FedloraError
-from fedlora.export import client_state_file, export_client, generate, model_task, predict
 
 __all__ = ["add_model_commands"]
 
 
 def _export(args: argparse.Namespace) -> int:
     """Write a client's personalized model as a plain transformers model."""
+    from fedlora.export import client_state_file, export_client  # noqa: PLC0415 - heavy: torch, transformers
+
     state = client_state_file(Path(args.source), args.client)
     result = export_client(state, Path(args.out), verify=not args.no_verify)
     print(f"exported {state} -> {result.out_dir} ({result.task})")
@@ -39,6 +40,8 @@ def _texts(args: argparse.Namespace) -> list[str]:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from fedlora.export import predict  # noqa: PLC0415 - heavy: torch, transformers
+
     texts = _texts(args)
     for text, (label, prob) in zip(texts, predict(Path(args.model_dir), texts), strict=True):
         print(f"{label}\t{prob:.3f}\t{text[:80]}")
@@ -46,6 +49,8 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from fedlora.export import generate, model_task  # noqa: PLC0415 - heavy: torch, transformers
+
     chat = True if args.chat else None  # a chat model answers as one by default
     for prompt in _texts(args):
         out = generate(Path(args.model_dir), prompt, max_new_tokens=args.max_new_tokens, chat=chat)

@@ -13,10 +13,8 @@ from rich.table import Table
 from fedlora import api
 from fedlora.config import RunConfig
 from fedlora.core.errors import FedloraError
-from fedlora.core.rundir import CONFIG, RunSummary, read_config
-from fedlora.export import RESPONSES
+from fedlora.core.rundir import CONFIG, RESPONSES, RunSummary, read_config
 from fedlora.launch import parse_overrides
-from fedlora.plots import plot_accuracy
 from fedlora.presets import PRESETS, get_preset
 from fedlora.progress import RunProgress
 
@@ -216,6 +214,8 @@ def _simulate(args: argparse.Namespace) -> int:
 def _report(results: api.Results) -> None:
     _clients_table(results)
     _table(results.summary, results.out_dir)
+    from fedlora.plots import plot_accuracy  # noqa: PLC0415 - heavy: matplotlib
+
     print(f"accuracy per round: {plot_accuracy(results.summary, results.out_dir / 'accuracy.png')}")
     if (results.out_dir / RESPONSES).is_file():
         print(f"global vs personalized replies to held-out prompts: {results.out_dir / RESPONSES}")

@@ -20,6 +20,8 @@ from fedlora.core.errors import ConfigError
 __all__ = [
     "CHECKPOINT",
     "ERROR_LINE",
+    "RESPONSES",
+    "RESPONSE_CLIENTS",
     "RESULTS_LINE",
     "CLIENTS",
     "CONFIG",
@@ -45,6 +47,9 @@ GLOBAL_ADAPTER = "global_adapter"
 CHECKPOINT = "checkpoint"
 ROUNDS = "rounds"  # rounds/round-NNN: each round's global adapter
 CLIENTS = "clients"  # where `fedlora simulate` keeps the clients' state
+# Chat runs' side-by-side replies (`fedlora.export.write_responses`), and the clients they cover at most.
+RESPONSES = "responses.jsonl"
+RESPONSE_CLIENTS = 16
 RESULTS_LINE = "fedlora: writing results to"  # the ServerApp's line naming its run directory
 ERROR_LINE = (
     "fedlora: error:"  # how a failed ServerApp's last log line starts: `simulate` and `submit` report it

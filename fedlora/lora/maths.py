@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "BASE_DELTA",
@@ -29,7 +31,7 @@ __all__ = [
     "weighted_mean",
 ]
 
-State = Mapping[str, torch.Tensor]
+State = Mapping[str, "torch.Tensor"]
 Part = str  # "lora_A", "lora_B" or "head"
 
 BASE_DELTA = "base-delta::"
@@ -106,6 +108,8 @@ def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
     ``B @ A`` is the truncated SVD of ``delta`` (Eckart-Young); the leading ``r`` columns
     of B and rows of A give the best rank-``r`` approximation for any ``r <= rank``.
     """
+    import torch  # noqa: PLC0415 - heavy: the registries import this module, and need no torch
+
     u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
     k = min(rank, s.shape[0])
     root = s[:k].sqrt()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ast
+import importlib.util
+import json
 import logging
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from fedlora.config import ModelConfig
@@ -16,7 +20,6 @@ from fedlora.core.errors import ModelError
 if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel
     from transformers import PreTrainedTokenizerBase
-from fedlora.lora.adapters import adapter_state
 from fedlora.models.device import resolve_device, torch_dtype
 from fedlora.models.lean import lean_half_precision
 from fedlora.models.smollm2 import smollm2_path
@@ -139,11 +142,8 @@ def check_model(cfg: ModelConfig) -> None:
                 f"{cfg.model!r} is a {architectures[0] if architectures else config.model_type} encoder"
             )
     if target_modules(cfg) is None:
-        from peft.utils.constants import (  # noqa: PLC0415 - heavy: peft
-            TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS,
-        )
-
-        if config.model_type not in PEFT_DEFAULTS or not PEFT_DEFAULTS[config.model_type]:
+        defaults = _peft_default_targets()
+        if not defaults.get(config.model_type):
             raise ModelError(
                 f"lora-target-modules: PEFT has no default LoRA targets for model {cfg.model!r} "
                 f"(architecture {config.model_type}); name them (e.g. q_proj,v_proj) or set all-linear"
@@ -163,13 +163,63 @@ def check_model(cfg: ModelConfig) -> None:
         )
 
 
+_PEFT_TARGETS = "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING"
+
+
+@lru_cache(maxsize=1)
+def _peft_default_targets() -> Mapping[str, list[str]]:
+    """PEFT's default LoRA targets per architecture.
+
+    Read from PEFT's source as a literal, so that a check before a run does not import PEFT
+    and transformers (seconds); imported if the source is not the literal it was.
+    """
+    spec = importlib.util.find_spec("peft")
+    if spec is not None and spec.origin is not None:
+        try:
+            tree = ast.parse((Path(spec.origin).parent / "utils" / "constants.py").read_text())
+            for node in tree.body:
+                if isinstance(node, ast.Assign) and any(
+                    getattr(t, "id", "") == _PEFT_TARGETS for t in node.targets
+                ):
+                    found = ast.literal_eval(node.value)
+                    if isinstance(found, dict):
+                        return found
+        except (OSError, SyntaxError, ValueError):
+            pass
+    from peft.utils import constants  # noqa: PLC0415 - heavy: peft, transformers
+
+    return dict(getattr(constants, _PEFT_TARGETS))
+
+
+def _folder_config(source: str) -> Any | None:
+    """A local model folder's ``config.json`` as attributes, read without importing transformers.
+
+    None where transformers must read it: no such file, or not the fields the checks need.
+    """
+    path = Path(source) / "config.json"
+    try:
+        values = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    if (
+        not isinstance(values, dict)
+        or not isinstance(values.get("model_type"), str)
+        or "hidden_size" not in values
+    ):
+        return None
+    return SimpleNamespace(**values)
+
+
 def _base_config(cfg: ModelConfig) -> Any:
-    # The transformers config of the base model, without loading its weights.
+    # The config of the base model, without loading its weights (or, for a local folder, transformers).
     if cfg.model in BUNDLED_MODELS and BUNDLED_MODELS[cfg.model][1] is not None:
         return BUNDLED_MODELS[cfg.model][1](2)  # type: ignore[misc]
+    source = model_source(cfg.model)  # a missing bundled package is named here
+    local = _folder_config(source)
+    if local is not None:
+        return local
     from transformers import AutoConfig  # noqa: PLC0415 - heavy: transformers
 
-    source = model_source(cfg.model)  # a missing bundled package is named here
     try:
         return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
@@ -203,14 +253,9 @@ _DEFAULT_TARGETS: dict[tuple[str, str], list[str]] = {
 
 
 def _model_type(cfg: ModelConfig) -> str:
-    tiny = BUNDLED_MODELS.get(cfg.model, (None, None))[1]
-    if tiny is not None:
-        return str(tiny(2).model_type)
-    from transformers import AutoConfig  # noqa: PLC0415 - heavy: transformers
-
     try:
-        return str(AutoConfig.from_pretrained(model_source(cfg.model)).model_type)
-    except (OSError, ValueError):
+        return str(_base_config(cfg).model_type)
+    except ModelError:
         return ""
 
 
@@ -405,6 +450,8 @@ def build_model(cfg: ModelConfig, num_labels: int, *, seed: int = 0) -> LoadedMo
     """
     import torch  # noqa: PLC0415 - heavy: torch
     from peft import get_peft_model  # noqa: PLC0415 - heavy: peft
+
+    from fedlora.lora.adapters import adapter_state  # noqa: PLC0415 - heavy: Flower's records
 
     if cfg.task == "classification" and num_labels < 2:
         raise ModelError(f"labels: classification needs at least 2 labels, got {num_labels}")

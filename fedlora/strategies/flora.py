@@ -13,8 +13,6 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import torch
-
 from fedlora.config import RunConfig
 from fedlora.lora.maths import (
     BASE_DELTA,
@@ -42,6 +40,8 @@ class FLoRA(LoraAggregation):
         self, states: Sequence[AdapterState], weights: Sequence[float], current: AdapterState
     ) -> AdapterState:
         """Head averaged; every module's accumulated update extended by this round's stack."""
+        import torch  # noqa: PLC0415 - heavy: the strategy registry needs no torch to list this one
+
         total = float(sum(weights))
         heads = [k for k in states[0] if part_of(k) == "head"]
         out: AdapterState = OrderedDict(weighted_mean(states, weights, heads))
