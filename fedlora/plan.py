@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 from fedlora.config import RunConfig, Scalar
 from fedlora.core.errors import ConfigError, PairingError
@@ -143,8 +144,9 @@ def _heterogeneous() -> list[str]:
     return [name for name, info in STRATEGIES.items() if info.protocol.heterogeneous_ranks]
 
 
+@lru_cache(maxsize=16)
 def resolve(cfg: RunConfig) -> Plan:
-    """Resolve the methods ``cfg`` names and check every rule between them.
+    """Resolve the methods ``cfg`` names and check every rule between them (once per configuration).
 
     Raises
     ------
