@@ -65,7 +65,7 @@ def popen(command, *args, **kwargs):
     if any(str(c).endswith("flwr") for c in command[:1]) and "run" in command[1:2]:
         marks["flwr"] = time.time()
     return real(command, *args, **kwargs)
-launch.subprocess.Popen = popen
+subprocess.Popen = popen
 tiny = dict(clients=2, rounds=1, model="tiny-bert", max_length=16, local_steps=2, personal_steps=1,
             batch_size=8, local_only_baseline=False)
 quiet = {"progress": False} if "progress" in fedlora.run.__code__.co_varnames else {}

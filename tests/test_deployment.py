@@ -34,7 +34,7 @@ from fedlora.deploy import (
     supervise,
     write_flwr_home,
 )
-from fedlora.launch import _free_port, flower_env, flower_script, write_app
+from fedlora.launch import flower_env, flower_script, free_port, write_app
 from fedlora.models import load_base
 
 # Set by `simulations/bench_runtime.py`: the approved-apps test also times Flower's subprocess isolation.
@@ -348,7 +348,7 @@ def test_fedlora_clients_with_registered_keys_complete_a_tls_federation(tmp_path
         write_client(
             tmp_path / f"device{i}", train, [{"text": f"{words} x{n}", "label": topic} for n in range(4)]
         )
-    port = _free_port()
+    port = free_port()
     superlink = f"127.0.0.1:{port}"
     tls = ["--superlink", superlink, "--root-cert", str(certs.ca_cert)]
     deadline = time.monotonic() + 240
@@ -369,7 +369,7 @@ def test_fedlora_clients_with_registered_keys_complete_a_tls_federation(tmp_path
         return processes.start(
             f"node{i}",
             *("client", *tls, "--key", str(keys[i]), "--data", str(tmp_path / f"device{i % 3}")),
-            *("--state-dir", str(tmp_path / f"state{i}"), "--node-port", str(_free_port()), *extra),
+            *("--state-dir", str(tmp_path / f"state{i}"), "--node-port", str(free_port()), *extra),
         )
 
     # The fourth key was never registered: the SuperLink refuses it.
@@ -490,7 +490,7 @@ def test_only_the_operator_controls_the_federation(tmp_path, processes):
     outsider = tmp_path / "outsider"
     outsider.mkdir()
     (outsider / "ca.crt").write_bytes(certs.ca_cert.read_bytes())
-    port = _free_port()
+    port = free_port()
     superlink = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 240
     server, server_log = _start_server(
@@ -526,7 +526,7 @@ def test_only_the_operator_controls_the_federation(tmp_path, processes):
     node, node_log = processes.start(
         "node",
         *("client", *operator, "--key", str(device_key), "--data", str(tmp_path / "data")),
-        *("--state-dir", str(tmp_path / "state"), "--node-port", str(_free_port())),
+        *("--state-dir", str(tmp_path / "state"), "--node-port", str(free_port())),
     )
     _wait_for(_line_or_exit(node, node_log, "SuperNode ID:"), deadline, "the node to join")
     out = tmp_path / "run"
@@ -680,7 +680,7 @@ def test_a_device_runs_only_approved_apps(tmp_path, processes):
     (rogue / "rogue_client.py").write_text(
         f"import pathlib\npathlib.Path({str(marker)!r}).touch()\napp = None\n"
     )
-    port = _free_port()
+    port = free_port()
     superlink = f"127.0.0.1:{port}"
     operator = ["--superlink", superlink, "--root-cert", str(certs.ca_cert)]
     deadline = time.monotonic() + 400
@@ -695,7 +695,7 @@ def test_a_device_runs_only_approved_apps(tmp_path, processes):
     node, node_log = processes.start(
         "node",
         *("client", *operator, "--key", str(keys[0]), "--data", str(tmp_path / "data")),
-        *("--state-dir", str(state), "--node-port", str(_free_port())),
+        *("--state-dir", str(state), "--node-port", str(free_port())),
         *("--min-noise-multiplier", "0.8", "--max-steps", "5"),
     )
     _wait_for(_line_or_exit(node, node_log, "SuperNode ID:"), deadline, "the node to join")
@@ -789,7 +789,7 @@ def test_a_device_runs_only_approved_apps(tmp_path, processes):
             root_cert=certs.ca_cert,
             key=keys[1],
             config=config,
-            port=_free_port(),
+            port=free_port(),
             own_runtime=False,
         )[1:],
         program=(flower_script("flower-supernode"),),

@@ -3,21 +3,21 @@ import tomllib
 import pytest
 
 from fedlora.config import RunConfig
-from fedlora.launch import _events, write_app
+from fedlora.launch import read_events, write_app
 
 
 def test_progress_reader_reads_only_what_is_new_and_waits_for_a_line_being_written(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    assert _events(path, 0) == ([], 0)  # not written yet
+    assert read_events(path, 0) == ([], 0)  # not written yet
     done = '{"event": "start"}\n{"event": "round", "round": 1}\n'
     path.write_text(done + '{"event": "rou')
-    events, seen = _events(path, 0)
+    events, seen = read_events(path, 0)
     assert [e["event"] for e in events] == ["start", "round"] and seen == len(done)
     # What was read is never read again: spoil it, and only the new line comes back.
     path.write_text("x" * len(done) + '{"event": "round", "round": 2}\n')
-    events, seen = _events(path, seen)
+    events, seen = read_events(path, seen)
     assert events == [{"event": "round", "round": 2}] and seen == path.stat().st_size
-    assert _events(path, seen) == ([], seen)
+    assert read_events(path, seen) == ([], seen)
 
 
 def test_generated_app_points_at_fedlora_and_lists_every_key(tmp_path):

@@ -13,6 +13,8 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+from fedlora.launch.processes import handling
+
 __all__ = ["companion", "supervise"]
 
 # The package's logger, so that its records keep the name they had before the package split.
@@ -80,8 +82,9 @@ def supervise(
         if child is not None and child.poll() is None:
             child.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with handling((signal.SIGTERM, signal.SIGINT), forward) as installed:
+        if not installed:
+            raise RuntimeError("supervise: call it from the main thread, which alone receives signals")
         while True:
             child = subprocess.Popen(
                 list(command), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -109,9 +112,6 @@ def supervise(
                 time.sleep(0.2)
             if received:
                 break
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     return 128 - code if code < 0 else code
 
 
