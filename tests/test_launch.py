@@ -65,10 +65,12 @@ def test_runs_in_a_session_share_its_ray_and_nothing_outlives_the_session(tmp_pa
     import fedlora
 
     with fedlora.session() as session:
-        assert session.ray_owned and session.ray_address.startswith("127.0.0.1:")
+        # The session's Ray starts with its first run: nothing runs before.
+        assert session.ray_owned and _session_processes(session.home) == {}
+        first = fedlora.run(**TINY_FEDERATION, rounds=1, out=tmp_path / "a", progress=False)
+        assert session.ray().startswith("127.0.0.1:")
         heads = {pid for pid, cmd in _session_processes(session.home).items() if "gcs_server" in cmd}
         assert len(heads) == 1
-        first = fedlora.run(**TINY_FEDERATION, rounds=1, out=tmp_path / "a", progress=False)
         second = fedlora.run(**TINY_FEDERATION, rounds=1, seed=1, out=tmp_path / "b", progress=False)
         # The same Ray served both runs: its head process is still the one the session started.
         assert {pid for pid, cmd in _session_processes(session.home).items() if "gcs_server" in cmd} == heads

@@ -93,7 +93,7 @@ def _check_resources(
             f"ray-address: the session runs on {session.ray_address or 'its own Ray'}, got {ray_address!r}; "
             "give it to flower_session(ray_address=...)"
         )
-    elsewhere = session is not None and session.ray_address and not session.ray_owned
+    elsewhere = session is not None and bool(session.ray_address)  # a cluster, not a Ray of the session's own
     check_gpus(gpus_per_client, cluster=bool(ray_address or elsewhere))
 
 

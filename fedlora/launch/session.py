@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import subprocess
 import tempfile
@@ -30,10 +29,28 @@ class FlowerSession:
     root: Path
     http_port: int = field(default_factory=free_port)
     control_port: int = field(default_factory=free_port)
-    # An existing Ray cluster (`ray start`) the simulation runs on, else a Ray of its own.
+    # An existing Ray cluster (`ray start`) the simulations run on.
     ray_address: str = ""
-    # The session started that Ray itself (`warm_ray`): it lives on this machine, and as long as the session.
-    ray_owned: bool = False
+    # Without one: a Ray of the session's own, started for its first run and stopped with it.
+    warm_ray: bool = False
+    _started: list[str] = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def ray_owned(self) -> bool:
+        """Whether the runs join a Ray that the session itself starts (and stops)."""
+        return self.warm_ray and not self.ray_address
+
+    def ray(self) -> str:
+        """The address of the Ray the runs join ("" for a Ray of each run's own).
+
+        A session's own Ray starts on the first call: a session whose runs all turn out to be
+        finished already (a sweep's ``reuse``) starts none.
+        """
+        if not self.ray_owned:
+            return self.ray_address
+        if not self._started:
+            self._started.append(start_ray(self))
+        return self._started[0]
 
     @property
     def home(self) -> Path:
@@ -50,14 +67,18 @@ class FlowerSession:
         return self.root / "runs"
 
     def env(self) -> dict[str, str]:
-        """Environment variables that point `flwr run` at this session's SuperLink."""
+        """Environment variables that point `flwr run` at this session's SuperLink (and Ray)."""
+        ray = self.ray()
+        # Flower's simulation calls ray.init(), which joins the cluster RAY_ADDRESS names.
+        return {**self.home_env(), **({"RAY_ADDRESS": ray} if ray else {})}
+
+    def home_env(self) -> dict[str, str]:
+        """The variables that name the session's Flower home, runs folder and ports."""
         return {
             RUNS_ROOT_ENV: str(self.runs),
             "FLWR_HOME": str(self.home),
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(self.http_port),
             "FLWR_LOCAL_CONTROL_API_PORT": str(self.control_port),
-            # Flower's simulation calls ray.init(), which joins the cluster RAY_ADDRESS names.
-            **({"RAY_ADDRESS": self.ray_address} if self.ray_address else {}),
         }
 
 
@@ -68,16 +89,14 @@ def flower_session(ray_address: str = "", *, warm_ray: bool = False) -> Iterator
     Saves the SuperLink's start-up (several seconds) on every run after the first; runs
     stay independent (each has its own run id, config and results). ``ray_address``: run
     the simulations on that existing Ray cluster (``HOST:PORT`` of its head, or ``auto``).
-    ``warm_ray`` (without ``ray_address``): start a Ray of the session's own on this
-    machine, which every run joins instead of starting and stopping one (Flower's
-    simulation otherwise does both, about 10 s a run on 2 cores); the session stops it.
-    Its workers take the environment of the moment the session starts.
+    ``warm_ray`` (without ``ray_address``): a Ray of the session's own on this machine,
+    started for the first run, which every run joins instead of starting and stopping one
+    (Flower's simulation otherwise does both, about 10 s a run on 2 cores); the session
+    stops it. Its workers take the environment of the moment it starts.
     """
     with tempfile.TemporaryDirectory(prefix="fedlora-", ignore_cleanup_errors=True) as tmp:
-        session = FlowerSession(Path(tmp), ray_address=ray_address)
+        session = FlowerSession(Path(tmp), ray_address=ray_address, warm_ray=warm_ray)
         try:
-            if warm_ray and not ray_address:
-                session = dataclasses.replace(session, ray_address=start_ray(session), ray_owned=True)
             yield session
         finally:
             stop_flower(session.home, everything=session.ray_owned)
@@ -102,7 +121,8 @@ def start_ray(session: FlowerSession) -> str:
         "--disable-usage-stats",
     ]
     try:
-        subprocess.run(command, env=flower_env(session.env()), capture_output=True, check=True, timeout=120)
+        env = flower_env(session.home_env())
+        subprocess.run(command, env=env, capture_output=True, check=True, timeout=120)
     except (OSError, subprocess.SubprocessError) as err:
         detail = (
             err.stderr.decode(errors="replace").strip().splitlines()[-1:]
