@@ -13,8 +13,8 @@ figures side by side in one run, on one machine's load):
   Ray, the ServerApp's imports and base model, until it writes ``config.json``), *rounds*
   (until ``summary.json``: actors start, import torch and train) and *after* (Ray's
   shutdown, the processes' exit, reading the results). *cold*: each run on its own;
-  *session*: runs inside one ``fedlora.session()`` (its first run, then the next ones),
-  where the checkout has it.
+  *session*: runs inside one ``fedlora.session()`` (its first run, which also starts the
+  session's Ray, then the next ones), where the checkout has it.
 
 Each measurement runs in a fresh interpreter of this environment. Usage:
 
@@ -158,7 +158,7 @@ def tiny(trees: dict[str, Path], reps: int, tmp: Path) -> None:
     for label, measured in rows.items():
         print(f"  {label:<22}" + "".join(f"{_spread([m[p] for m in measured]):>22}" for p in phases))
     for name, values in sessions.items():
-        print(f"  {name}: opening the session (its Ray) {_spread(values)} s, before its first run")
+        print(f"  {name}: opening the session {_spread(values)} s (its Ray starts with its first run)")
     base = next(iter(rows))
     for label, measured in rows.items():
         if label != base:
