@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
@@ -59,3 +60,15 @@ def client_context(cfg, partition_id: int = 0) -> Context:
         run_config=cfg.to_flat(),
         node_config={"partition-id": partition_id, "num-partitions": 3},
     )
+
+
+def session_processes(home: Path) -> dict[int, str]:
+    """The processes carrying a Flower session's FLWR_HOME, by pid: their command lines."""
+    found = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if f"FLWR_HOME={home}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                found[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+    return found

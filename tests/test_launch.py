@@ -1,7 +1,5 @@
 import tomllib
 
-import pytest
-
 from fedlora.config import RunConfig
 from fedlora.launch import read_events, write_app
 
@@ -42,38 +40,3 @@ def test_sessions_use_their_own_home_and_ports(tmp_path):
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT",
         "FLWR_LOCAL_CONTROL_API_PORT",
     }
-
-
-def _session_processes(home) -> dict[int, str]:
-    """The processes carrying a session's FLWR_HOME, by pid: their command lines."""
-    from pathlib import Path
-
-    found = {}
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if f"FLWR_HOME={home}".encode() in (proc / "environ").read_bytes().split(b"\0"):
-                found[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-    return found
-
-
-@pytest.mark.federation
-def test_runs_in_a_session_share_its_ray_and_nothing_outlives_the_session(tmp_path):
-    from helpers import TINY_FEDERATION
-
-    import fedlora
-
-    with fedlora.session() as session:
-        # The session's Ray starts with its first run: nothing runs before.
-        assert session.ray_owned and _session_processes(session.home) == {}
-        first = fedlora.run(**TINY_FEDERATION, rounds=1, out=tmp_path / "a", progress=False)
-        assert session.ray().startswith("127.0.0.1:")
-        heads = {pid for pid, cmd in _session_processes(session.home).items() if "gcs_server" in cmd}
-        assert len(heads) == 1
-        second = fedlora.run(**TINY_FEDERATION, rounds=1, seed=1, out=tmp_path / "b", progress=False)
-        # The same Ray served both runs: its head process is still the one the session started.
-        assert {pid for pid, cmd in _session_processes(session.home).items() if "gcs_server" in cmd} == heads
-    assert [r["round"] for r in first.rounds] == [1] == [r["round"] for r in second.rounds]
-    assert first.seed == 0 and second.seed == 1 and first.out_dir != second.out_dir
-    assert _session_processes(session.home) == {}

@@ -2,7 +2,7 @@
 
 Each strategy runs once, paired with a personalization method so that every method runs
 several times; every sixth case goes through the ``fedlora simulate`` command, the others
-through the Python API on one shared SuperLink (both call `fedlora.api.run`). ``flora``
+through the Python API in one `fedlora.session` (both call `fedlora.api.run`). ``flora``
 and ``flexlora`` run with mixed client ranks.
 """
 
@@ -12,11 +12,10 @@ import json
 import math
 
 import pytest
-from helpers import simulate_cli
+from helpers import session_processes, simulate_cli
 
 import fedlora
 import fedlora.plan
-from fedlora.launch import flower_session
 from fedlora.personalization import PERSONALIZATIONS
 from fedlora.strategies import STRATEGIES
 
@@ -42,11 +41,22 @@ def _cases() -> list[tuple[str, str]]:
 CASES = _cases()
 
 
+# The Ray head serving each API case: one process, the same for every case.
+_HEADS: list[set[int]] = []
+
+
 @pytest.fixture(scope="module")
 def session():
-    """One SuperLink and one Ray for the API cases of this module (the CLI cases start their own)."""
-    with flower_session(warm_ray=True) as shared:
+    """One `fedlora.session` for the API cases of this module (the CLI cases start their own).
+
+    Its runs share its SuperLink and its Ray, started with the first run; nothing it
+    started outlives it.
+    """
+    with fedlora.session() as shared:
+        assert shared.ray_owned and session_processes(shared.home) == {}  # nothing before a run
         yield shared
+    assert all(heads == _HEADS[0] for heads in _HEADS) and all(len(heads) == 1 for heads in _HEADS)
+    assert session_processes(shared.home) == {}
 
 
 def test_the_cases_cover_every_registered_name():
@@ -101,6 +111,7 @@ def test_strategy_and_personalization_run_end_to_end(tmp_path, session, strategy
             **TINY,
             **extra,
         )
+        _HEADS.append({pid for pid, cmd in session_processes(session.home).items() if "gcs_server" in cmd})
         summary = result.summary
         frame = result.to_dataframe()
         assert list(frame["round"]) == [1, 2] and set(frame["strategy"]) == {strategy}
