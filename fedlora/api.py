@@ -230,8 +230,8 @@ def session(*, ray_address: str = "", warm_ray: bool = True) -> Iterator[launch.
         Run on this existing Ray cluster (``HOST:PORT`` of its head) instead of the
         session's own.
     warm_ray : bool
-        Start a Ray of the session's own on this machine (its workers see the environment
-        variables of the moment the session starts); False: each run starts its own Ray.
+        A Ray of the session's own on this machine, started with its first run (its workers
+        see the environment variables of that moment); False: each run starts its own Ray.
 
     Examples
     --------
