@@ -18,13 +18,14 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-__all__ = ["RunProgress", "figures"]
+__all__ = ["RunProgress", "figures", "pct"]
 
 # How much of a client's error reason a progress line shows (the whole is in metrics.jsonl).
 _REASON_CHARS = 200
 
 
-def _pct(value: Any) -> str:
+def pct(value: Any) -> str:
+    """A fraction as a percentage with one decimal; '-' where it was not measured."""
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"
 
 
@@ -35,7 +36,7 @@ def figures(event: dict[str, Any]) -> str:
         shown = f"{personal:.1f}" if isinstance(personal, float) and not math.isnan(personal) else "-"
         return f"perplexity global {glob:.1f}  personalized {shown}"
     glob, personal = event.get("global_accuracy"), event.get("personalized_accuracy")
-    return f"global {_pct(glob)}  personalized {_pct(personal)}"
+    return f"global {pct(glob)}  personalized {pct(personal)}"
 
 
 class RunProgress:

@@ -40,3 +40,14 @@ def test_sessions_use_their_own_home_and_ports(tmp_path):
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT",
         "FLWR_LOCAL_CONTROL_API_PORT",
     }
+
+
+def test_a_session_refuses_a_malformed_ray_address_before_starting_anything():
+    import pytest
+
+    import fedlora
+    from fedlora.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^ray-address: must be auto or HOST:PORT .* got 'not an addr'$"):
+        with fedlora.session(ray_address="not an addr"):
+            pass

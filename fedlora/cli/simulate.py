@@ -16,16 +16,12 @@ from fedlora.core.errors import FedloraError
 from fedlora.core.rundir import CONFIG, RESPONSES, RunSummary, read_config
 from fedlora.launch import parse_overrides
 from fedlora.presets import PRESETS, get_preset
-from fedlora.progress import RunProgress
+from fedlora.progress import RunProgress, pct
 
 __all__ = ["add_simulate_commands"]
 
 # The end-of-run table of clients lists this many at most, in partition order; all are in summary.json.
 MAX_CLIENT_ROWS = 20
-
-
-def _pct(value: Any) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"
 
 
 def _ppl(value: float | None) -> str:
@@ -53,16 +49,16 @@ def _table(summary: dict[str, Any], out_dir: Path) -> None:
     task = str(read_config(out_dir).get("task", ""))
     table.add_column(_ACCURACY.get(task, "mean accuracy"), justify="right")
     table.add_column("worst-10% clients", justify="right")
-    table.add_row("global adapter only", _pct(final.global_accuracy), _pct(final.global_accuracy_worst10))
+    table.add_row("global adapter only", pct(final.global_accuracy), pct(final.global_accuracy_worst10))
     table.add_row(
         "personalized (global + personal)",
-        _pct(final.personalized_accuracy),
-        _pct(final.personalized_accuracy_worst10),
+        pct(final.personalized_accuracy),
+        pct(final.personalized_accuracy_worst10),
     )
     table.add_row(
         "local-only (no federation)",
-        _pct(final.local_only_accuracy),
-        _pct(final.local_only_accuracy_worst10),
+        pct(final.local_only_accuracy),
+        pct(final.local_only_accuracy_worst10),
     )
     console = Console()
     console.print(table)
@@ -141,7 +137,7 @@ def _clients_table(results: api.Results) -> None:
     clients = results.per_client()
     if clients.empty:
         return
-    metric, shown = ("perplexity", _ppl) if "personalized_perplexity" in clients else ("accuracy", _pct)
+    metric, shown = ("perplexity", _ppl) if "personalized_perplexity" in clients else ("accuracy", pct)
     table = Table(title=f"held-out {metric} per client")
     # A name is kept whole where it fits (roles run to about 40 characters); other columns wrap.
     longest = max((len(str(c)) for c in clients["client"].head(MAX_CLIENT_ROWS)), default=6)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import shutil
 import subprocess
 import tempfile
@@ -19,11 +18,9 @@ from fedlora.core.rundir import CHECKPOINT, ERROR_LINE, METRICS, SUMMARY, read_s
 from fedlora.launch.appfiles import toml_value, whole, write_app, write_run_config
 from fedlora.launch.checks import check_gpus, check_layout, preflight, refuse_finished_run
 from fedlora.launch.processes import flower_env, flower_script, stop_flower, terminate_as_interrupt, uptime
-from fedlora.launch.session import FlowerSession, flower_session
+from fedlora.launch.session import FlowerSession, check_ray_address, flower_session
 
 __all__ = ["last_error", "read_events", "simulate"]
-
-_RAY_ADDRESS = re.compile(r"auto|(ray://)?[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}")
 
 
 def simulate(
@@ -84,10 +81,7 @@ def _check_resources(
     """Refuse a CPU or GPU share, or a Ray address, that cannot work (one line each)."""
     if not cpus_per_client > 0:
         raise ConfigError(f"cpus-per-client: must be a positive number, got {cpus_per_client!r}")
-    if ray_address and not _RAY_ADDRESS.fullmatch(ray_address):
-        raise ConfigError(
-            f"ray-address: must be auto or HOST:PORT of a Ray head (ray start --head), got {ray_address!r}"
-        )
+    check_ray_address(ray_address)
     if session is not None and ray_address and ray_address != session.ray_address:
         raise ConfigError(
             f"ray-address: the session runs on {session.ray_address or 'its own Ray'}, got {ray_address!r}; "

@@ -4,17 +4,28 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedlora.core.errors import FedloraError
+from fedlora.core.errors import ConfigError, FedloraError
 from fedlora.launch.processes import flower_env, flower_script, free_port, stop_flower
 from fedlora.server.runs_root import RUNS_ROOT_ENV
 
-__all__ = ["FlowerSession", "flower_session", "start_ray"]
+__all__ = ["FlowerSession", "check_ray_address", "flower_session", "start_ray"]
+
+_RAY_ADDRESS = re.compile(r"auto|(ray://)?[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}")
+
+
+def check_ray_address(ray_address: str) -> None:
+    """Refuse a Ray address that is neither ``auto`` nor ``HOST:PORT`` (empty: none), in one line."""
+    if ray_address and not _RAY_ADDRESS.fullmatch(ray_address):
+        raise ConfigError(
+            f"ray-address: must be auto or HOST:PORT of a Ray head (ray start --head), got {ray_address!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -94,6 +105,7 @@ def flower_session(ray_address: str = "", *, warm_ray: bool = False) -> Iterator
     (Flower's simulation otherwise does both, about 10 s a run on 2 cores); the session
     stops it. Its workers take the environment of the moment it starts.
     """
+    check_ray_address(ray_address)
     with tempfile.TemporaryDirectory(prefix="fedlora-", ignore_cleanup_errors=True) as tmp:
         session = FlowerSession(Path(tmp), ray_address=ray_address, warm_ray=warm_ray)
         try:
