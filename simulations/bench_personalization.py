@@ -24,7 +24,11 @@ goes on where it stopped. Usage:
 
     python simulations/bench_personalization.py --setting default [--seeds 0,1,2]
         [--methods dual,finetune,ditto,feddpa,fedalt] [--strategies fedavg,fedalt]
-        [--out runs/bench-personalization]
+        [--mix-methods dual] [--out runs/bench-personalization]
+
+``--mix-methods`` limits the ``personal-mix=validation`` variant to the methods named (all
+of them by default); runs go seed by seed, so that an interrupted benchmark has every
+configuration on its first seeds before it starts the next.
 
 (Strategy and method pairs the methods' rules exclude, such as ``fedavg`` with ``fedalt``
 or ``personal-mix`` with ``feddpa``, are skipped and listed.)
@@ -103,24 +107,44 @@ def main() -> None:
     parser.add_argument("--methods", default="dual,finetune,ditto,feddpa,fedalt")
     parser.add_argument("--strategies", default="fedavg,fedalt")
     parser.add_argument("--mix", default="off,validation")
+    parser.add_argument("--mix-methods", default="", help="methods that get the mix variants (default: all)")
     parser.add_argument("--out", default="runs/bench-personalization")
     args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
-    sweep = fedlora.sweep(
-        strategies=args.strategies.split(","),
-        personalizations=args.methods.split(","),
-        seeds=seeds,
-        vary={"personal_mix": args.mix.split(",")},
-        out=Path(args.out) / args.setting,
-        partition_seed=0,
-        reuse=True,
-        on_run=lambda r: print(f"finished {r.out_dir.name} in {r.final['wall_s']:.0f} s", flush=True),
+    methods = args.methods.split(",")
+    mixes = args.mix.split(",")
+    mixed = args.mix_methods.split(",") if args.mix_methods else methods
+    runs_of = {
+        "strategies": args.strategies.split(","),
+        "out": Path(args.out) / args.setting,
+        "partition_seed": 0,
+        "reuse": True,
+        "on_run": lambda r: print(f"finished {r.out_dir.name} in {r.final['wall_s']:.0f} s", flush=True),
         **SETTINGS[args.setting],
-    )
+    }
+    sweep = fedlora.Sweep(varied=["personal-mix"])
+    seen: set[Path] = set()
+    with fedlora.session():
+        for seed in (int(s) for s in args.seeds.split(",")):
+            # The first configuration of a seed measures its local-only baseline: dual without
+            # the mixture, as in a single sweep of the whole grid, so that finished runs match.
+            rest = [m for m in methods if m not in mixed]
+            for names, mix, baseline in ((mixed, mixes, True), (rest, mixes[:1], False)):
+                if not names:
+                    continue
+                part = fedlora.sweep(
+                    personalizations=names,
+                    seeds=[seed],
+                    vary={"personal_mix": mix},
+                    **runs_of,
+                    **({} if baseline else {"local_only_baseline": False}),
+                )
+                sweep.extend(r for r in part if r.out_dir not in seen)
+                seen.update(r.out_dir for r in part)
+                sweep.skipped.extend(s for s in part.skipped if s not in sweep.skipped)
     for strategy, method, why in sweep.skipped:
         print(f"skipped {strategy}/{method}: {why}")
     runs = sweep.to_dataframe()
-    summary = sweep.summary(baseline=f"fedavg/dual personal-mix={args.mix.split(',')[0]}")
+    summary = sweep.summary(baseline=f"fedavg/dual personal-mix={mixes[0]}")
     causal = "personalized_perplexity" in runs.columns
     text = table(summary, causal)
     print(text)
