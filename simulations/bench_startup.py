@@ -14,11 +14,15 @@ figures side by side in one run, on one machine's load):
   (until ``summary.json``: actors start, import torch and train) and *after* (Ray's
   shutdown, the processes' exit, reading the results). *cold*: each run on its own;
   *session*: runs inside one ``fedlora.session()`` (its first run, which also starts the
-  session's Ray, then the next ones), where the checkout has it.
+  session's Ray, then the next ones), where the checkout has it; *warm*: the same in a
+  ``fedlora.session(backend="warm")`` (no Ray: each run is forked from the session's warm
+  process, started with its first run).
+* **sweep** of 6 tiny runs in a warm session: its wall time from call to return against the
+  sum of its runs' ServerApp times (what is left of the fixed cost per run).
 
 Each measurement runs in a fresh interpreter of this environment. Usage:
 
-    python simulations/bench_startup.py [--reps 3] [--compare DIR] [--skip-launcher]
+    python simulations/bench_startup.py [--reps 3] [--compare DIR] [--skip-launcher] [--skip-sweep]
 """
 
 from __future__ import annotations
@@ -69,7 +73,10 @@ subprocess.Popen = popen
 tiny = dict(clients=2, rounds=1, model="tiny-bert", max_length=16, local_steps=2, personal_steps=1,
             batch_size=8, local_only_baseline=False)
 quiet = {"progress": False} if "progress" in fedlora.run.__code__.co_varnames else {}
-session = fedlora.session() if mode == "session" else contextlib.nullcontext()
+session = (
+    fedlora.session(backend="warm") if mode == "warm"
+    else fedlora.session() if mode == "session" else contextlib.nullcontext()
+)
 opened = time.time()
 with session:
     ready = time.time()
@@ -125,8 +132,29 @@ def launcher(trees: dict[str, Path], reps: int, tmp: Path) -> None:
         print(f"  {name:<10} {_spread(values)}")
 
 
-def _has_session(tree: Path) -> bool:
-    return "def session(" in (tree / "fedlora" / "api.py").read_text()
+# Runs in the child: a sweep of 6 tiny runs in a warm session; its wall time and its runs' ServerApp times.
+SWEEP = """
+import json, sys, time
+from pathlib import Path
+import fedlora
+print("FROM", fedlora.__file__, flush=True)
+tiny = dict(clients=2, rounds=1, model="tiny-bert", max_length=16, local_steps=2, personal_steps=1,
+            batch_size=8, local_only_baseline=False)
+with fedlora.session(backend="warm"):
+    start = time.time()
+    done = fedlora.sweep(strategies=["fedavg", "fedprox", "ffa-lora"], seeds=[0, 1], out=Path(sys.argv[1]),
+                         progress=False, **tiny)
+    wall = time.time() - start
+print("SWEEP", json.dumps({"wall": wall, "serverapp": [r.final["wall_s"] for r in done]}), flush=True)
+"""
+
+
+def _has_session(tree: Path) -> str:
+    """The kinds of session ``tree`` has: "" (none), "session", or "session warm"."""
+    text = (tree / "fedlora" / "api.py").read_text()
+    return (
+        "" if "def session(" not in text else "session warm" if 'backend: str = "ray"' in text else "session"
+    )
 
 
 def tiny(trees: dict[str, Path], reps: int, tmp: Path) -> None:
@@ -135,9 +163,9 @@ def tiny(trees: dict[str, Path], reps: int, tmp: Path) -> None:
     sessions: dict[str, list[float]] = {}
     for rep in range(reps):
         for name, tree in trees.items():
-            modes = ["cold", "session"] if _has_session(tree) else ["cold"]
+            modes = ["cold", *_has_session(tree).split()]
             for mode in modes:
-                runs = 2 if mode == "session" else 1
+                runs = {"cold": 1, "session": 2, "warm": 3}[mode]
                 lines = _child(tree, TINY, mode, str(tmp / f"tiny-{name}-{mode}-{rep}"), str(runs))
                 marks = [json.loads(x[4:]) for x in lines if x.startswith("RUN ")]
                 for i, m in enumerate(marks):
@@ -151,14 +179,17 @@ def tiny(trees: dict[str, Path], reps: int, tmp: Path) -> None:
                             "total": m["back"] - m["call"],
                         }
                     )
-                if mode == "session":
-                    sessions.setdefault(name, []).append(marks[0]["session"])
+                if mode != "cold":
+                    sessions.setdefault(f"{name} {mode}", []).append(marks[0]["session"])
     print("\ntiny federation (tiny-bert, 2 clients, 1 round), by phase (s, min / median / max)")
     print(f"  {'':<22}" + "".join(f"{p:>22}" for p in phases))
     for label, measured in rows.items():
         print(f"  {label:<22}" + "".join(f"{_spread([m[p] for m in measured]):>22}" for p in phases))
     for name, values in sessions.items():
-        print(f"  {name}: opening the session {_spread(values)} s (its Ray starts with its first run)")
+        print(
+            f"  {name}: opening the session {_spread(values)} s"
+            " (its Ray or warm process starts with its first run)"
+        )
     base = next(iter(rows))
     for label, measured in rows.items():
         if label != base:
@@ -168,11 +199,31 @@ def tiny(trees: dict[str, Path], reps: int, tmp: Path) -> None:
             print(f"  median total, {label} / {base}: {ratio:.2f}")
 
 
+def sweep(trees: dict[str, Path], reps: int, tmp: Path) -> None:
+    print(
+        "\nsweep of 6 tiny runs in a warm session (s): wall time from call to return,"
+        " and the sum of its runs' ServerApp times"
+    )
+    for name, tree in trees.items():
+        if "warm" not in _has_session(tree):
+            continue
+        for rep in range(reps):
+            lines = _child(tree, SWEEP, str(tmp / f"sweep-{name}-{rep}"))
+            m = json.loads(next(x for x in lines if x.startswith("SWEEP "))[6:])
+            total = sum(m["serverapp"])
+            runs = ", ".join(f"{s:.1f}" for s in m["serverapp"])
+            print(
+                f"  {name} rep {rep}: wall {m['wall']:.1f}, ServerApp {total:.1f} (runs {runs}), "
+                f"ratio {m['wall'] / total:.2f}"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--compare", type=Path, help="another fedlora checkout, measured alternately")
     parser.add_argument("--skip-launcher", action="store_true")
+    parser.add_argument("--skip-sweep", action="store_true")
     args = parser.parse_args()
     trees = {"this": HERE}
     if args.compare:
@@ -182,6 +233,8 @@ def main() -> None:
         if not args.skip_launcher:
             launcher(trees, args.reps, Path(tmp))
         tiny(trees, args.reps, Path(tmp))
+        if not args.skip_sweep:
+            sweep(trees, max(1, args.reps // 2), Path(tmp))
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import simulate_cli
+from helpers import session_processes, simulate_cli
 from peft import PeftModel
 
 from fedlora.config import RunConfig
@@ -80,11 +80,14 @@ def test_flwr_run_of_the_repository_app_with_a_jsonl_folder(tmp_path, jsonl_dir)
             "data-dir": str(jsonl_dir),
         }
     )
-    with flower_session() as session:
+    with flower_session(warm_ray=True) as session:
         mine = str(session.home)  # this session's SuperLink logs under its private home
+        assert session.ray_owned and session_processes(session.home) == {}  # Ray starts with the first run
         summary = simulate(cfg, num_clients=3, out_dir=tmp_path / "run", app_dir=ROOT, session=session)
-        # The session keeps its SuperLink for the next run.
+        # The session keeps its SuperLink and its Ray for the next run.
         assert [p for p in _flower_processes() if mine in p]
+        heads = {pid for pid, cmd in session_processes(session.home).items() if "gcs_server" in cmd}
+        assert len(heads) == 1
         # A second run on the same SuperLink, with a different strategy and two of the clients.
         other = simulate(
             cfg.replace(strategy="ffa-lora"),
@@ -93,7 +96,9 @@ def test_flwr_run_of_the_repository_app_with_a_jsonl_folder(tmp_path, jsonl_dir)
             app_dir=ROOT,
             session=session,
         )
+        assert {pid for pid, cmd in session_processes(session.home).items() if "gcs_server" in cmd} == heads
     assert not [p for p in _flower_processes() if mine in p]
+    assert session_processes(session.home) == {}  # nothing the session started outlives it
     assert summary["rounds"][0]["clients_trained"] == 3
     assert summary["labels"] == ["cooking", "music", "sport"]
     assert summary["final"]["local_only_accuracy"] is None

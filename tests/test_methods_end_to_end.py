@@ -2,7 +2,7 @@
 
 Each strategy runs once, paired with a personalization method so that every method runs
 several times; every sixth case goes through the ``fedlora simulate`` command, the others
-through the Python API in one `fedlora.session` (both call `fedlora.api.run`). ``flora``
+through the Python API in one warm `fedlora.session` (both call `fedlora.api.run`). ``flora``
 and ``flexlora`` run with mixed client ranks.
 """
 
@@ -41,21 +41,21 @@ def _cases() -> list[tuple[str, str]]:
 CASES = _cases()
 
 
-# The Ray head serving each API case: one process, the same for every case.
-_HEADS: list[set[int]] = []
+# The warm process serving each API case: one process, the same for every case, and no Ray.
+_WARM: list[set[int]] = []
 
 
 @pytest.fixture(scope="module")
 def session():
-    """One `fedlora.session` for the API cases of this module (the CLI cases start their own).
+    """One warm `fedlora.session` for the API cases of this module (the CLI cases start their own).
 
-    Its runs share its SuperLink and its Ray, started with the first run; nothing it
-    started outlives it.
+    Its runs share its SuperLink and its warm process, started with the first run, and
+    start no Ray; nothing it started outlives it.
     """
-    with fedlora.session() as shared:
-        assert shared.ray_owned and session_processes(shared.home) == {}  # nothing before a run
+    with fedlora.session(backend="warm") as shared:
+        assert not shared.ray_owned and session_processes(shared.home) == {}  # nothing before a run
         yield shared
-    assert all(heads == _HEADS[0] for heads in _HEADS) and all(len(heads) == 1 for heads in _HEADS)
+    assert all(warm == _WARM[0] for warm in _WARM) and all(len(warm) == 1 for warm in _WARM)
     assert session_processes(shared.home) == {}
 
 
@@ -111,7 +111,11 @@ def test_strategy_and_personalization_run_end_to_end(tmp_path, session, strategy
             **TINY,
             **extra,
         )
-        _HEADS.append({pid for pid, cmd in session_processes(session.home).items() if "gcs_server" in cmd})
+        processes = session_processes(session.home)
+        assert not any(
+            ray in cmd for cmd in processes.values() for ray in ("raylet", "gcs_server", "default_worker")
+        )
+        _WARM.append({pid for pid, cmd in processes.items() if "fedlora.launch.warm" in cmd})
         summary = result.summary
         frame = result.to_dataframe()
         assert list(frame["round"]) == [1, 2] and set(frame["strategy"]) == {strategy}

@@ -186,7 +186,7 @@ def _watch(
                     seen = emit(seen)
         except KeyboardInterrupt:
             # Every process of the run, Ray's workers too: none may go on writing results.
-            stop_flower(session.home, everything=True, since=began if session.ray_owned else None)
+            stop_flower(session.home, everything=True, since=began if session.outlives_runs else None)
             proc.wait(timeout=30)
             raise RunInterrupted(
                 f"interrupted: the run in {out_dir} was stopped; go on from its last checkpoint "

@@ -1,0 +1,147 @@
+"""A warm session (`fedlora.session(backend="warm")`): its stand-in, its backend, its runs and Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from helpers import TINY_FEDERATION, as_server, session_processes
+
+import fedlora
+from fedlora.core.errors import ConfigError
+from fedlora.launch import session as launch_session
+
+STAND_IN = Path(launch_session.__file__).with_name("_stand_in.py")
+
+
+def test_a_session_refuses_an_unknown_backend_and_a_warm_one_on_a_ray_cluster():
+    with pytest.raises(ConfigError, match=r"^backend: must be one of ray, warm, got 'fork'$"):
+        with fedlora.session(backend="fork"):
+            pass
+    with pytest.raises(ConfigError, match=r"^backend: 'warm' runs no Ray; leave ray-address empty"):
+        with fedlora.session(backend="warm", ray_address="127.0.0.1:6379"):
+            pass
+
+
+def test_a_warm_session_puts_its_stand_in_first_on_flowers_path(tmp_path):
+    session = launch_session.FlowerSession(tmp_path, backend="warm")
+    session._started.append(str(tmp_path / "warm.sock"))  # as if its warm process were up
+    env = session.env()
+    assert env["PATH"].split(os.pathsep)[0] == str(tmp_path / "bin")
+    assert "RAY_ADDRESS" not in env and session.outlives_runs and not session.ray_owned
+
+
+def test_the_stand_in_runs_flowers_own_simulation_when_no_warm_process_answers(tmp_path):
+    # The "real" flwr-simulation here is a script that prints what it was given.
+    real = tmp_path / "flwr-simulation"
+    real.write_text('#!/bin/sh\necho real "$@"\n')
+    real.chmod(0o755)
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", str(STAND_IN), str(tmp_path / "nobody.sock"), str(real), "--token", "t"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0 and proc.stdout == "real --token t\n"
+
+
+def test_the_warm_backend_runs_each_message_on_a_copy():
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from fedlora.launch.warm import WarmBackend
+
+    seen = []
+
+    def app(message, context):
+        seen.append(message)
+        message.content["config"]["touched"] = 1  # a ClientApp that changes what it was given
+        context.state["config"] = ConfigRecord({"calls": 1})
+        return Message(RecordDict({"config": ConfigRecord({"answer": 42})}), reply_to=message)
+
+    as_server()
+    backend = WarmBackend({})
+    backend.build(lambda: app)
+    sent = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=1, message_type="train")
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    reply, updated = backend.process_message(sent, context)
+    assert (
+        dict(sent.content["config"]) == {"x": 1} and seen[0] is not sent
+    )  # the sender's message is untouched
+    assert "config" not in context.state and dict(updated.state["config"]) == {"calls": 1}
+    assert dict(reply.content["config"]) == {"answer": 42}
+    assert backend.num_workers == 1 and backend.is_worker_idle()
+
+
+@pytest.mark.federation
+def test_runs_in_a_warm_session_are_forked_from_one_process_and_stay_independent(tmp_path):
+    tiny = {**TINY_FEDERATION, "clients": 2, "rounds": 1}
+    with fedlora.session(backend="warm") as session:
+        first = fedlora.run(**tiny, seed=0, out=tmp_path / "a", progress=False)
+        warm = {pid for pid, cmd in session_processes(session.home).items() if "fedlora.launch.warm" in cmd}
+        again = fedlora.run(**tiny, seed=0, out=tmp_path / "c", progress=False)
+        processes = session_processes(session.home)
+        assert {pid for pid, cmd in processes.items() if "fedlora.launch.warm" in cmd} == warm and len(
+            warm
+        ) == 1
+        assert not any(ray in cmd for cmd in processes.values() for ray in ("raylet", "gcs_server"))
+    assert session_processes(session.home) == {}
+    # What one run loads or trains never reaches the next: the same run again gives the same figures.
+    assert again.final == {**first.final, "wall_s": again.final["wall_s"]}
+    adapter = "global_adapter/adapter_model.safetensors"
+    assert (tmp_path / "a" / adapter).read_bytes() == (tmp_path / "c" / adapter).read_bytes()
+
+
+SWEEP = """
+import sys
+from pathlib import Path
+import fedlora
+tiny = {tiny!r}
+with fedlora.session(backend="warm") as session:
+    Path(sys.argv[2]).write_text(str(session.home))
+    fedlora.sweep(strategies=["fedavg", "fedprox"], rounds=4, out=Path(sys.argv[1]), progress=False, **tiny)
+"""
+
+
+@pytest.mark.federation
+def test_ctrl_c_in_a_sweep_in_a_warm_session_leaves_nothing_and_a_resumable_run(tmp_path):
+    # Prepare: a sweep of two 4-round runs in a warm session, in a process of its own.
+    tiny = {k: v for k, v in TINY_FEDERATION.items() if k != "rounds"}
+    out, home_file = tmp_path / "sweep", tmp_path / "home"
+    code = textwrap.dedent(SWEEP.format(tiny=tiny))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(out), str(home_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as at a terminal
+    )
+    first = out / "fedavg__auto__seed0"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (first / "checkpoint").exists():
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.3)
+    assert (first / "checkpoint").exists(), "the first run never finished a round"
+    home = Path(home_file.read_text())
+    assert any("fedlora.launch.warm" in cmd for cmd in session_processes(home).values())
+
+    # Execute: Ctrl-C in the middle of the sweep's first run.
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+
+    # Assert: the sweep stops with the run's one line, nothing of the session is left, the
+    # interrupted run goes on from its checkpoint, and a run in a new warm session works.
+    assert proc.returncode != 0 and "RunInterrupted: interrupted: the run in" in stderr, stderr
+    assert f"fedlora resume {first}" in stderr
+    assert session_processes(home) == {}
+    assert not (first / "summary.json").exists() and not (out / "fedprox__auto__seed0").exists()
+    with fedlora.session(backend="warm"):
+        resumed = fedlora.resume(first, progress=False)
+    assert [r["round"] for r in resumed.rounds] == [1, 2, 3, 4]
+    assert json.loads((first / "summary.json").read_text())["final"]["global_accuracy"] is not None
