@@ -86,3 +86,28 @@ def _no_flower_in_the_fast_tier(request, monkeypatch):
         original(self, args, *rest, **kwargs)
 
     monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+
+
+@pytest.fixture(scope="session")
+def _suite_session():
+    import fedlora
+
+    with fedlora.session(backend="warm") as session:
+        yield session
+
+
+@pytest.fixture
+def warm(_suite_session):
+    """Runs through the Python API in this test join the suite's one warm `fedlora.session`.
+
+    Its warm process (torch, transformers and fedlora imported once) starts with the first
+    such run and serves every later one; a test that checks processes, sets environment
+    variables for its clients or needs Ray stays out of it.
+    """
+    from fedlora import api
+
+    token = api._SESSION.set(_suite_session)
+    try:
+        yield _suite_session
+    finally:
+        api._SESSION.reset(token)

@@ -1,8 +1,9 @@
 """Every strategy and personalization method through real Flower runs (tiny model, 2 rounds).
 
 Each strategy runs once, paired with a personalization method so that every method runs
-several times; every sixth case goes through the ``fedlora simulate`` command, the others
-through the Python API in one warm `fedlora.session` (both call `fedlora.api.run`). ``flora``
+several times; every sixth case goes through the ``fedlora simulate --backend warm``
+command, the others through the Python API in one warm `fedlora.session` (both call
+`fedlora.api.run`; the other federation tests run on Ray). ``flora``
 and ``flexlora`` run with mixed client ranks.
 """
 
@@ -81,6 +82,8 @@ def _through_cli(strategy: str, personalization: str, out, clients: int, extra: 
         str(out),
         "--run-config",
         overrides,
+        "--backend",
+        "warm",
     )
     assert "personalized" in proc.stdout
     return json.loads((out / "summary.json").read_text())

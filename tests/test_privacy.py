@@ -176,7 +176,7 @@ def test_target_epsilon_calibrates_the_noise():
 
 
 @pytest.mark.slow
-def test_a_dp_federation_completes_when_clients_run_out_of_budget(tmp_path, jsonl_dir):
+def test_a_dp_federation_completes_when_clients_run_out_of_budget(tmp_path, jsonl_dir, warm):
     from fedlora.api import run
 
     # Budget: one round (2 + 1 steps at q = 8/16) fits, a second does not.
@@ -229,7 +229,7 @@ def _gaussian_epsilon(noise: float, releases: int, delta: float) -> float:
 
 
 @pytest.mark.slow
-def test_client_level_dp_reports_server_epsilon_each_round_and_stops_at_its_budget(tmp_path, jsonl_dir):
+def test_client_level_dp_reports_server_epsilon_each_round_and_stops_at_its_budget(tmp_path, jsonl_dir, warm):
     from fedlora.api import run
 
     noise = 2.0
@@ -346,7 +346,7 @@ def test_canary_exposure_is_high_for_a_memorised_secret_and_about_one_for_a_typi
 
 
 @pytest.mark.slow
-def test_dp_lowers_canary_exposure_and_membership_advantage_of_a_causal_lm(tmp_path):
+def test_dp_lowers_canary_exposure_and_membership_advantage_of_a_causal_lm(tmp_path, warm):
     from conftest import write_client
 
     from fedlora.api import run

@@ -54,7 +54,7 @@ def _round_adapter(out):
 
 @pytest.mark.slow
 def test_secure_aggregate_equals_the_plain_weighted_mean_and_the_strategy_sees_only_it(
-    tmp_path, jsonl_dir, capsys
+    tmp_path, jsonl_dir, capsys, warm
 ):
     from fedlora.api import run
 

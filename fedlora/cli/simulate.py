@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,18 @@ def _placement(parser: argparse.ArgumentParser) -> None:
         "--ray-address",
         help="run on this existing Ray cluster (HOST:PORT of its head, from `ray start --head`; or auto)",
     )
+    parser.add_argument(
+        "--backend",
+        choices=("ray", "warm"),
+        default="ray",
+        help="ray: clients on Ray actors, in parallel (default); warm: no Ray, the run forked from one "
+        "process that imports torch and transformers once, clients in turn (small runs start sooner)",
+    )
+
+
+def _session(args: argparse.Namespace) -> contextlib.AbstractContextManager[Any]:
+    """A warm session around the run for ``--backend warm``; else nothing (the run opens its own)."""
+    return api.session(backend="warm") if args.backend == "warm" else contextlib.nullcontext()
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -186,7 +199,7 @@ def _simulate(args: argparse.Namespace) -> int:
     # Checked like every key, so that `num-server-rounds=abc` stops with one line.
     given = {**flat, **({"num-server-rounds": rounds} if rounds is not None else {})}
     num_rounds = RunConfig.from_flat(given).federation.num_server_rounds
-    with RunProgress(num_rounds) as on_event:
+    with _session(args), RunProgress(num_rounds) as on_event:
         results = api.run(
             strategy=strategy,
             personalization=personalization,
@@ -223,7 +236,7 @@ def _resume(args: argparse.Namespace) -> int:
         raise FedloraError(f"{run_dir}: not a fedlora run directory (no {CONFIG})")
     saved = RunConfig.from_flat(read_config(run_dir)).federation.num_server_rounds
     rounds = args.rounds or saved
-    with RunProgress(rounds) as on_event:
+    with _session(args), RunProgress(rounds) as on_event:
         results = api.resume(
             run_dir,
             rounds=args.rounds,
