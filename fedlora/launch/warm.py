@@ -65,7 +65,9 @@ def serve(socket_path: Path) -> None:
     # Forked children are reaped by the kernel; each reports its own exit status to its stand-in.
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Only this user reaches it: the session's folder is private (mode 0700), and so is the socket.
     listener.bind(str(socket_path))
+    os.chmod(socket_path, 0o600)
     listener.listen(16)
     print(f"warm: serving on {socket_path}", flush=True)
     while True:
