@@ -26,9 +26,11 @@ goes on where it stopped. Usage:
         [--methods dual,finetune,ditto,feddpa,fedalt] [--strategies fedavg,fedalt]
         [--mix-methods dual] [--out runs/bench-personalization]
 
-``--mix-methods`` limits the ``personal-mix=validation`` variant to the methods named (all
-of them by default); runs go seed by seed, so that an interrupted benchmark has every
-configuration on its first seeds before it starts the next.
+``--finished-only`` tabulates the runs already finished in ``--out`` and runs nothing (a
+partial grid's table, while the rest runs elsewhere). ``--mix-methods`` limits the
+``personal-mix=validation`` variant to the methods named (all of them by default); runs go
+seed by seed, so that an interrupted benchmark has every configuration on its first seeds
+before it starts the next.
 
 (Strategy and method pairs the methods' rules exclude, such as ``fedavg`` with ``fedalt``
 or ``personal-mix`` with ``feddpa``, are skipped and listed.)
@@ -37,6 +39,7 @@ or ``personal-mix`` with ``feddpa``, are skipped and listed.)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -109,6 +112,9 @@ def main() -> None:
     parser.add_argument("--mix", default="off,validation")
     parser.add_argument("--mix-methods", default="", help="methods that get the mix variants (default: all)")
     parser.add_argument("--out", default="runs/bench-personalization")
+    parser.add_argument(
+        "--finished-only", action="store_true", help="tabulate the finished runs in --out; run nothing"
+    )
     args = parser.parse_args()
     methods = args.methods.split(",")
     mixes = args.mix.split(",")
@@ -123,8 +129,12 @@ def main() -> None:
     }
     sweep = fedlora.Sweep(varied=["personal-mix"])
     seen: set[Path] = set()
-    with fedlora.session():
-        for seed in (int(s) for s in args.seeds.split(",")):
+    if args.finished_only:
+        done = sorted(p.parent for p in (Path(args.out) / args.setting).glob("*__seed*/summary.json"))
+        sweep.extend(fedlora.load_results(run) for run in done)
+        seen.update(done)
+    with contextlib.nullcontext() if args.finished_only else fedlora.session():
+        for seed in [] if args.finished_only else [int(s) for s in args.seeds.split(",")]:
             # The first configuration of a seed measures its local-only baseline: dual without
             # the mixture, as in a single sweep of the whole grid, so that finished runs match.
             rest = [m for m in methods if m not in mixed]
