@@ -24,6 +24,7 @@ from fedlora.lora.adapters import from_record, to_record
 from fedlora.lora.protocol import sent_parts
 from fedlora.server.checkpoint import FILE, Checkpoint, load_checkpoint, restore_strategy, save_checkpoint
 from fedlora.server.loop import build_strategy
+from fedlora.server.resumable import check_resumable
 from fedlora.strategies import STRATEGIES, strategy_info
 from fedlora.strategies.base import initial_record
 
@@ -186,6 +187,33 @@ def test_garbage_in_place_of_the_file_is_one_line(tmp_path):
     (tmp_path / "checkpoint" / FILE).write_bytes(b"\xff" * 64)
     with pytest.raises(ConfigError, match="not a readable fedlora checkpoint"):
         load_checkpoint(tmp_path, {})
+    with pytest.raises(ConfigError, match="not a readable fedlora checkpoint"):
+        check_resumable(tmp_path, {})
+
+
+@pytest.mark.parametrize(
+    ("meta", "config", "match"),
+    [
+        (None, {}, "not a readable fedlora checkpoint"),
+        (_meta(version=99), {}, "not a readable fedlora checkpoint"),
+        (_meta(config=[1, 2]), {}, "not a readable fedlora checkpoint"),
+        (_meta(config={"lora-rank": 8}), {"lora-rank": 4}, "lora-rank: the resumed run has 4, its"),
+    ],
+)
+def test_the_launchers_check_from_the_header_refuses_what_loading_refuses(tmp_path, meta, config, match):
+    # The launcher reads only the header (no torch) before Flower starts; the ServerApp loads it whole.
+    _write(tmp_path, meta)
+    with pytest.raises(ConfigError, match=match):
+        check_resumable(tmp_path, config)
+    with pytest.raises(ConfigError, match=match):
+        load_checkpoint(tmp_path, config)
+
+
+def test_the_launchers_check_accepts_a_resumable_run_and_what_may_change(tmp_path):
+    _write(tmp_path, _meta(config={"lora-rank": 8, "num-server-rounds": 3}))
+    check_resumable(tmp_path, {"lora-rank": 8, "num-server-rounds": 5})  # more rounds: allowed
+    with pytest.raises(ConfigError, match="has no checkpoint"):
+        check_resumable(tmp_path / "elsewhere", {})
 
 
 @pytest.mark.parametrize(

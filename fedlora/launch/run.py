@@ -19,6 +19,7 @@ from fedlora.launch.appfiles import toml_value, whole, write_app, write_run_conf
 from fedlora.launch.checks import check_gpus, check_layout, preflight, refuse_finished_run
 from fedlora.launch.processes import flower_env, flower_script, stop_flower, terminate_as_interrupt, uptime
 from fedlora.launch.session import FlowerSession, check_ray_address, flower_session
+from fedlora.server.resumable import check_resumable
 
 __all__ = ["last_error", "read_events", "simulate"]
 
@@ -103,12 +104,9 @@ def _prepared(cfg: RunConfig, out_dir: Path, num_clients: int) -> RunConfig:
         # Simulated clients keep their personal state in the run directory.
         cfg = cfg.replace(client_state_dir=str(out_dir / "clients"))
     if not fresh:
-        from fedlora.server.checkpoint import load_checkpoint  # noqa: PLC0415 - heavy: torch, Flower's server runtime
-        from fedlora.server.loop import build_strategy  # noqa: PLC0415 - heavy: torch, Flower's server runtime
-
-        # Fail here, before Flower starts, on a missing or altered checkpoint or a changed config.
-        checkpoint = load_checkpoint(out_dir, {**cfg.to_flat(), "labels": ",".join(cfg.data.labels)})
-        build_strategy(cfg, checkpoint, lambda: num_clients)
+        # Fail here, before Flower starts, on a missing or foreign checkpoint or a changed config,
+        # from the checkpoint's header; the ServerApp loads its arrays and strategy state once.
+        check_resumable(out_dir, {**cfg.to_flat(), "labels": ",".join(cfg.data.labels)})
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:

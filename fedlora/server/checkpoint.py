@@ -31,18 +31,15 @@ from flwr.serverapp.strategy import Strategy
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_tensors
 
-from fedlora.config import keys_where
 from fedlora.core.errors import ConfigError
 from fedlora.core.rundir import CHECKPOINT, RoundRecord
 from fedlora.lora.adapters import AdapterState
+from fedlora.server.resumable import FILE, check_config, checkpoint_path
+from fedlora.server.resumable import FORMAT as _FORMAT
+from fedlora.server.resumable import VERSION as _VERSION
 
 __all__ = ["Checkpoint", "load_checkpoint", "restore_strategy", "save_checkpoint"]
 
-FILE = "server.safetensors"
-_PICKLED = "server.pkl"  # earlier versions' format: refused, never read
-_FORMAT, _VERSION = "fedlora-server-checkpoint", 1
-# Keys a resumed run may change: how long and how patiently it runs, not what it computes.
-_MAY_CHANGE = keys_where("resumable")
 _SCALARS = (bool, int, float, str, type(None))
 
 
@@ -113,14 +110,7 @@ def load_checkpoint(out_dir: Path, config: dict[str, Any]) -> Checkpoint:
         changes what the run computes.
 
     """
-    path = out_dir / CHECKPOINT / FILE
-    if not path.is_file():
-        if (out_dir / CHECKPOINT / _PICKLED).exists():
-            raise ConfigError(
-                f"resume: {out_dir} holds a pickled checkpoint ({CHECKPOINT}/{_PICKLED}) of an earlier "
-                f"fedlora version; pickle files can run code, so it is not loaded: start the run afresh"
-            )
-        raise ConfigError(f"resume: {out_dir} has no checkpoint ({CHECKPOINT}/{FILE}) to resume from")
+    path = checkpoint_path(out_dir)
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = json.loads((fh.metadata() or {})[_FORMAT])
@@ -130,15 +120,7 @@ def load_checkpoint(out_dir: Path, config: dict[str, Any]) -> Checkpoint:
         raise ConfigError(
             f"resume: {path} is not a readable fedlora checkpoint ({type(err).__name__}: {err})"
         ) from None
-    for key in sorted(set(config) | set(checkpoint.config)):
-        if key in _MAY_CHANGE:
-            continue
-        if config.get(key) != checkpoint.config.get(key):
-            was = checkpoint.config.get(key)
-            raise ConfigError(
-                f"{key}: the resumed run has {config.get(key)!r}, its checkpoint {was!r}; "
-                f"a resumed run may only change {', '.join(sorted(_MAY_CHANGE - {'resume'}))}"
-            )
+    check_config(config, checkpoint.config)
     return checkpoint
 
 
