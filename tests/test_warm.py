@@ -80,11 +80,19 @@ def test_the_warm_backend_runs_each_message_on_a_copy():
 
 
 @pytest.mark.federation
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
 def test_runs_in_a_warm_session_are_forked_from_one_process_and_stay_independent(tmp_path):
     tiny = {**TINY_FEDERATION, "clients": 2, "rounds": 1}
     with fedlora.session(backend="warm") as session:
         first = fedlora.run(**tiny, seed=0, out=tmp_path / "a", progress=False)
         warm = {pid for pid, cmd in session_processes(session.home).items() if "fedlora.launch.warm" in cmd}
+        # A run that fails in its forked process (its summary cannot be written: a full disk)...
+        failed = tmp_path / "full"
+        failed.mkdir()
+        (failed / "summary.json.tmp").symlink_to("/dev/full")
+        with pytest.raises(fedlora.FedloraError, match="No space left on device"):
+            fedlora.run(**tiny, seed=0, out=failed, progress=False)
+        # ... leaves the session serving the next one.
         again = fedlora.run(**tiny, seed=0, out=tmp_path / "c", progress=False)
         processes = session_processes(session.home)
         assert {pid for pid, cmd in processes.items() if "fedlora.launch.warm" in cmd} == warm and len(
