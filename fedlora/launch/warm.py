@@ -34,6 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedlora.launch.processes import alive
+
 __all__ = ["WarmBackend", "serve"]
 
 # What every run imports: importing it once, in the warm process, is the point.
@@ -73,7 +75,9 @@ def serve(socket_path: Path) -> None:
     while True:
         conn, _ = listener.accept()
         try:
+            conn.settimeout(10)  # a caller that never sends its request holds up no later run
             request = json.loads(conn.makefile("r").readline())
+            conn.settimeout(None)
         except (OSError, ValueError):
             conn.close()
             continue
@@ -122,14 +126,9 @@ def _end_with(pid: int) -> None:
     """End this child when the stand-in ``pid`` ends (killed, or its SuperExec gone)."""
 
     def watch() -> None:
-        while True:
+        while alive(pid):  # a killed stand-in that its SuperExec has not reaped yet is gone too
             time.sleep(0.2)
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                os._exit(143)
-            except PermissionError:
-                pass
+        os._exit(143)
 
     threading.Thread(target=watch, name="stand-in-watch", daemon=True).start()
 
