@@ -153,3 +153,14 @@ def test_ctrl_c_in_a_sweep_in_a_warm_session_leaves_nothing_and_a_resumable_run(
         resumed = fedlora.resume(first, progress=False)
     assert [r["round"] for r in resumed.rounds] == [1, 2, 3, 4]
     assert json.loads((first / "summary.json").read_text())["final"]["global_accuracy"] is not None
+
+
+def test_the_command_refuses_a_warm_backend_on_a_ray_cluster_in_one_line(tmp_path, capsys):
+    from fedlora.cli import main
+
+    args = ["simulate", "--backend", "warm", "--ray-address", "127.0.0.1:6379", "--out", str(tmp_path / "r")]
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    refusal = "fedlora: error: backend: 'warm' runs no Ray; leave ray-address empty, got '127.0.0.1:6379'"
+    assert lines == [refusal]
+    assert not (tmp_path / "r").exists()

@@ -185,7 +185,9 @@ def _placement(parser: argparse.ArgumentParser) -> None:
 
 def _session(args: argparse.Namespace) -> contextlib.AbstractContextManager[Any]:
     """A warm session around the run for ``--backend warm``; else nothing (the run opens its own)."""
-    return api.session(backend="warm") if args.backend == "warm" else contextlib.nullcontext()
+    if args.backend != "warm":
+        return contextlib.nullcontext()
+    return api.session(backend="warm", ray_address=args.ray_address or "")  # refuses an address
 
 
 def _simulate(args: argparse.Namespace) -> int:

@@ -84,9 +84,10 @@ def _check_resources(
         raise ConfigError(f"cpus-per-client: must be a positive number, got {cpus_per_client!r}")
     check_ray_address(ray_address)
     if session is not None and ray_address and ray_address != session.ray_address:
+        runs_on = "its warm process, with no Ray" if session.backend == "warm" else "its own Ray"
         raise ConfigError(
-            f"ray-address: the session runs on {session.ray_address or 'its own Ray'}, got {ray_address!r}; "
-            "give it to flower_session(ray_address=...)"
+            f"ray-address: the session runs on {session.ray_address or runs_on}, got {ray_address!r}; "
+            "give the address to the session (fedlora.session(ray_address=...)) instead"
         )
     elsewhere = session is not None and bool(session.ray_address)  # a cluster, not a Ray of the session's own
     check_gpus(gpus_per_client, cluster=bool(ray_address or elsewhere))
