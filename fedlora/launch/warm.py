@@ -34,6 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flwr.server.superlink.fleet.vce.backend.backend import Backend
+
 from fedlora.launch.processes import alive
 
 __all__ = ["WarmBackend", "serve"]
@@ -137,16 +139,10 @@ def _use_warm_backend() -> None:
     """Make Flower's simulation engine build a `WarmBackend` where it would build a Ray one."""
     from flwr.server.superlink.fleet.vce.backend import raybackend  # noqa: PLC0415
 
-    raybackend.RayBackend = WarmBackend  # type: ignore[misc]
+    raybackend.RayBackend = WarmBackend  # type: ignore[misc,assignment]
 
 
-def _backend_base() -> type:
-    from flwr.server.superlink.fleet.vce.backend.backend import Backend  # noqa: PLC0415
-
-    return Backend
-
-
-class WarmBackend(_backend_base()):  # type: ignore[misc]
+class WarmBackend(Backend):
     """Flower's simulation backend with one worker: the simulation process itself.
 
     Messages run one at a time, each on a copy of its message and context (Ray's transport
