@@ -216,7 +216,7 @@ _SESSION: contextvars.ContextVar[launch.FlowerSession | None] = contextvars.Cont
 
 @contextlib.contextmanager
 def session(
-    *, ray_address: str = "", warm_ray: bool = True, backend: str = "ray"
+    *, ray_address: str = "", warm_ray: bool = True, backend: str | None = None
 ) -> Iterator[launch.FlowerSession]:
     """A block whose federations share one warm Flower SuperLink and one Ray (or one warm process).
 
@@ -234,14 +234,19 @@ def session(
     warm_ray : bool
         A Ray of the session's own on this machine, started with its first run (its workers
         see the environment variables of that moment); False: each run starts its own Ray.
-    backend : str
-        ``"ray"``: each run's clients run on Ray actors, in parallel, which import torch,
+    backend : str, optional
+        ``"ray"`` (the default): each run's clients run on Ray actors, in parallel, which import torch,
         transformers and fedlora and load the base model afresh in every run. ``"warm"``: no
         Ray; the session starts one process that imports all of that once (with its first
         run), and each run's simulation is forked from it and runs its clients in turn, on
         every core. For small federations, a notebook's or a test suite's: a tiny run takes
         seconds instead of about half a minute. Runs with many clients on many cores finish
         sooner on ``"ray"``.
+
+    Where the environment variable ``FEDLORA_SESSION`` names an open session (printed by
+    `fedlora session` in a terminal), the block joins that session instead of opening
+    one, if its backend is the one asked for (or none is asked for): a notebook's runs
+    then start warm even after a kernel restart. Runs outside any block join it too.
 
     Examples
     --------

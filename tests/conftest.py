@@ -88,17 +88,26 @@ def _no_flower_in_the_fast_tier(request, monkeypatch):
     monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
 
 
+@pytest.fixture(autouse=True)
+def _no_outer_session(monkeypatch):
+    """A session named in the caller's environment is joined only where a test asks (`warm`)."""
+    monkeypatch.delenv("FEDLORA_SESSION", raising=False)
+
+
 @pytest.fixture(scope="session")
 def _suite_session():
     import fedlora
+    from helpers import session_processes
 
     with fedlora.session(backend="warm") as session:
         yield session
+    assert session_processes(session.home) == {}, "the suite's session left processes behind"
 
 
 @pytest.fixture
-def warm(_suite_session):
-    """Runs through the Python API in this test join the suite's one warm `fedlora.session`.
+def warm(_suite_session, monkeypatch):
+    """Runs in this test join the suite's one warm `fedlora.session`: the Python API's, and
+    those of the processes it starts (the CLI, a notebook's kernel), through ``$FEDLORA_SESSION``.
 
     Its warm process (torch, transformers and fedlora imported once) starts with the first
     such run and serves every later one; a test that checks processes, sets environment
@@ -106,6 +115,7 @@ def warm(_suite_session):
     """
     from fedlora import api
 
+    monkeypatch.setenv("FEDLORA_SESSION", str(_suite_session.root))
     token = api._SESSION.set(_suite_session)
     try:
         yield _suite_session

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import TINY_FEDERATION, as_server, session_processes
+from helpers import TINY_FEDERATION, as_server, session_processes, simulate_cli
 
 import fedlora
 from fedlora.core.errors import ConfigError
@@ -81,29 +81,87 @@ def test_the_warm_backend_runs_each_message_on_a_copy():
 
 @pytest.mark.federation
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
-def test_runs_in_a_warm_session_are_forked_from_one_process_and_stay_independent(tmp_path):
+def test_a_session_command_serves_runs_of_other_processes_which_stay_independent(tmp_path, monkeypatch):
+    # Prepare: `fedlora session` in a process of its own; this process joins it through the
+    # variable it prints, as a notebook's kernel would.
     tiny = {**TINY_FEDERATION, "clients": 2, "rounds": 1}
-    with fedlora.session(backend="warm") as session:
-        first = fedlora.run(**tiny, seed=0, out=tmp_path / "a", progress=False)
+    owner = subprocess.Popen(
+        [sys.executable, "-m", "fedlora.cli", "session"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        line = "-"
+        while line and not line.startswith("export FEDLORA_SESSION="):
+            line = owner.stdout.readline()  # "" once it has exited
+        assert line, "`fedlora session` printed no export line"
+        monkeypatch.setenv("FEDLORA_SESSION", line.split("=", 1)[1].strip())
+        session = launch_session.joined_session()
+        assert session is not None and session.backend == "warm"
+        # Its warm process started with the command, before any run.
         warm = {pid for pid, cmd in session_processes(session.home).items() if "fedlora.launch.warm" in cmd}
-        # A run that fails in its forked process (its summary cannot be written: a full disk)...
+        assert len(warm) == 1
+
+        # Execute: a run through the API, then one that fails in its forked process (its
+        # summary cannot be written: a full disk), then the first again through the command.
+        fedlora.run(**tiny, seed=0, out=tmp_path / "a", progress=False)
         failed = tmp_path / "full"
         failed.mkdir()
         (failed / "summary.json.tmp").symlink_to("/dev/full")
         with pytest.raises(fedlora.FedloraError, match="No space left on device"):
             fedlora.run(**tiny, seed=0, out=failed, progress=False)
-        # ... leaves the session serving the next one.
-        again = fedlora.run(**tiny, seed=0, out=tmp_path / "c", progress=False)
+        flat = {k.replace("_", "-"): str(v).lower() for k, v in tiny.items() if k not in ("clients", "rounds")}
+        overrides = " ".join(f"{k}={v}" for k, v in flat.items())
+        simulate_cli("--clients", "2", "--rounds", "1", "--out", str(tmp_path / "c"), "--run-config", overrides)
+
+        # Assert: every run was forked from the session's one warm process, and no Ray started.
         processes = session_processes(session.home)
-        assert {pid for pid, cmd in processes.items() if "fedlora.launch.warm" in cmd} == warm and len(
-            warm
-        ) == 1
+        assert {pid for pid, cmd in processes.items() if "fedlora.launch.warm" in cmd} == warm
         assert not any(ray in cmd for cmd in processes.values() for ray in ("raylet", "gcs_server"))
-    assert session_processes(session.home) == {}
+    finally:
+        os.killpg(owner.pid, signal.SIGTERM)
+        said, _ = owner.communicate(timeout=60)
+    # The command ends the session on SIGTERM (or Ctrl-C), and nothing of it is left.
+    assert owner.returncode == 0 and "fedlora: session ended" in said, said
+    assert session_processes(session.home) == {} and not session.root.exists()
     # What one run loads or trains never reaches the next: the same run again gives the same figures.
-    assert again.final == {**first.final, "wall_s": again.final["wall_s"]}
+    first, again = (json.loads((tmp_path / run / "summary.json").read_text())["final"] for run in "ac")
+    assert again == {**first, "wall_s": again["wall_s"]}
     adapter = "global_adapter/adapter_model.safetensors"
     assert (tmp_path / "a" / adapter).read_bytes() == (tmp_path / "c" / adapter).read_bytes()
+
+
+def test_a_session_variable_naming_no_open_session_is_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDLORA_SESSION", str(tmp_path / "gone"))
+    with pytest.raises(ConfigError, match=r"^FEDLORA_SESSION=.*/gone: no fedlora session there \(it has ended"):
+        with fedlora.session():
+            pass
+    (tmp_path / "session.json").write_text("{not json")
+    monkeypatch.setenv("FEDLORA_SESSION", str(tmp_path))
+    with pytest.raises(ConfigError, match=r"^FEDLORA_SESSION=.*: not a fedlora session's folder \(session.json: "):
+        fedlora.run(**TINY_FEDERATION, out=tmp_path / "run", progress=False)
+    (tmp_path / "session.json").write_text(
+        json.dumps({"http_port": 1, "control_port": 2, "ray_address": "", "warm_ray": False, "backend": "warm", "pid": 2**22 + 1})
+    )
+    with pytest.raises(ConfigError, match=r"^FEDLORA_SESSION=.*: the session has ended \(its process 4194305 is gone\)"):
+        with fedlora.session():
+            pass
+
+
+def test_a_session_joins_the_named_one_only_on_the_backend_asked_for(tmp_path, monkeypatch):
+    # The named session: warm, its process this one.
+    state = {"http_port": 11, "control_port": 12, "ray_address": "", "warm_ray": False, "backend": "warm"}
+    (tmp_path / "session.json").write_text(json.dumps({**state, "pid": os.getpid()}))
+    monkeypatch.setenv("FEDLORA_SESSION", str(tmp_path))
+    for backend in (None, "warm"):
+        with fedlora.session(backend=backend) as joined:
+            assert joined.joined and joined.root == tmp_path.resolve()
+            assert (joined.http_port, joined.control_port, joined.backend) == (11, 12, "warm")
+    assert (tmp_path / "session.json").exists()  # a joined session's end removes nothing
+    with fedlora.session(backend="ray") as own:  # another backend: a session of its own
+        assert not own.joined and own.root != tmp_path and own.backend == "ray"
 
 
 SWEEP = """

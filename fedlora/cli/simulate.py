@@ -1,10 +1,13 @@
-"""``fedlora simulate`` and ``fedlora resume``: a simulated federation, its progress and results."""
+"""``fedlora simulate``, ``resume`` and ``session``: simulated federations, their progress and results."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import math
+import os
+import shlex
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,9 @@ from fedlora import api
 from fedlora.config import RunConfig
 from fedlora.core.errors import FedloraError
 from fedlora.core.rundir import CONFIG, RESPONSES, RunSummary, read_config
-from fedlora.launch import parse_overrides
+from fedlora.launch import SESSION_ENV, parse_overrides
+from fedlora.launch.processes import terminate_as_interrupt
+from fedlora.launch.session import BACKENDS
 from fedlora.presets import PRESETS, get_preset
 from fedlora.progress import RunProgress, pct
 
@@ -176,18 +181,45 @@ def _placement(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--backend",
-        choices=("ray", "warm"),
-        default="ray",
-        help="ray: clients on Ray actors, in parallel (default); warm: no Ray, the run forked from one "
-        "process that imports torch and transformers once, clients in turn (small runs start sooner)",
+        choices=BACKENDS,
+        help="ray: clients on Ray actors, in parallel (the default); warm: no Ray, the run forked from one "
+        f"process that imports torch and transformers once, clients in turn (small runs start sooner). "
+        f"Without it, a run joins the session ${SESSION_ENV} names (`fedlora session`), if set",
     )
 
 
 def _session(args: argparse.Namespace) -> contextlib.AbstractContextManager[Any]:
-    """A warm session around the run for ``--backend warm``; else nothing (the run opens its own)."""
-    if args.backend != "warm":
+    """The session of the run's ``--backend`` (``$FEDLORA_SESSION``'s where it runs on that backend).
+
+    Without ``--backend``, nothing: the run joins ``$FEDLORA_SESSION``, else opens its own on Ray.
+    """
+    if args.backend is None:
         return contextlib.nullcontext()
-    return api.session(backend="warm", ray_address=args.ray_address or "")  # refuses an address
+    # A session for one run: its own Ray would cost what Flower's does. Refuses warm with an address.
+    return api.session(backend=args.backend, warm_ray=False, ray_address=args.ray_address or "")
+
+
+def _open_session(args: argparse.Namespace) -> int:
+    """``fedlora session``: open a session, say how to join it, and keep it until Ctrl-C or SIGTERM."""
+    os.environ.pop(SESSION_ENV, None)  # a session of its own, never one joined
+    with api.session(backend=args.backend, ray_address=args.ray_address or "") as opened:
+        began = time.monotonic()
+        opened.ray()  # its Ray or warm process starts now, so that the first run starts warm too
+        print(
+            f"fedlora: session open ({opened.backend}, ready in {time.monotonic() - began:.0f} s). "
+            "Runs in processes with this in their environment join it "
+            "(`fedlora simulate`, `fedlora.run`, a notebook's kernel):"
+        )
+        print(f"export {SESSION_ENV}={shlex.quote(str(opened.root))}")
+        print("Ctrl-C ends the session and stops its processes.", flush=True)
+        try:
+            with terminate_as_interrupt():
+                while True:
+                    time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    print("fedlora: session ended")
+    return 0
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -269,7 +301,7 @@ def _catalogue() -> str:
 
 
 def add_simulate_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``simulate`` and ``resume`` to the ``fedlora`` parser.
+    """Add ``simulate``, ``resume`` and ``session`` to the ``fedlora`` parser.
 
     Parameters
     ----------
@@ -328,3 +360,16 @@ def add_simulate_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     res.add_argument("--cpus-per-client", type=float, default=1.0, help="as for simulate (default 1)")
     _placement(res)
     res.set_defaults(func=_resume)
+    ses = sub.add_parser(
+        "session",
+        help=f"keep a session open (SuperLink and warm process) that runs elsewhere join through ${SESSION_ENV}",
+    )
+    ses.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="warm",
+        help="warm: runs forked from one process that imported torch and transformers (default); "
+        "ray: a Ray of the session's own that every run joins",
+    )
+    ses.add_argument("--ray-address", help="with --backend ray: an existing Ray cluster (HOST:PORT) to run on")
+    ses.set_defaults(func=_open_session)

@@ -2,7 +2,8 @@
 
 One concern a module: `checks` (everything refused before Flower starts), `appfiles` (the
 Flower app and run-config files), `processes` (Flower's environment and stopping its
-processes), `session` (a SuperLink, and a warm Ray, shared by several runs) and `run`
+processes), `session` (a SuperLink, and a warm Ray or process, shared by several runs, and
+by other processes through ``$FEDLORA_SESSION``) and `run`
 (one run: `simulate`).
 """
 
@@ -10,10 +11,11 @@ from fedlora.launch.appfiles import parse_overrides, toml_value, write_app, writ
 from fedlora.launch.checks import check_gpus, check_layout, preflight, refuse_finished_run
 from fedlora.launch.processes import FLOWER_ENV, flower_env, flower_script, free_port
 from fedlora.launch.run import last_error, read_events, simulate
-from fedlora.launch.session import FlowerSession, flower_session
+from fedlora.launch.session import SESSION_ENV, FlowerSession, flower_session, joined_session
 
 __all__ = [
     "FLOWER_ENV",
+    "SESSION_ENV",
     "FlowerSession",
     "check_gpus",
     "check_layout",
@@ -21,6 +23,7 @@ __all__ = [
     "flower_script",
     "flower_session",
     "free_port",
+    "joined_session",
     "last_error",
     "parse_overrides",
     "preflight",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
 import re
 import shlex
@@ -10,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,12 +20,24 @@ from fedlora.core.errors import ConfigError, FedloraError
 from fedlora.launch.processes import flower_env, flower_script, free_port, stop_flower
 from fedlora.server.runs_root import RUNS_ROOT_ENV
 
-__all__ = ["BACKENDS", "FlowerSession", "check_ray_address", "flower_session", "start_ray", "start_warm"]
+__all__ = [
+    "BACKENDS",
+    "SESSION_ENV",
+    "FlowerSession",
+    "check_ray_address",
+    "flower_session",
+    "joined_session",
+    "start_ray",
+    "start_warm",
+]
 
 # How a session's runs execute their clients: on Ray actors, in parallel (Flower's own
 # simulation), or in a simulation forked from the session's warm process, in turn.
 BACKENDS = ("ray", "warm")
 _STAND_IN = Path(__file__).with_name("_stand_in.py")
+# A session's folder, in the environment of other processes, lets their runs join it (`joined_session`).
+SESSION_ENV = "FEDLORA_SESSION"
+_STATE = "session.json"
 
 _RAY_ADDRESS = re.compile(r"auto|(ray://)?[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}")
 
@@ -54,6 +68,8 @@ class FlowerSession:
     warm_ray: bool = False
     # "warm": each run's simulation is forked from a warm process of the session (`start_warm`).
     backend: str = "ray"
+    # Opened by another process, whose folder ``$FEDLORA_SESSION`` names: ending it here stops nothing.
+    joined: bool = False
     _started: list[str] = field(default_factory=list, repr=False, compare=False)
 
     @property
@@ -79,13 +95,36 @@ class FlowerSession:
         """
         if self.backend == "warm":
             if not self._started:
-                self._started.append(start_warm(self))
+                self._started.append(self._start_once("warm", start_warm))
             return ""
         if not self.ray_owned:
             return self.ray_address
         if not self._started:
-            self._started.append(start_ray(self))
+            self._started.append(self._start_once("ray", start_ray))
         return self._started[0]
+
+    def _start_once(self, name: str, start: Callable[[FlowerSession], str]) -> str:
+        """``start(self)``, unless a process of the session (its owner or one that joined) did already."""
+        with (self.root / "start.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # two processes joining at once start one
+            record = self.root / f"{name}.started"
+            if record.exists():
+                return record.read_text()
+            started = start(self)
+            record.write_text(started)
+            return started
+
+    def save(self) -> None:
+        """Write what another process needs to join the session (`joined_session`) into its folder."""
+        state = {
+            "http_port": self.http_port,
+            "control_port": self.control_port,
+            "ray_address": self.ray_address,
+            "warm_ray": self.warm_ray,
+            "backend": self.backend,
+            "pid": os.getpid(),
+        }
+        (self.root / _STATE).write_text(json.dumps(state))
 
     @property
     def home(self) -> Path:
@@ -123,7 +162,7 @@ class FlowerSession:
 
 @contextlib.contextmanager
 def flower_session(
-    ray_address: str = "", *, warm_ray: bool = False, backend: str = "ray"
+    ray_address: str = "", *, warm_ray: bool = False, backend: str | None = None
 ) -> Iterator[FlowerSession]:
     """Let several `simulate` calls share one local SuperLink, stopped when the block ends.
 
@@ -137,18 +176,67 @@ def flower_session(
     no Ray; each run's simulation is forked from a warm process of the session, started for
     the first run, which has imported torch, transformers and fedlora, and runs its clients
     in turn (`fedlora.launch.warm`).
+
+    Where ``$FEDLORA_SESSION`` names a session of another process (`fedlora session`) that
+    runs on the backend and Ray asked for (``backend=None``: any), the block joins it
+    instead: its runs use that session's SuperLink and warm process, and ending the block
+    stops nothing.
     """
     check_ray_address(ray_address)
-    if backend not in BACKENDS:
+    if backend is not None and backend not in BACKENDS:
         raise ConfigError(f"backend: must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "warm" and ray_address:
         raise ConfigError(f"backend: 'warm' runs no Ray; leave ray-address empty, got {ray_address!r}")
+    joined = joined_session()
+    if joined is not None and backend in (None, joined.backend) and ray_address in ("", joined.ray_address):
+        yield joined
+        return
     with tempfile.TemporaryDirectory(prefix="fedlora-", ignore_cleanup_errors=True) as tmp:
-        session = FlowerSession(Path(tmp), ray_address=ray_address, warm_ray=warm_ray, backend=backend)
+        session = FlowerSession(
+            Path(tmp), ray_address=ray_address, warm_ray=warm_ray, backend=backend or "ray"
+        )
+        session.save()
         try:
             yield session
         finally:
             stop_flower(session.home, everything=session.outlives_runs)
+
+
+def joined_session() -> FlowerSession | None:
+    """The session whose folder ``$FEDLORA_SESSION`` names, to join (None where it is unset or empty).
+
+    Refuses, in one line, a folder that holds no open session.
+    """
+    value = os.environ.get(SESSION_ENV, "")
+    if not value:
+        return None
+    root = Path(value)
+    where = f"{SESSION_ENV}={value}"
+    try:
+        state = json.loads((root / _STATE).read_text())
+        pid, backend = int(state["pid"]), str(state["backend"])
+        ports = int(state["http_port"]), int(state["control_port"])
+        ray_address, warm_ray = str(state["ray_address"]), bool(state["warm_ray"])
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{where}: no fedlora session there (it has ended, or the path is wrong); "
+            "start one with `fedlora session`, or unset the variable"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{where}: not a fedlora session's folder ({_STATE}: {err})") from None
+    if backend not in BACKENDS:
+        raise ConfigError(f"{where}: not a fedlora session's folder (backend {backend!r})")
+    if not Path(f"/proc/{pid}").exists():
+        raise ConfigError(f"{where}: the session has ended (its process {pid} is gone); unset the variable")
+    return FlowerSession(
+        root.resolve(),
+        http_port=ports[0],
+        control_port=ports[1],
+        ray_address=ray_address,
+        warm_ray=warm_ray,
+        backend=backend,
+        joined=True,
+    )
 
 
 def start_ray(session: FlowerSession) -> str:
