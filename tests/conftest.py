@@ -100,6 +100,7 @@ def _suite_session():
     from helpers import session_processes
 
     with fedlora.session(backend="warm") as session:
+        assert session_processes(session.home) == {}  # nothing starts before its first run
         yield session
     assert session_processes(session.home) == {}, "the suite's session left processes behind"
 

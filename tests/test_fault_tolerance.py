@@ -216,10 +216,12 @@ def _processes_with(marker: str) -> list[int]:
 
 
 @pytest.mark.federation
-def test_sigint_stops_every_process_of_the_run_and_leaves_it_resumable(tmp_path):
-    # Prepare: a run of 4 rounds whose every process carries a marker in its environment.
+def test_sigint_stops_every_process_of_the_run_and_leaves_it_resumable(tmp_path, warm):
+    # Prepare: a run of 4 rounds on Ray (outside the suite's session) whose every process
+    # carries a marker in its environment.
     marker = f"FEDLORA_TEST_RUN={os.getpid()}-{time.monotonic_ns()}"
     env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
+    env.pop("FEDLORA_SESSION")
     out = tmp_path / "run"
     overrides = " ".join(f"{k}={v}" for k, v in TINY_FLAT.items())
     command = [sys.executable, "-m", "fedlora.cli", "simulate", "--clients", "3", "--rounds", "4"]
@@ -256,7 +258,7 @@ def test_sigint_stops_every_process_of_the_run_and_leaves_it_resumable(tmp_path)
     left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:200] for pid in _processes_with(marker)}
     assert left == {}
     assert not (out / "summary.json").exists()
-    resumed = fedlora.resume(out)
+    resumed = fedlora.resume(out)  # in the suite's warm session
     assert [r["round"] for r in resumed.rounds] == [1, 2, 3, 4]
 
 

@@ -1,10 +1,11 @@
 """Every strategy and personalization method through real Flower runs (tiny model, 2 rounds).
 
 Each strategy runs once, paired with a personalization method so that every method runs
-several times; every sixth case goes through the ``fedlora simulate --backend warm``
-command, the others through the Python API in one warm `fedlora.session` (both call
-`fedlora.api.run`; the other federation tests run on Ray). ``flora``
-and ``flexlora`` run with mixed client ranks.
+several times; every sixth case goes through the ``fedlora simulate`` command, the others
+through the Python API (both call `fedlora.api.run`). Every case runs in the suite's warm
+`fedlora.session` (the `warm` fixture), the command's by joining it through
+``$FEDLORA_SESSION``; runs on Ray are tested in `test_end_to_end`. ``flora`` and
+``flexlora`` run with mixed client ranks.
 """
 
 from __future__ import annotations
@@ -42,22 +43,15 @@ def _cases() -> list[tuple[str, str]]:
 CASES = _cases()
 
 
-# The warm process serving each API case: one process, the same for every case, and no Ray.
+# The warm process serving each case: one process, the same for every case, and no Ray.
 _WARM: list[set[int]] = []
 
 
 @pytest.fixture(scope="module")
-def session():
-    """One warm `fedlora.session` for the API cases of this module (the CLI cases start their own).
-
-    Its runs share its SuperLink and its warm process, started with the first run, and
-    start no Ray; nothing it started outlives it.
-    """
-    with fedlora.session(backend="warm") as shared:
-        assert not shared.ray_owned and session_processes(shared.home) == {}  # nothing before a run
-        yield shared
-    assert all(warm == _WARM[0] for warm in _WARM) and all(len(warm) == 1 for warm in _WARM)
-    assert session_processes(shared.home) == {}
+def _one_warm_process():
+    """After the module: every case, the command's too, ran in the one warm process of the suite's session."""
+    yield
+    assert _WARM and all(warm == _WARM[0] for warm in _WARM) and all(len(warm) == 1 for warm in _WARM)
 
 
 def test_the_cases_cover_every_registered_name():
@@ -82,8 +76,8 @@ def _through_cli(strategy: str, personalization: str, out, clients: int, extra: 
         str(out),
         "--run-config",
         overrides,
-        "--backend",
-        "warm",
+        # Without --backend the command joins $FEDLORA_SESSION; the first case names it.
+        *(("--backend", "warm") if strategy == CASES[1][0] else ()),
     )
     assert "personalized" in proc.stdout
     return json.loads((out / "summary.json").read_text())
@@ -91,7 +85,7 @@ def _through_cli(strategy: str, personalization: str, out, clients: int, extra: 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("strategy", "personalization"), CASES)
-def test_strategy_and_personalization_run_end_to_end(tmp_path, session, strategy, personalization):
+def test_strategy_and_personalization_run_end_to_end(tmp_path, warm, _one_warm_process, strategy, personalization):
     heterogeneous = STRATEGIES[strategy].protocol.heterogeneous_ranks
     clients = 3 if heterogeneous else 2
     extra = {"local_only_baseline": False, **({"client_ranks": MIXED_RANKS} if heterogeneous else {})}
@@ -110,19 +104,16 @@ def test_strategy_and_personalization_run_end_to_end(tmp_path, session, strategy
             clients=clients,
             rounds=2,
             out=out,
-            session=session,
             **TINY,
             **extra,
         )
-        processes = session_processes(session.home)
-        assert not any(
-            ray in cmd for cmd in processes.values() for ray in ("raylet", "gcs_server", "default_worker")
-        )
-        _WARM.append({pid for pid, cmd in processes.items() if "fedlora.launch.warm" in cmd})
         summary = result.summary
         frame = result.to_dataframe()
         assert list(frame["round"]) == [1, 2] and set(frame["strategy"]) == {strategy}
 
+    processes = session_processes(warm.home)
+    assert not any(ray in cmd for cmd in processes.values() for ray in ("raylet", "gcs_server", "default_worker"))
+    _WARM.append({pid for pid, cmd in processes.items() if "fedlora.launch.warm" in cmd})
     assert summary["strategy"] == strategy and summary["personalization"] == personalization
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     for r in summary["rounds"]:

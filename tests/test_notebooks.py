@@ -14,7 +14,11 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
 def _execute_small(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list:
-    """Run a notebook in its reduced size under ``tmp_path``; return its outputs, none an error."""
+    """Run a notebook in its reduced size under ``tmp_path``; return its outputs, none an error.
+
+    Its kernel's `fedlora.session` blocks join the suite's warm session (the `warm` fixture's
+    ``$FEDLORA_SESSION``), as a user's notebook joins one that `fedlora session` keeps open.
+    """
     monkeypatch.setenv("FEDLORA_NOTEBOOK_SMALL", "1")
     monkeypatch.setenv("FEDLORA_NOTEBOOK_OUT", str(tmp_path / "runs"))
     notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
@@ -27,7 +31,7 @@ def _execute_small(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 @pytest.mark.slow
-def test_compare_strategies_notebook_runs_and_shows_its_table_and_plots(tmp_path, monkeypatch):
+def test_compare_strategies_notebook_runs_and_shows_its_table_and_plots(tmp_path, monkeypatch, warm):
     outputs = _execute_small("compare_strategies", tmp_path, monkeypatch)
     tables = [
         o
@@ -50,7 +54,7 @@ def test_compare_strategies_notebook_runs_and_shows_its_table_and_plots(tmp_path
 
 
 @pytest.mark.federation
-def test_privacy_utility_notebook_runs_and_shows_its_table_and_plot(tmp_path, monkeypatch):
+def test_privacy_utility_notebook_runs_and_shows_its_table_and_plot(tmp_path, monkeypatch, warm):
     outputs = _execute_small("privacy_utility", tmp_path, monkeypatch)
     tables = [
         o.data["text/html"]
@@ -68,7 +72,7 @@ def test_privacy_utility_notebook_runs_and_shows_its_table_and_plot(tmp_path, mo
 
 
 @pytest.mark.federation
-def test_personal_language_models_notebook_runs_and_shows_perplexity_and_generations(tmp_path, monkeypatch):
+def test_personal_language_models_notebook_runs_and_shows_perplexity_and_generations(tmp_path, monkeypatch, warm):
     outputs = _execute_small("personal_language_models", tmp_path, monkeypatch)
     html = [o.data["text/html"] for o in outputs if "text/html" in o.get("data", {})]
     per_role = [h for h in html if "personalized_perplexity" in h and "held-out lines" in h]
@@ -80,7 +84,7 @@ def test_personal_language_models_notebook_runs_and_shows_perplexity_and_generat
 
 
 @pytest.mark.federation
-def test_personal_assistants_notebook_runs_and_shows_roles_and_replies(tmp_path, monkeypatch):
+def test_personal_assistants_notebook_runs_and_shows_roles_and_replies(tmp_path, monkeypatch, warm):
     outputs = _execute_small("personal_assistants", tmp_path, monkeypatch)
     html = [o.data["text/html"] for o in outputs if "text/html" in o.get("data", {})]
     assert len([h for h in html if "worst 10% of roles" in h and "local-only" in h]) == 1

@@ -24,12 +24,12 @@ def test_presets_are_valid_run_configs_and_a_wrong_name_lists_them():
 
 
 @pytest.mark.slow
-def test_shakespeare_preset_small_runs_roles_as_clients_and_reports_perplexity(tmp_path):
+def test_shakespeare_preset_small_runs_roles_as_clients_and_reports_perplexity(tmp_path, warm):
     out = tmp_path / "run"
     proc = simulate_cli(
         *("--preset", "shakespeare", "--clients", "3", "--rounds", "2", "--out", str(out)),
         *("--run-config", "model=tiny-llama max-length=16 local-steps=2 personal-steps=2 batch-size=4"),
-        *("--backend", "warm"),  # a small run starts sooner warm (Ray: test_end_to_end)
+        *("--backend", "warm"),  # joins the suite's warm session (Ray: test_end_to_end)
     )
     assert "held-out perplexity (lower is better)" in proc.stdout and "worst-10% clients" in proc.stdout
     config = json.loads((out / "config.json").read_text())
