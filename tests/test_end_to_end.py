@@ -66,8 +66,9 @@ def test_cli_simulate_runs_a_federation_on_the_bundled_corpus(tmp_path, warm):
     final = load_file(str(out / "global_adapter" / "adapter_model.safetensors"))
     assert last.keys() == final.keys() and all(torch.equal(last[k], final[k]) for k in last)
     assert any("lora_B" in n for n, _ in stock.named_parameters())
-    # No Flower process is left but the session's own SuperLink.
-    assert [p for p in _flower_processes() if p not in before and str(warm.home) not in p] == []
+    # No Flower process is left but the session's own SuperLink and SuperExec.
+    ours = session_processes(warm.home)
+    assert [p for p in _flower_processes() if p not in before and int(p.split()[0]) not in ours] == []
 
 
 @pytest.mark.slow

@@ -57,9 +57,10 @@ def _bbc_clients(root: Path, num: int) -> Path:
 
 
 @pytest.mark.federation
-def test_no_reply_ends_the_run_and_no_client_takes_the_global_adapter_by_default(tmp_path):
+def test_no_reply_ends_the_run_and_no_client_takes_the_global_adapter_by_default(tmp_path, warm):
     # Prepare: clients 0 and 1 behave; 2-18 each send a named attack (tests/hostile_client.py),
-    # 19-70 a generated invalid reply to every message; the server runs with its defaults.
+    # 19-70 a generated invalid reply to every message; the server runs with its defaults, in
+    # the suite's warm session (its app, with the hostile ClientApp, is the run's own).
     num = 71
     app = write_app(tmp_path / "app", RunConfig())
     pyproject = app / "pyproject.toml"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -50,6 +51,20 @@ def test_the_stand_in_runs_flowers_own_simulation_when_no_warm_process_answers(t
         timeout=60,
     )
     assert proc.returncode == 0 and proc.stdout == "real --token t\n"
+
+
+def test_a_stand_in_that_exited_unreaped_counts_as_gone():
+    # A killed stand-in stays a zombie until its SuperExec reaps it; the forked simulation
+    # watching it (`warm._end_with`) must end all the same.
+    from fedlora.launch.processes import alive
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while alive(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert Path(f"/proc/{child.pid}").exists()  # not reaped yet: a zombie
+    assert not alive(child.pid) and alive(os.getpid())
+    child.wait()
 
 
 def test_the_warm_backend_runs_each_message_on_a_copy():
@@ -104,9 +119,15 @@ def test_a_session_command_serves_runs_of_other_processes_which_stay_independent
         warm = {pid for pid, cmd in session_processes(session.home).items() if "fedlora.launch.warm" in cmd}
         assert len(warm) == 1
 
-        # Execute: a run through the API, then one that fails in its forked process (its
-        # summary cannot be written: a full disk), then the first again through the command.
+        # Execute: a caller that connects to the warm process and never asks; a run through
+        # the API; one that fails in its forked process (its summary cannot be written: a
+        # full disk); then the first again through the command.
+        stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stalled.connect(str(session.root / "warm.sock"))
         fedlora.run(**tiny, seed=0, out=tmp_path / "a", progress=False)
+        stalled.settimeout(30)
+        assert stalled.recv(1) == b""  # it was dropped after the warm process's 10 s wait
+        stalled.close()
         failed = tmp_path / "full"
         failed.mkdir()
         (failed / "summary.json.tmp").symlink_to("/dev/full")
