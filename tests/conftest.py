@@ -96,8 +96,9 @@ def _no_outer_session(monkeypatch):
 
 @pytest.fixture(scope="session")
 def _suite_session():
-    import fedlora
     from helpers import session_processes
+
+    import fedlora
 
     with fedlora.session(backend="warm") as session:
         assert session_processes(session.home) == {}  # nothing starts before its first run

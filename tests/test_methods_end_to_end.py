@@ -85,7 +85,9 @@ def _through_cli(strategy: str, personalization: str, out, clients: int, extra: 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("strategy", "personalization"), CASES)
-def test_strategy_and_personalization_run_end_to_end(tmp_path, warm, _one_warm_process, strategy, personalization):
+def test_strategy_and_personalization_run_end_to_end(
+    tmp_path, warm, _one_warm_process, strategy, personalization
+):
     heterogeneous = STRATEGIES[strategy].protocol.heterogeneous_ranks
     clients = 3 if heterogeneous else 2
     extra = {"local_only_baseline": False, **({"client_ranks": MIXED_RANKS} if heterogeneous else {})}
@@ -112,7 +114,9 @@ def test_strategy_and_personalization_run_end_to_end(tmp_path, warm, _one_warm_p
         assert list(frame["round"]) == [1, 2] and set(frame["strategy"]) == {strategy}
 
     processes = session_processes(warm.home)
-    assert not any(ray in cmd for cmd in processes.values() for ray in ("raylet", "gcs_server", "default_worker"))
+    assert not any(
+        ray in cmd for cmd in processes.values() for ray in ("raylet", "gcs_server", "default_worker")
+    )
     _WARM.append({pid for pid, cmd in processes.items() if "fedlora.launch.warm" in cmd})
     assert summary["strategy"] == strategy and summary["personalization"] == personalization
     assert [r["round"] for r in summary["rounds"]] == [1, 2]

@@ -72,7 +72,9 @@ def test_privacy_utility_notebook_runs_and_shows_its_table_and_plot(tmp_path, mo
 
 
 @pytest.mark.federation
-def test_personal_language_models_notebook_runs_and_shows_perplexity_and_generations(tmp_path, monkeypatch, warm):
+def test_personal_language_models_notebook_runs_and_shows_perplexity_and_generations(
+    tmp_path, monkeypatch, warm
+):
     outputs = _execute_small("personal_language_models", tmp_path, monkeypatch)
     html = [o.data["text/html"] for o in outputs if "text/html" in o.get("data", {})]
     per_role = [h for h in html if "personalized_perplexity" in h and "held-out lines" in h]

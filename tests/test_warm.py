@@ -133,9 +133,13 @@ def test_a_session_command_serves_runs_of_other_processes_which_stay_independent
         (failed / "summary.json.tmp").symlink_to("/dev/full")
         with pytest.raises(fedlora.FedloraError, match="No space left on device"):
             fedlora.run(**tiny, seed=0, out=failed, progress=False)
-        flat = {k.replace("_", "-"): str(v).lower() for k, v in tiny.items() if k not in ("clients", "rounds")}
+        flat = {
+            k.replace("_", "-"): str(v).lower() for k, v in tiny.items() if k not in ("clients", "rounds")
+        }
         overrides = " ".join(f"{k}={v}" for k, v in flat.items())
-        simulate_cli("--clients", "2", "--rounds", "1", "--out", str(tmp_path / "c"), "--run-config", overrides)
+        simulate_cli(
+            "--clients", "2", "--rounds", "1", "--out", str(tmp_path / "c"), "--run-config", overrides
+        )
 
         # Assert: every run was forked from the session's one warm process, and no Ray started.
         processes = session_processes(session.home)
@@ -156,17 +160,32 @@ def test_a_session_command_serves_runs_of_other_processes_which_stay_independent
 
 def test_a_session_variable_naming_no_open_session_is_refused_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDLORA_SESSION", str(tmp_path / "gone"))
-    with pytest.raises(ConfigError, match=r"^FEDLORA_SESSION=.*/gone: no fedlora session there \(it has ended"):
+    with pytest.raises(
+        ConfigError, match=r"^FEDLORA_SESSION=.*/gone: no fedlora session there \(it has ended"
+    ):
         with fedlora.session():
             pass
     (tmp_path / "session.json").write_text("{not json")
     monkeypatch.setenv("FEDLORA_SESSION", str(tmp_path))
-    with pytest.raises(ConfigError, match=r"^FEDLORA_SESSION=.*: not a fedlora session's folder \(session.json: "):
+    with pytest.raises(
+        ConfigError, match=r"^FEDLORA_SESSION=.*: not a fedlora session's folder \(session.json: "
+    ):
         fedlora.run(**TINY_FEDERATION, out=tmp_path / "run", progress=False)
     (tmp_path / "session.json").write_text(
-        json.dumps({"http_port": 1, "control_port": 2, "ray_address": "", "warm_ray": False, "backend": "warm", "pid": 2**22 + 1})
+        json.dumps(
+            {
+                "http_port": 1,
+                "control_port": 2,
+                "ray_address": "",
+                "warm_ray": False,
+                "backend": "warm",
+                "pid": 2**22 + 1,
+            }
+        )
     )
-    with pytest.raises(ConfigError, match=r"^FEDLORA_SESSION=.*: the session has ended \(its process 4194305 is gone\)"):
+    with pytest.raises(
+        ConfigError, match=r"^FEDLORA_SESSION=.*: the session has ended \(its process 4194305 is gone\)"
+    ):
         with fedlora.session():
             pass
 

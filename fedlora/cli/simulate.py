@@ -362,7 +362,7 @@ def add_simulate_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     res.set_defaults(func=_resume)
     ses = sub.add_parser(
         "session",
-        help=f"keep a session open (SuperLink and warm process) that runs elsewhere join through ${SESSION_ENV}",
+        help=f"keep a session (SuperLink, warm process) open for runs elsewhere to join (${SESSION_ENV})",
     )
     ses.add_argument(
         "--backend",
@@ -371,5 +371,7 @@ def add_simulate_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
         help="warm: runs forked from one process that imported torch and transformers (default); "
         "ray: a Ray of the session's own that every run joins",
     )
-    ses.add_argument("--ray-address", help="with --backend ray: an existing Ray cluster (HOST:PORT) to run on")
+    ses.add_argument(
+        "--ray-address", help="with --backend ray: an existing Ray cluster (HOST:PORT) to run on"
+    )
     ses.set_defaults(func=_open_session)
