@@ -159,13 +159,15 @@ def test_server_killed_mid_run_resumes_to_the_same_global_adapter(tmp_path, warm
     rounds, strategy = 3, "fedadam"  # FedAdam: the server's moments must survive the crash too
     reference = fedlora.run(**TINY_FEDERATION, rounds=rounds, strategy=strategy, out=tmp_path / "reference")
 
-    # The crashed run's own TMPDIR marks its processes (short: Ray puts sockets under it).
+    # The crashed run's own TMPDIR marks its processes (short: Ray puts sockets under it); it
+    # runs on Ray, outside the suite's session.
     run, tmp = tmp_path / "crashed", Path(tempfile.mkdtemp(prefix="fl-"))
+    env = {k: v for k, v in os.environ.items() if k != "FEDLORA_SESSION"}
     overrides = " ".join(f"{k}={str(v).lower()}" for k, v in TINY_FLAT.items())
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedlora.cli", "simulate", "--clients", "3", "--rounds", str(rounds)]
         + ["--strategy", strategy, "--out", str(run), "--run-config", overrides],
-        env={**os.environ, "TMPDIR": str(tmp)},
+        env={**env, "TMPDIR": str(tmp)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

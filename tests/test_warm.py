@@ -67,6 +67,37 @@ def test_a_stand_in_that_exited_unreaped_counts_as_gone():
     child.wait()
 
 
+def test_a_forked_simulation_uploads_every_log_line_before_its_result_without_waiting(monkeypatch):
+    # Flower's own log uploader, with a Runtime client that records what it was sent.
+    import queue
+
+    import flwr.simulation.app as simulation_app
+    from flwr.supercore.logger import start_log_uploader
+
+    from fedlora.launch import warm
+
+    monkeypatch.setattr(simulation_app, "flush_logs", simulation_app.flush_logs)  # undone after
+    warm._flush_logs_without_waiting()
+    pushed: list[str] = []
+
+    class Runtime:
+        def PushLogs(self, request):  # Flower's name
+            time.sleep(0.05)  # a real upload takes a moment
+            pushed.extend(request.logs)
+
+    log_queue: queue.Queue[str | None] = queue.Queue()
+    uploader = start_log_uploader(log_queue, node_id=1, run_id=1, client=Runtime())
+    lines = [f"line {i}" for i in range(50)]
+    for line in lines:
+        log_queue.put(line)
+    began = time.monotonic()
+    assert simulation_app.flush_logs(log_queue)
+    took = time.monotonic() - began
+    # Every line was uploaded when it returned, and without Flower's extra second.
+    assert pushed == lines and not uploader.is_alive() and took < 0.9, took
+    simulation_app.stop_log_uploader(log_queue, uploader)  # Flower's exit still calls it: a no-op now
+
+
 def test_the_warm_backend_runs_each_message_on_a_copy():
     from flwr.app import ConfigRecord, Context, Message, RecordDict
 

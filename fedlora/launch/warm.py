@@ -101,6 +101,7 @@ def _simulate(conn: socket.socket, request: dict[str, Any]) -> None:
         conn.sendall(f"{os.getpid()}\n".encode())
         _end_with(int(request["pid"]))
         _use_warm_backend()
+        _flush_logs_without_waiting()
         from flwr.simulation.app import flwr_simulation  # noqa: PLC0415 - imported in the warm process
 
         try:
@@ -140,6 +141,30 @@ def _use_warm_backend() -> None:
     from flwr.server.superlink.fleet.vce.backend import raybackend  # noqa: PLC0415
 
     raybackend.RayBackend = WarmBackend  # type: ignore[misc,assignment]
+
+
+def _flush_logs_without_waiting() -> None:
+    """Let the simulation's exit go on as soon as its logs are uploaded, not a second later.
+
+    At exit, Flower's simulation waits for its log queue to empty and then sleeps a further
+    second (`flush_logs`) so that the last upload lands before the run's result. Here the
+    uploader thread is stopped instead: it uploads everything queued, then ends, and the
+    exit waits for exactly that. Any later line is lost as it may be in Flower's own order.
+    """
+    import flwr.simulation.app as simulation_app  # noqa: PLC0415 - imported in the warm process
+
+    waiting = simulation_app.flush_logs
+
+    def flush_logs(log_queue: Any, timeout: float = 3.0) -> bool:
+        uploaders = [t for t in threading.enumerate() if t.name.endswith("(_log_uploader)")]
+        if not uploaders:  # not the thread this was written for: Flower's own wait
+            return bool(waiting(log_queue, timeout))
+        log_queue.put(None)  # the uploader's signal to upload what is queued and end
+        for uploader in uploaders:
+            uploader.join(timeout)
+        return not any(uploader.is_alive() for uploader in uploaders)
+
+    simulation_app.flush_logs = flush_logs
 
 
 class WarmBackend(Backend):
