@@ -22,8 +22,8 @@ sys.modules["fedlora"] = None
 sys.modules["peft"] = None
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
-model_dir, max_length = sys.argv[1], int(sys.argv[2])
-texts = json.loads(sys.stdin.read())
+request = json.loads(sys.stdin.read())  # imported first: the caller exports meanwhile
+model_dir, max_length, texts = request["model"], request["max_length"], request["texts"]
 tok = AutoTokenizer.from_pretrained(model_dir)
 model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
 preds = []
@@ -97,26 +97,36 @@ def test_exported_model_predicts_in_plain_transformers_as_inside_fedlora(finishe
 
     root, scored = finished_run
     client = 1
-    state = client_state_file(root, client)
-    result = export_client(state, tmp_path / "model")
-    # Merging the adapters into the base weights changes the logits only by rounding.
-    assert result.max_logit_difference < 1e-4
-
-    personalized = load_personalized(state)
-    cfg = personalized.cfg
-    data = load_client_data(
-        cfg.data, cfg.model.task, client, personalized.num_partitions, cfg.federation.seed
-    )
-    inside = logits(personalized.loaded.model, personalized.held_out()).argmax(-1).tolist()
-    proc = subprocess.run(
-        [sys.executable, "-c", PLAIN_SESSION, str(tmp_path / "model"), str(cfg.model.max_length)],
-        input=json.dumps(list(data.test_texts)),
-        capture_output=True,
+    # Plain transformers in a process of its own (no fedlora, no PEFT), importing while the export runs.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PLAIN_SESSION],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    plain = json.loads(proc.stdout.strip().splitlines()[-1])
+    try:
+        state = client_state_file(root, client)
+        result = export_client(state, tmp_path / "model")
+        # Merging the adapters into the base weights changes the logits only by rounding.
+        assert result.max_logit_difference < 1e-4
+
+        personalized = load_personalized(state)
+        cfg = personalized.cfg
+        data = load_client_data(
+            cfg.data, cfg.model.task, client, personalized.num_partitions, cfg.federation.seed
+        )
+        inside = logits(personalized.loaded.model, personalized.held_out()).argmax(-1).tolist()
+        request = {"model": str(tmp_path / "model"), "max_length": cfg.model.max_length}
+        stdout, stderr = proc.communicate(
+            json.dumps({**request, "texts": list(data.test_texts)}), timeout=300
+        )
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr[-2000:]
+    plain = json.loads(stdout.strip().splitlines()[-1])
     assert plain == [cfg.data.labels[i] for i in inside]
     # ... and they are the predictions the client scored (and reported to the server) in its last round.
     truth = [cfg.data.labels[i] for i in data.test_labels]
