@@ -91,16 +91,21 @@ def _no_flower_in_the_fast_tier(request, monkeypatch):
 @pytest.fixture(autouse=True)
 def _no_outer_session(monkeypatch):
     """A session named in the caller's environment is joined only where a test asks (`warm`)."""
+    from fedlora import api
+
     monkeypatch.delenv("FEDLORA_SESSION", raising=False)
+    assert api._SESSION.get() is None, "an earlier test left its fedlora.session() current"
 
 
 @pytest.fixture(scope="session")
 def _suite_session():
     from helpers import session_processes
 
-    import fedlora
+    from fedlora.launch import flower_session
 
-    with fedlora.session(backend="warm") as session:
+    # Not `fedlora.session()`: its block would stay the current session of every later test;
+    # only the tests that take `warm` join this one.
+    with flower_session(backend="warm") as session:
         assert session_processes(session.home) == {}  # nothing starts before its first run
         yield session
     assert session_processes(session.home) == {}, "the suite's session left processes behind"
