@@ -358,7 +358,7 @@ def test_a_relative_local_path_is_made_absolute(chat_dir, monkeypatch):
 
 
 @pytest.mark.federation
-def test_a_chat_federation_runs_on_a_local_hf_dataset(chat_dir, tmp_path):
+def test_a_chat_federation_runs_on_a_local_hf_dataset(chat_dir, tmp_path, warm):
     from fedlora.api import run
 
     result = run(

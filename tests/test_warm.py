@@ -240,18 +240,22 @@ import sys
 from pathlib import Path
 import fedlora
 tiny = {tiny!r}
+ROUNDS = {rounds}
 with fedlora.session(backend="warm") as session:
     Path(sys.argv[2]).write_text(str(session.home))
-    fedlora.sweep(strategies=["fedavg", "fedprox"], rounds=4, out=Path(sys.argv[1]), progress=False, **tiny)
+    fedlora.sweep(strategies=["fedavg", "fedprox"], rounds=ROUNDS, out=Path(sys.argv[1]), progress=False,
+                  **tiny)
 """
 
 
 @pytest.mark.federation
 def test_ctrl_c_in_a_sweep_in_a_warm_session_leaves_nothing_and_a_resumable_run(tmp_path):
-    # Prepare: a sweep of two 4-round runs in a warm session, in a process of its own.
+    # Prepare: a sweep of two 10-round runs in a warm session, in a process of its own (a
+    # tiny warm round takes under a second: 4 rounds could end before the Ctrl-C lands).
     tiny = {k: v for k, v in TINY_FEDERATION.items() if k != "rounds"}
     out, home_file = tmp_path / "sweep", tmp_path / "home"
-    code = textwrap.dedent(SWEEP.format(tiny=tiny))
+    rounds = 10
+    code = textwrap.dedent(SWEEP.format(tiny=tiny, rounds=rounds))
     proc = subprocess.Popen(
         [sys.executable, "-c", code, str(out), str(home_file)],
         stdout=subprocess.PIPE,
@@ -280,7 +284,7 @@ def test_ctrl_c_in_a_sweep_in_a_warm_session_leaves_nothing_and_a_resumable_run(
     assert not (first / "summary.json").exists() and not (out / "fedprox__auto__seed0").exists()
     with fedlora.session(backend="warm"):
         resumed = fedlora.resume(first, progress=False)
-    assert [r["round"] for r in resumed.rounds] == [1, 2, 3, 4]
+    assert [r["round"] for r in resumed.rounds] == list(range(1, rounds + 1))
     assert json.loads((first / "summary.json").read_text())["final"]["global_accuracy"] is not None
 
 
