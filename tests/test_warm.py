@@ -90,11 +90,10 @@ def test_a_forked_simulation_uploads_every_log_line_before_its_result_without_wa
     lines = [f"line {i}" for i in range(50)]
     for line in lines:
         log_queue.put(line)
-    began = time.monotonic()
     assert simulation_app.flush_logs(log_queue)
-    took = time.monotonic() - began
-    # Every line was uploaded when it returned, and without Flower's extra second.
-    assert pushed == lines and not uploader.is_alive() and took < 0.9, took
+    # Every line was uploaded when it returned, and the uploader has ended: nothing is left
+    # to wait for (Flower's own flush_logs leaves it running and sleeps a second instead).
+    assert pushed == lines and not uploader.is_alive()
     simulation_app.stop_log_uploader(log_queue, uploader)  # Flower's exit still calls it: a no-op now
 
 

@@ -183,7 +183,7 @@ def _placement(parser: argparse.ArgumentParser) -> None:
         "--backend",
         choices=BACKENDS,
         help="ray: clients on Ray actors, in parallel (the default); warm: no Ray, the run forked from one "
-        f"process that imports torch and transformers once, clients in turn (small runs start sooner). "
+        "process that imports torch and transformers once, clients in turn (small runs start sooner). "
         f"Without it, a run joins the session ${SESSION_ENV} names (`fedlora session`), if set",
     )
 

@@ -149,7 +149,9 @@ def _flush_logs_without_waiting() -> None:
     At exit, Flower's simulation waits for its log queue to empty and then sleeps a further
     second (`flush_logs`) so that the last upload lands before the run's result. Here the
     uploader thread is stopped instead: it uploads everything queued, then ends, and the
-    exit waits for exactly that. Any later line is lost as it may be in Flower's own order.
+    exit waits for exactly that. A line logged after this point is not uploaded (in
+    Flower's own order it would go after the run's result, when ``flwr run --stream`` may
+    have stopped reading).
     """
     import flwr.simulation.app as simulation_app  # noqa: PLC0415 - imported in the warm process
 
