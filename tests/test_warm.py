@@ -220,8 +220,26 @@ def test_a_session_variable_naming_no_open_session_is_refused_in_one_line(tmp_pa
             pass
 
 
+def test_a_session_folder_others_can_write_into_is_not_joined(tmp_path, monkeypatch):
+    # Someone else's folder (or one they can write into) could put their own flwr-simulation
+    # first on the PATH of this user's runs.
+    state = {"http_port": 1, "control_port": 2, "ray_address": "", "warm_ray": False, "backend": "warm"}
+    (tmp_path / "session.json").write_text(json.dumps({**state, "pid": os.getpid()}))
+    tmp_path.chmod(0o777)
+    monkeypatch.setenv("FEDLORA_SESSION", str(tmp_path))
+    with pytest.raises(
+        ConfigError, match=r"^FEDLORA_SESSION=.*: the folder must be this user's own and private"
+    ):
+        with fedlora.session():
+            pass
+    tmp_path.chmod(0o700)
+    with fedlora.session() as joined:
+        assert joined.joined
+
+
 def test_a_session_joins_the_named_one_only_on_the_backend_asked_for(tmp_path, monkeypatch):
-    # The named session: warm, its process this one.
+    # The named session: warm, its process this one, its folder private.
+    tmp_path.chmod(0o700)
     state = {"http_port": 11, "control_port": 12, "ray_address": "", "warm_ray": False, "backend": "warm"}
     (tmp_path / "session.json").write_text(json.dumps({**state, "pid": os.getpid()}))
     monkeypatch.setenv("FEDLORA_SESSION", str(tmp_path))

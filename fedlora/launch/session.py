@@ -226,6 +226,14 @@ def joined_session() -> FlowerSession | None:
         raise ConfigError(f"{where}: not a fedlora session's folder ({_STATE}: {err})") from None
     if backend not in BACKENDS:
         raise ConfigError(f"{where}: not a fedlora session's folder (backend {backend!r})")
+    # Its bin/ comes first on the PATH of the runs' Flower processes: only a folder of this
+    # user's own that nobody else can write into is joined.
+    mode = root.stat()
+    if mode.st_uid != os.getuid() or mode.st_mode & 0o077:
+        raise ConfigError(
+            f"{where}: the folder must be this user's own and private (mode 0700, as "
+            f"`fedlora session` makes it), got owner {mode.st_uid} and mode {oct(mode.st_mode & 0o777)}"
+        )
     if not Path(f"/proc/{pid}").exists():
         raise ConfigError(f"{where}: the session has ended (its process {pid} is gone); unset the variable")
     return FlowerSession(
