@@ -9,6 +9,8 @@ VENV ?= .venv
 # The CPU build of torch; set TORCH_SPEC="torch" to take whatever pip resolves.
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
+# Processes for the fast tier (each imports torch and transformers: about 1 GB of memory).
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-fast lint docs bench clean
 
@@ -30,12 +32,15 @@ lint: $(BIN)/.installed
 	$(BIN)/mypy fedlora
 	$(BIN)/lint-imports
 
-test: lint
-	$(BIN)/python -m pytest -q --durations=25
+# The complete suite: the fast tier, then the tests that start Flower or run long, one at a
+# time (they use both cores themselves, and some wait on timeouts a busy machine would miss).
+test: test-fast
+	$(BIN)/python -m pytest -q --durations=25 -m "federation or slow"
 
 # Tests marked `federation` start Flower (a simulation or a deployment); `slow` ones run long.
+# The rest run in TEST_WORKERS processes (pytest-xdist): they compute in the test's own process.
 test-fast: lint
-	FEDLORA_TEST_FAST=1 $(BIN)/python -m pytest -q -m "not federation and not slow"
+	FEDLORA_TEST_FAST=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not federation and not slow"
 
 docs: $(BIN)/.installed
 	$(BIN)/python -m fedlora.docs README.md

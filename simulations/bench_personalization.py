@@ -20,7 +20,10 @@ its paired per-example gain) or worse than the global and the local-only model (
 seeds), and the paired per-seed difference from ``dual``. Writes the table to
 ``simulations/results/personalization-<setting>.md`` and every run's row to a ``.csv``
 next to it. Runs already finished in ``--out`` are reused, so an interrupted benchmark
-goes on where it stopped. Usage:
+goes on where it stopped. Each finished run's ``summary.json`` and ``config.json`` are kept in
+``simulations/results/personalization-runs/<setting>/`` (a few kilobytes each, committed) and
+copied back into ``--out`` before anything runs, so that a benchmark spread over several
+machines or days reuses every run finished anywhere. Usage:
 
     python simulations/bench_personalization.py --setting default [--seeds 0,1,2]
         [--methods dual,finetune,ditto,feddpa,fedalt] [--strategies fedavg,fedalt]
@@ -41,12 +44,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
 import fedlora
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# What a finished run needs to be reused (`fedlora.sweep(reuse=True)`) and tabulated.
+KEPT, KEPT_FILES = RESULTS / "personalization-runs", ("summary.json", "config.json")
 SETTINGS: dict[str, dict[str, Any]] = {
     "default": {"clients": 20},
     "small": {"clients": 40},
@@ -103,6 +109,24 @@ def table(summary: Any, causal: bool) -> str:
     return "\n".join(lines)
 
 
+def keep(result: fedlora.Results, kept: Path) -> None:
+    """Copy a finished run's summary and configuration into ``kept``."""
+    run = result.out_dir
+    print(f"finished {run.name} in {result.final['wall_s']:.0f} s", flush=True)
+    (kept / run.name).mkdir(parents=True, exist_ok=True)
+    for name in KEPT_FILES:
+        shutil.copyfile(run / name, kept / run.name / name)
+
+
+def restore(out: Path, kept: Path) -> None:
+    """Copy the kept runs into ``out`` where ``out`` has no finished run of that name."""
+    for source in sorted(p.parent for p in kept.glob(f"*/{KEPT_FILES[0]}")):
+        if not (out / source.name / KEPT_FILES[0]).exists():
+            (out / source.name).mkdir(parents=True, exist_ok=True)
+            for name in KEPT_FILES:
+                shutil.copyfile(source / name, out / source.name / name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="default")
@@ -124,9 +148,10 @@ def main() -> None:
         "out": Path(args.out) / args.setting,
         "partition_seed": 0,
         "reuse": True,
-        "on_run": lambda r: print(f"finished {r.out_dir.name} in {r.final['wall_s']:.0f} s", flush=True),
+        "on_run": lambda r: keep(r, KEPT / args.setting),
         **SETTINGS[args.setting],
     }
+    restore(Path(args.out) / args.setting, KEPT / args.setting)
     sweep = fedlora.Sweep(varied=["personal-mix"])
     seen: set[Path] = set()
     if args.finished_only:

@@ -9,7 +9,7 @@ each run's summary. Usage:
     python simulations/bench_runtime.py
 
 Prints each run's round seconds and their ratio (below 1: fedlora's runtime is faster).
-It drives `tests/test_deployment.py::test_a_device_runs_only_approved_apps` with
+It drives `tests/test_deployment.py::test_only_the_operator_controls_devices_that_run_only_approved_apps` with
 ``FEDLORA_BENCH_RUNTIME=1``, so both federations are exactly the test's.
 """
 
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TEST = "tests/test_deployment.py::test_a_device_runs_only_approved_apps"
+TEST = "tests/test_deployment.py::test_only_the_operator_controls_devices_that_run_only_approved_apps"
 
 
 def main() -> int:

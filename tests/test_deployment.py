@@ -473,115 +473,6 @@ def _rogue_app(directory: Path, marker: Path) -> Path:
     return directory
 
 
-@pytest.mark.slow
-@pytest.mark.federation
-def test_only_the_operator_controls_the_federation(tmp_path, processes):
-    # Prepare: a CA, a registered device key, a second key; a party holding only ca.crt.
-    certs = make_certificates(tmp_path / "certs")
-    device_key = make_node_key(tmp_path / "keys" / "device")[0]
-    other_key = make_node_key(tmp_path / "keys" / "other")[0]
-    words = TOPICS["sport"]
-    write_client(
-        tmp_path / "data",
-        [{"text": f"{words} {n}", "label": "sport"} for n in range(8)]
-        + [{"text": f"{TOPICS['music']} {n}", "label": "music"} for n in range(8)],
-        [{"text": f"{words} x{n}", "label": "sport"} for n in range(4)],
-    )
-    outsider = tmp_path / "outsider"
-    outsider.mkdir()
-    (outsider / "ca.crt").write_bytes(certs.ca_cert.read_bytes())
-    port = free_port()
-    superlink = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    server, server_log = _start_server(
-        processes, tmp_path, port, deadline, "--database", str(tmp_path / "superlink.db")
-    )
-    assert server.poll() is None, server_log.read_text()[-2000:]
-    token = tmp_path / "certs" / "operator.token"
-    assert stat.S_IMODE(token.stat().st_mode) == 0o600  # written by `fedlora server`
-    operator = ["--superlink", superlink, "--root-cert", str(certs.ca_cert)]
-    code, output = processes.run(
-        "register", "register", f"{device_key}.pub", *operator, timeout=60, home=tmp_path
-    )
-    assert code == 0 and "registered at" in output, output
-    node_id = output.split("SuperNode ")[1].split()[0]
-
-    # Execute and assert: every Control call of the outsider is refused.
-    code, output = processes.run(
-        "outsider-register",
-        *("register", f"{other_key}.pub", "--superlink", superlink, "--root-cert", str(outsider / "ca.crt")),
-        timeout=60,
-        home=outsider,
-    )
-    assert code != 0 and "not the operator's token" in output, output
-    home = outsider / "flwr-home"
-    conn = write_flwr_home(home, superlink, root_cert=outsider / "ca.crt")
-    unregister = _flwr(home, "supernode", "unregister", node_id, conn)
-    marker = tmp_path / "ROGUE_CODE_RAN"
-    run = _flwr(home, "run", str(_rogue_app(outsider / "app", marker)), conn)
-    for proc in (unregister, run):
-        assert proc.returncode != 0 and "Authentication failed" in proc.stdout + proc.stderr, proc.stdout
-
-    # The operator's run goes on; the outsider cannot stop it.
-    node, node_log = processes.start(
-        "node",
-        *("client", *operator, "--key", str(device_key), "--data", str(tmp_path / "data")),
-        *("--state-dir", str(tmp_path / "state"), "--node-port", str(free_port())),
-    )
-    _wait_for(_line_or_exit(node, node_log, "SuperNode ID:"), deadline, "the node to join")
-    out = tmp_path / "run"
-    # A peer behind a forwarder (an SSH tunnel's far end is 127.0.0.1 here) polls for ServerApp tasks.
-    answers, polling = [], threading.Event()
-    poller = threading.Thread(
-        target=_poll_runtime_api, args=(superlink, certs.ca_cert, answers, polling), daemon=True
-    )
-    poller.start()
-    submit, submit_log = processes.start(
-        "submit",
-        *("submit", *operator, "--clients", "1", "--rounds", "2", "--out", str(out)),
-        *("--run-config", f"labels=music,sport {_tiny_run_config()}"),
-    )
-    _wait_for(_line_or_exit(submit, submit_log, "Successfully started run"), deadline, "the run to start")
-    run_id = submit_log.read_text().split("Successfully started run ")[1].split()[0]
-    stop = _flwr(home, "stop", run_id, conn)
-    assert stop.returncode != 0 and "Authentication failed" in stop.stdout + stop.stderr, stop.stdout
-    assert submit.wait(timeout=max(1, deadline + 120 - time.monotonic())) == 0, submit_log.read_text()[-3000:]
-    polling.set()
-    poller.join(timeout=30)
-    assert f"run finished: 2 rounds, results in {out}" in submit_log.read_text()
-    assert not marker.exists()
-    refused = server_log.read_text()
-    for route in ("register-node", "unregister-node", "start-run", "stop-run"):
-        assert f"fedlora: refused /v1/control/{route} from 127.0.0.1: not the operator's token" in refused, (
-            route
-        )
-    # Every call of the forwarded peer was refused (never a task), and each refusal logged.
-    assert len(answers) >= 20 and set(answers) == {401}, answers
-    line = "fedlora: refused /v1/runtime/{} from 127.0.0.1: not this SuperLink's own SuperExec or ServerApp"
-    polls = len(answers) - 1  # less its one pull-task-input
-    _wait_for(
-        lambda: server_log.read_text().count(line.format("acquire-task")) == polls,
-        time.monotonic() + 10,
-        f"{polls} logged refusals",
-    )
-    assert line.format("pull-task-input") in server_log.read_text()
-
-    # A run config naming a folder of the server's own as data-dir (and no labels) would make
-    # the ServerApp read it for its labels: a deployed server refuses, and reads nothing.
-    secret = tmp_path / "server-folder"
-    rows = [{"text": "t", "label": "SERVER-SECRET"}]
-    write_client(secret / "x", rows, rows)
-    nosy, nosy_log = processes.start(
-        "submit-data-dir",
-        *("submit", *operator, "--clients", "1", "--rounds", "1", "--out", str(tmp_path / "nosy")),
-        *("--run-config", f"data-dir={secret} {_tiny_run_config()}"),
-    )
-    nosy.wait(timeout=max(1, deadline + 180 - time.monotonic()))
-    said = nosy_log.read_text()
-    assert "labels: a deployed server reads no client data" in said, said[-3000:]
-    assert not any("SERVER-SECRET" in p.read_text() for p in (tmp_path / "nosy").rglob("*.json*"))
-
-
 def _poll_runtime_api(superlink: str, ca_cert: Path, answers: list[object], stop: threading.Event) -> None:
     """Ask the SuperLink's Runtime API for a task every 0.2 s, as a peer without its secret.
 
@@ -659,16 +550,21 @@ def _round_seconds(out: Path) -> list[float]:
 
 @pytest.mark.slow
 @pytest.mark.federation
-def test_a_device_runs_only_approved_apps(tmp_path, processes):
-    # Prepare: a TLS SuperLink, two registered device keys, one device's data; a rogue app
-    # whose ClientApp would leave a marker, and whose ServerApp records the replies.
+def test_only_the_operator_controls_devices_that_run_only_approved_apps(tmp_path, processes):
+    # Prepare: a CA, two registered device keys, a third key; a party holding only ca.crt;
+    # one device's data; a rogue app whose ClientApp would leave a marker, and whose
+    # ServerApp records the replies.
     certs = make_certificates(tmp_path / "certs")
     keys = [make_node_key(tmp_path / "keys" / f"node{i}")[0] for i in range(2)]
+    other_key = make_node_key(tmp_path / "keys" / "other")[0]
     write_client(
         tmp_path / "data",
         [{"text": f"{TOPICS[t]} {n}", "label": t} for t in ("sport", "music") for n in range(8)],
         [{"text": f"{TOPICS[t]} x{n}", "label": t} for t in ("sport", "music") for n in range(2)],
     )
+    outsider = tmp_path / "outsider"
+    outsider.mkdir()
+    (outsider / "ca.crt").write_bytes(certs.ca_cert.read_bytes())
     marker = tmp_path / "ROGUE_CODE_RAN"
     rogue = write_app(tmp_path / "rogue", RunConfig())
     text = (rogue / "pyproject.toml").read_text().replace('name = "fedlora-run"', 'name = "rogue"')
@@ -684,12 +580,36 @@ def test_a_device_runs_only_approved_apps(tmp_path, processes):
     superlink = f"127.0.0.1:{port}"
     operator = ["--superlink", superlink, "--root-cert", str(certs.ca_cert)]
     deadline = time.monotonic() + 400
-    server, server_log = _start_server(processes, tmp_path, port, deadline)
+    server, server_log = _start_server(
+        processes, tmp_path, port, deadline, "--database", str(tmp_path / "superlink.db")
+    )
+    assert server.poll() is None, server_log.read_text()[-2000:]
+    token = tmp_path / "certs" / "operator.token"
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600  # written by `fedlora server`
+    node_ids = []
     for i, key in enumerate(keys):
         code, output = processes.run(
             f"register{i}", "register", f"{key}.pub", *operator, timeout=60, home=tmp_path
         )
-        assert code == 0, output
+        assert code == 0 and "registered at" in output, output
+        node_ids.append(output.split("SuperNode ")[1].split()[0])
+
+    # Every Control call of the outsider (ca.crt, no operator token) is refused.
+    code, output = processes.run(
+        "outsider-register",
+        *("register", f"{other_key}.pub", "--superlink", superlink, "--root-cert", str(outsider / "ca.crt")),
+        timeout=60,
+        home=outsider,
+    )
+    assert code != 0 and "not the operator's token" in output, output
+    outsider_home = outsider / "flwr-home"
+    outsider_conn = write_flwr_home(outsider_home, superlink, root_cert=outsider / "ca.crt")
+    unregister = _flwr(outsider_home, "supernode", "unregister", node_ids[0], outsider_conn)
+    outsider_marker = tmp_path / "OUTSIDER_CODE_RAN"
+    run = _flwr(outsider_home, "run", str(_rogue_app(outsider / "app", outsider_marker)), outsider_conn)
+    for proc in (unregister, run):
+        assert proc.returncode != 0 and "Authentication failed" in proc.stdout + proc.stderr, proc.stdout
+
     state = tmp_path / "state"
     # The device's own policy: DP-SGD with a noise multiplier of at least 0.8, at most 5 steps.
     node, node_log = processes.start(
@@ -701,16 +621,22 @@ def test_a_device_runs_only_approved_apps(tmp_path, processes):
     _wait_for(_line_or_exit(node, node_log, "SuperNode ID:"), deadline, "the node to join")
     run_config = f"labels=music,sport {_tiny_run_config()} dp-noise-multiplier=1.0"
 
-    def submit(name: str, rounds: int, out: str | None = None, extra: str = "") -> tuple[int, str]:
-        return processes.run(
+    def start(name: str, rounds: int, out: str | None = None, config: str = run_config):
+        return processes.start(
             name,
             *("submit", *operator, "--clients", "1", "--rounds", str(rounds), "--out", out or name),
-            *("--run-config", f"{run_config} {extra}"),
-            timeout=max(1, deadline - time.monotonic()),
+            *("--run-config", config),
         )
 
-    def completed(name: str, rounds: int) -> Path:
-        code, output = submit(name, rounds)
+    def submit(name: str, rounds: int, out: str | None = None, extra: str = "") -> tuple[int, str]:
+        proc, log = start(name, rounds, out, f"{run_config} {extra}")
+        try:
+            code = proc.wait(timeout=max(1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"fedlora submit did not finish: {log.read_text()[-3000:]}") from None
+        return code, log.read_text()
+
+    def finished(name: str, rounds: int, code: int, output: str) -> Path:
         out = tmp_path / name  # --out names a folder inside the server's --runs-dir
         assert code == 0 and f"run finished: {rounds} rounds, results in {out.resolve()}" in output, output[
             -3000:
@@ -718,8 +644,42 @@ def test_a_device_runs_only_approved_apps(tmp_path, processes):
         return out
 
     # The approved app (fedlora's own, as `fedlora submit` sends it) completes rounds
-    # (4 for the runtime benchmark below, whose round times are averaged).
-    approved = completed("run-approved", 4 if os.environ.get(BENCH_RUNTIME) else 2)
+    # (4 for the runtime benchmark below, whose round times are averaged). Meanwhile a peer
+    # behind a forwarder (an SSH tunnel's far end is 127.0.0.1 here) polls for ServerApp
+    # tasks, and the outsider tries to stop the run.
+    answers, polling = [], threading.Event()
+    poller = threading.Thread(
+        target=_poll_runtime_api, args=(superlink, certs.ca_cert, answers, polling), daemon=True
+    )
+    poller.start()
+    rounds = 4 if os.environ.get(BENCH_RUNTIME) else 2
+    approved_run, approved_log = start("run-approved", rounds)
+    _wait_for(
+        _line_or_exit(approved_run, approved_log, "Successfully started run"), deadline, "the run to start"
+    )
+    run_id = approved_log.read_text().split("Successfully started run ")[1].split()[0]
+    stop = _flwr(outsider_home, "stop", run_id, outsider_conn)
+    assert stop.returncode != 0 and "Authentication failed" in stop.stdout + stop.stderr, stop.stdout
+    code = approved_run.wait(timeout=max(1, deadline - time.monotonic()))
+    approved = finished("run-approved", rounds, code, approved_log.read_text())
+    polling.set()
+    poller.join(timeout=30)
+    assert not outsider_marker.exists()
+    refused = server_log.read_text()
+    for route in ("register-node", "unregister-node", "start-run", "stop-run"):
+        assert f"fedlora: refused /v1/control/{route} from 127.0.0.1: not the operator's token" in refused, (
+            route
+        )
+    # Every call of the forwarded peer was refused (never a task), and each refusal logged.
+    assert len(answers) >= 20 and set(answers) == {401}, answers
+    line = "fedlora: refused /v1/runtime/{} from 127.0.0.1: not this SuperLink's own SuperExec or ServerApp"
+    polls = len(answers) - 1  # less its one pull-task-input
+    _wait_for(
+        lambda: server_log.read_text().count(line.format("acquire-task")) == polls,
+        time.monotonic() + 10,
+        f"{polls} logged refusals",
+    )
+    assert line.format("pull-task-input") in server_log.read_text()
     assert list(state.glob("*/*.state"))
     before = _tree(state)
 
@@ -736,10 +696,20 @@ def test_a_device_runs_only_approved_apps(tmp_path, processes):
         assert reason in refusal, output[-3000:]
     assert not (tmp_path.parent / "outside").exists() and (approved / "summary.json").read_bytes() == summary
 
+    # A run config naming a folder of the server's own as data-dir (and no labels) would make
+    # the ServerApp read it for its labels: a deployed server refuses, and reads nothing.
+    secret = tmp_path / "server-folder"
+    rows = [{"text": "t", "label": "SERVER-SECRET"}]
+    write_client(secret / "x", rows, rows)
+    nosy, nosy_log = start("nosy", 1, config=f"data-dir={secret} {_tiny_run_config()}")
+    nosy.wait(timeout=max(1, deadline - time.monotonic()))
+    said = nosy_log.read_text()
+    assert "labels: a deployed server reads no client data" in said, said[-3000:]
+    assert not any("SERVER-SECRET" in p.read_text() for p in (tmp_path / "nosy").rglob("*.json*"))
+
     # A run of another app: the device refuses it with an error reply and a log line.
     home = tmp_path / "operator-home"
-    token = (tmp_path / "certs" / "operator.token").read_text().strip()
-    conn = write_flwr_home(home, superlink, root_cert=certs.ca_cert, token=token)
+    conn = write_flwr_home(home, superlink, root_cert=certs.ca_cert, token=token.read_text().strip())
     run = subprocess.run(
         [flower_script("flwr"), "run", str(rogue), conn, "--stream"],
         env=flower_env({"FLWR_HOME": str(home), "COLUMNS": "200"}),
@@ -795,7 +765,7 @@ def test_a_device_runs_only_approved_apps(tmp_path, processes):
         program=(flower_script("flower-supernode"),),
     )
     _wait_for(_line_or_exit(flower_node, flower_log, "SuperNode ID:"), deadline, "Flower's node to join")
-    baseline = completed("run-subprocess", 4)
+    baseline = finished("run-subprocess", 4, *submit("run-subprocess", 4))
     ours, theirs = _round_seconds(approved), _round_seconds(baseline)
     ratio = (sum(ours) / len(ours)) / (sum(theirs) / len(theirs))
     print(f"round seconds: fedlora runtime {ours}, subprocess isolation {theirs}, ratio {ratio:.2f}")
