@@ -29,8 +29,11 @@ machines or days reuses every run finished anywhere. Usage:
         [--methods dual,finetune,ditto,feddpa,fedalt] [--strategies fedavg,fedalt]
         [--mix-methods dual] [--out runs/bench-personalization]
 
-``--finished-only`` tabulates the runs already finished in ``--out`` and runs nothing (a
-partial grid's table, while the rest runs elsewhere). ``--mix-methods`` limits the
+``--without-baseline`` runs only the configurations that follow a seed's first (which
+measures the local-only baseline), exactly as the whole grid would run them: the
+mixture's runs can go first, and the grid reuses them. ``--finished-only`` tabulates the
+runs already finished in ``--out`` and runs nothing (a partial grid's table, while the rest
+runs elsewhere). ``--mix-methods`` limits the
 ``personal-mix=validation`` variant to the methods named (all of them by default); runs go
 seed by seed, so that an interrupted benchmark has every configuration on its first seeds
 before it starts the next.
@@ -135,6 +138,11 @@ def main() -> None:
     parser.add_argument("--strategies", default="fedavg,fedalt")
     parser.add_argument("--mix", default="off,validation")
     parser.add_argument("--mix-methods", default="", help="methods that get the mix variants (default: all)")
+    parser.add_argument(
+        "--without-baseline",
+        action="store_true",
+        help="run the configurations after a seed's first only (its run measures the local-only baseline)",
+    )
     parser.add_argument("--out", default="runs/bench-personalization")
     parser.add_argument(
         "--finished-only", action="store_true", help="tabulate the finished runs in --out; run nothing"
@@ -164,7 +172,9 @@ def main() -> None:
             # the mixture, as in a single sweep of the whole grid, so that finished runs match.
             rest = [m for m in methods if m not in mixed]
             for names, mix, baseline in ((mixed, mixes, True), (rest, mixes[:1], False)):
-                if not names:
+                if args.without_baseline and baseline:  # as the grid runs them after its first
+                    names, mix, baseline = mixed, mixes[1:], False
+                if not names or not mix:
                     continue
                 part = fedlora.sweep(
                     personalizations=names,
