@@ -189,10 +189,14 @@ def main() -> None:
     for strategy, method, why in sweep.skipped:
         print(f"skipped {strategy}/{method}: {why}")
     runs = sweep.to_dataframe()
-    summary = sweep.summary(baseline=f"fedavg/dual personal-mix={mixes[0]}")
+    baseline = f"fedavg/dual personal-mix={mixes[0]}"
+    # A partial grid without the baseline's runs (`--without-baseline`) is tabulated without it.
+    summary = sweep.summary(baseline=baseline if baseline in {sweep.label(r) for r in sweep} else None)
     causal = "personalized_perplexity" in runs.columns
     text = table(summary, causal)
     print(text)
+    if args.without_baseline:  # a part of the grid: the committed tables stay the whole grid's
+        return
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"personalization-{args.setting}.md").write_text(text + "\n")
     runs.to_csv(RESULTS / f"personalization-{args.setting}.csv", index=False)
