@@ -97,6 +97,39 @@ def test_a_forked_simulation_uploads_every_log_line_before_its_result_without_wa
     simulation_app.stop_log_uploader(log_queue, uploader)  # Flower's exit still calls it: a no-op now
 
 
+def test_a_forked_simulations_engine_queues_end_their_wait_when_the_run_stops(monkeypatch):
+    import queue
+    import threading
+
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    from fedlora.launch import warm
+
+    # Flower's engine, as the warm child patches it (both undone after the test).
+    seen: dict[str, object] = {}
+
+    def run_api(app_fn, backend_fn, nodes_mapping, state_factory, node_info_stores, f_stop, metrics):
+        seen["queue"] = vce_api.Queue()  # as Flower's run_api makes its queues
+
+    monkeypatch.setattr(vce_api, "run_api", run_api)
+    monkeypatch.setattr(vce_api, "Queue", vce_api.Queue)
+    warm._wake_on_stop()
+    stop = threading.Event()
+    vce_api.run_api(None, None, {}, None, {}, stop, None)
+    waiting = seen["queue"]
+    waiting.put("message")
+    assert waiting.get(timeout=5.0) == "message"  # a queue as before while the run goes on
+    with pytest.raises(queue.Empty):
+        waiting.get(timeout=0.1)
+    # Flower's workers wait with get(timeout=1.0), then look at the stop event: a wait that
+    # outlasted the stop by this test's 30 s would be Flower's own queue.
+    threading.Timer(0.2, stop.set).start()
+    started = time.monotonic()
+    with pytest.raises(queue.Empty):
+        waiting.get(timeout=30.0)
+    assert time.monotonic() - started < 10.0
+
+
 def test_the_warm_backend_runs_each_message_on_a_copy():
     from flwr.app import ConfigRecord, Context, Message, RecordDict
 

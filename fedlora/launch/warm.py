@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import queue
 import signal
 import socket
 import sys
@@ -102,6 +103,7 @@ def _simulate(conn: socket.socket, request: dict[str, Any]) -> None:
         _end_with(int(request["pid"]))
         _use_warm_backend()
         _flush_logs_without_waiting()
+        _wake_on_stop()
         from flwr.simulation.app import flwr_simulation  # noqa: PLC0415 - imported in the warm process
 
         try:
@@ -167,6 +169,46 @@ def _flush_logs_without_waiting() -> None:
         return not any(uploader.is_alive() for uploader in uploaders)
 
     simulation_app.flush_logs = flush_logs
+
+
+def _wake_on_stop() -> None:
+    """Let the simulation engine's threads end as soon as the run stops, not up to 1 s later.
+
+    Flower's engine (`vce_api.run_api`) reads its message queues with ``get(timeout=1.0)``
+    and looks at the run's stop event only between reads, so its last read holds up the
+    run's end by up to a second. Here its queues wait in slices of 50 ms and end a wait
+    once the stop event is set, as an empty read would.
+    """
+    import inspect  # noqa: PLC0415
+
+    from flwr.server.superlink.fleet.vce import vce_api  # noqa: PLC0415 - imported in the warm process
+
+    original = vce_api.run_api
+
+    def run_api(*args: Any, **kwargs: Any) -> None:
+        stop = inspect.signature(original).bind(*args, **kwargs).arguments["f_stop"]
+        vce_api.Queue = _stop_aware_queue(stop)  # type: ignore[misc]
+        original(*args, **kwargs)
+
+    vce_api.run_api = run_api
+
+
+def _stop_aware_queue(stop: threading.Event) -> type[queue.Queue[Any]]:
+    """A `queue.Queue` whose timed ``get`` also ends, empty, once ``stop`` is set."""
+
+    class StopAwareQueue(queue.Queue[Any]):
+        def get(self, block: bool = True, timeout: float | None = None) -> Any:
+            if not block or timeout is None:
+                return super().get(block, timeout)
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    return super().get(True, max(0.0, min(0.05, deadline - time.monotonic())))
+                except queue.Empty:
+                    if stop.is_set() or time.monotonic() >= deadline:
+                        raise
+
+    return StopAwareQueue
 
 
 class WarmBackend(Backend):
