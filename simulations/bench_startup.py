@@ -23,6 +23,7 @@ figures side by side in one run, on one machine's load):
 Each measurement runs in a fresh interpreter of this environment. Usage:
 
     python simulations/bench_startup.py [--reps 3] [--compare DIR] [--skip-launcher] [--skip-sweep]
+        [--modes cold,session,warm]
 """
 
 from __future__ import annotations
@@ -152,18 +153,19 @@ print("SWEEP", json.dumps({"wall": wall, "serverapp": [r.final["wall_s"] for r i
 def _has_session(tree: Path) -> str:
     """The kinds of session ``tree`` has: "" (none), "session", or "session warm"."""
     text = (tree / "fedlora" / "api.py").read_text()
-    return (
-        "" if "def session(" not in text else "session warm" if 'backend: str = "ray"' in text else "session"
-    )
+    if "def session(" not in text:
+        return ""
+    signature = text.split("def session(", 1)[1].split(")", 1)[0]
+    return "session warm" if "backend:" in signature else "session"
 
 
-def tiny(trees: dict[str, Path], reps: int, tmp: Path) -> None:
+def tiny(trees: dict[str, Path], reps: int, tmp: Path, only: set[str]) -> None:
     phases = ("launcher", "to ServerApp", "rounds", "after", "total")
     rows: dict[str, list[dict[str, float]]] = {}
     sessions: dict[str, list[float]] = {}
     for rep in range(reps):
         for name, tree in trees.items():
-            modes = ["cold", *_has_session(tree).split()]
+            modes = [m for m in ["cold", *_has_session(tree).split()] if m in only]
             for mode in modes:
                 runs = {"cold": 1, "session": 2, "warm": 3}[mode]
                 lines = _child(tree, TINY, mode, str(tmp / f"tiny-{name}-{mode}-{rep}"), str(runs))
@@ -224,6 +226,7 @@ def main() -> None:
     parser.add_argument("--compare", type=Path, help="another fedlora checkout, measured alternately")
     parser.add_argument("--skip-launcher", action="store_true")
     parser.add_argument("--skip-sweep", action="store_true")
+    parser.add_argument("--modes", default="cold,session,warm", help="the tiny federation's modes to measure")
     args = parser.parse_args()
     trees = {"this": HERE}
     if args.compare:
@@ -232,7 +235,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_launcher:
             launcher(trees, args.reps, Path(tmp))
-        tiny(trees, args.reps, Path(tmp))
+        tiny(trees, args.reps, Path(tmp), set(args.modes.split(",")))
         if not args.skip_sweep:
             sweep(trees, max(1, args.reps // 2), Path(tmp))
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
